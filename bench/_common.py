@@ -1,0 +1,323 @@
+"""Shared helpers of the benchmark scripts (not a benchmark itself).
+
+* :func:`env_info` records what the numbers were measured on (torch/flwr versions,
+  CPU model, threads, GPU, date), and :func:`write_results` writes
+  ``bench/results/<name>.json`` (machine-readable) and ``bench/results/<name>.md``
+  (a markdown report with that environment header).
+* :func:`collect_targets` produces *real* compression targets: the local updates of
+  clients along a FedAvg trajectory, trained exactly as ``e3sfc_core.client.client_round``
+  trains them (same model seed, same per-round shuffling seed, same partitions), with
+  the local-training seconds of each update.
+
+The scripts are run as ``python bench/<script>.py`` from the repository root; this
+module is imported as ``_common`` (the script's folder is first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+# ----------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (or platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Versions, hardware and date of this measurement."""
+    try:
+        import flwr
+
+        flwr_version = flwr.__version__
+    except Exception:  # pragma: no cover - flwr is a project dependency
+        flwr_version = "not installed"
+    cuda = torch.cuda.is_available()
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr_version,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count_os": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "device": str(device) if device is not None else None,
+        "loadavg_1m_5m_15m": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    return info
+
+
+def env_markdown(info: dict[str, Any]) -> str:
+    """One-paragraph environment header for the markdown reports."""
+    gpu = info.get("gpu") or "none"
+    return (
+        f"Measured {info['date']} on {info['cpu']} ({info['cpu_affinity']} usable cores, "
+        f"torch threads {info['torch_threads']}, load average {_load(info)}), GPU: {gpu}, "
+        f"device: {info.get('device')}; "
+        f"torch {info['torch']}, flwr {info['flwr']}, Python {info['python']}."
+    )
+
+
+def _load(info: dict[str, Any]) -> str:
+    la = info.get("loadavg_1m_5m_15m")
+    return "/".join(f"{v:.1f}" for v in la) if la else "?"
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` unless 0. The benchmarks default to 1: on a
+    shared 2-core machine torch's default (one thread per core) was up to 100x slower
+    for these small models whenever other jobs were running (see bench/README.md)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` under ``bench/results`` (or ``out_dir``)."""
+    out = out_dir or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out / f"{name}.json", out / f"{name}.md"
+    jpath.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    mpath.write_text(markdown.rstrip() + "\n")
+    return jpath, mpath
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return str(obj)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats are printed as given (format them before)."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Fixed-width console table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaNs dropped."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def median(values: Sequence[float]) -> float:
+    vals = [float(v) for v in values if math.isfinite(float(v))]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Human-readable bytes (kB/MB are powers of 1000)."""
+    if n is None or (isinstance(n, float) and not math.isfinite(n)):
+        return "-"
+    n = float(n)
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work before reading a timer."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+# --------------------------------------------------------------------- real targets
+
+
+@dataclass
+class Target:
+    """One client's real local update at one round of a FedAvg trajectory."""
+
+    server_round: int
+    partition_id: int
+    base: torch.Tensor  # global weights the update is relative to (flat, CPU)
+    update: torch.Tensor  # W_local - W (flat, CPU)
+    train_seconds: float
+    num_examples: int
+
+
+def collect_targets(
+    cfg: Any,
+    rounds: Sequence[int],
+    clients: Sequence[int],
+    device: torch.device,
+    base_dir: Path = REPO,
+) -> tuple[list[Target], list[dict[str, float]]]:
+    """Run FedAvg for ``max(rounds)`` rounds with every partition training, exactly as
+    ``client_round`` trains (model seed, shuffling seed, partitions, example-weighted
+    mean with the run's norm clipping), and keep the updates of ``clients`` in ``rounds``.
+
+    Returns the targets and a per-round log (global test accuracy after the round).
+    """
+    from e3sfc_core.datasets import load_dataset, load_partition
+    from e3sfc_core.experiment import resolve_path
+    from e3sfc_core.models import build_model
+    from e3sfc_core.rounds import clip_and_average
+    from e3sfc_core.tensors import add_flat_, get_flat, set_flat
+    from e3sfc_core.training import evaluate, train_local
+
+    root = resolve_path(cfg.data_root, base_dir)
+    _, test, spec = load_dataset(cfg.dataset, root, cfg.download)
+    alpha = float("inf") if cfg.iid else cfg.dirichlet_alpha
+    model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
+    global_w = get_flat(model)
+    keep_rounds, keep_clients = set(rounds), set(clients)
+    targets: list[Target] = []
+    log: list[dict[str, float]] = []
+    for r in range(1, max(rounds) + 1):
+        updates, weights = [], []
+        for pid in range(cfg.num_partitions):
+            data = load_partition(
+                cfg.dataset, pid, cfg.num_partitions, alpha=alpha, seed=cfg.seed, data_root=root, download=cfg.download
+            )
+            set_flat(model, global_w)
+            seed = (cfg.seed * 1_000_003 + r * 1009 + pid) % 2**62  # as client_round
+            sync(device)
+            stats = train_local(
+                model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed
+            )
+            update = get_flat(model) - global_w
+            updates.append(update)
+            weights.append(float(stats.num_examples))
+            if r in keep_rounds and pid in keep_clients:
+                targets.append(Target(r, pid, global_w.cpu().clone(), update.cpu().clone(), stats.seconds, stats.num_examples))
+        mean, _ = clip_and_average(updates, weights, cfg.clip_norm_factor)
+        set_flat(model, global_w)
+        add_flat_(model, mean)
+        global_w = get_flat(model)
+        _, acc = evaluate(model, test, device=device)
+        log.append({"round": r, "accuracy": acc})
+    return targets, log
+
+
+class Timer:
+    """``with Timer(device) as t: ...; t.seconds`` (synchronises CUDA on both ends)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timer:
+        sync(self.device)
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._t
+
+
+# ----------------------------------------------------------------- federated runs
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["lr=0.1", "iid=true"]`` -> kebab-case dict, values parsed as the CLI does."""
+    from e3sfc_core.simulate import _parse_scalar
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"override {item!r} is not key=value")
+        out[key.strip()] = _parse_scalar(value.strip())
+    return out
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"3sfc@synthetic-samples=1@float16=true"`` -> (label, {"method": "3sfc", ...})."""
+    parts = spec.split("@")
+    raw = {"method": parts[0].strip()}
+    raw.update(parse_overrides(parts[1:]))
+    return spec, raw
+
+
+def run_federated(raw: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
+    """One ``run_reference`` run of the kebab-case config ``raw``.
+
+    Returns ``{"summary", "records", "wall_seconds", "client_metrics"}``; the run also
+    writes its own ``metrics.csv``/``summary.json`` under ``output-dir/run-name``.
+    ``client_metrics`` has one dict per client reply (round, node, the reply metrics).
+    """
+    from dataclasses import asdict
+
+    from e3sfc_core.config import ExperimentConfig
+    from e3sfc_core.simulate import run_reference
+
+    cfg = ExperimentConfig.from_run_config(raw)
+    client_metrics: list[dict[str, Any]] = []
+
+    def hook(server_round: int, instruction: Any, reply: Any) -> Any:
+        client_metrics.append({"round": server_round, "node": reply.node_id, "bytes": len(reply.payload),
+                               **{k: float(v) for k, v in reply.metrics.items()}})
+        return reply
+
+    start = time.perf_counter()
+    exp, summary = run_reference(cfg, base_dir, reply_hook=hook)
+    wall = time.perf_counter() - start
+    return {
+        "summary": summary,
+        "records": [asdict(r) for r in exp.server.records],
+        "wall_seconds": wall,
+        "client_metrics": client_metrics,
+    }
+
+
+def dataset_available(dataset: str, data_root: str, base_dir: Path = REPO) -> str | None:
+    """``None`` if ``dataset`` loads from ``data_root``, else the loader's message."""
+    from e3sfc_core.datasets import load_dataset
+    from e3sfc_core.errors import DatasetError
+    from e3sfc_core.experiment import resolve_path
+
+    try:
+        load_dataset(dataset, resolve_path(data_root, base_dir), False)
+    except DatasetError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,208 @@
+"""Accuracy vs communicated bytes for every method (issue #5, item 1).
+
+Command (digits/MLP on CPU; 9 methods x 3 seeds x 30 rounds, a few minutes)::
+
+    .venv/bin/python bench/accuracy_vs_bytes.py
+
+Quick smoke run::
+
+    .venv/bin/python bench/accuracy_vs_bytes.py --num-rounds 3 --seeds 0 --methods fedavg,topk,e3sfc
+
+The paper's settings (need the dataset files under ``--data-root``; not available in the
+session that produced bench/results, which had no internet)::
+
+    .venv/bin/python bench/accuracy_vs_bytes.py --dataset mnist --model mlp --data-root data
+    .venv/bin/python bench/accuracy_vs_bytes.py --dataset cifar10 --model convnet --device cuda
+
+Every method runs through ``e3sfc_core.simulate.run_reference`` (exactly what the Flower
+apps run) with the same seeds; a seed fixes the Dirichlet partition, the initial model
+and every client's shuffling, so all methods see the same partitions and start from the
+same weights. Methods are registry names optionally followed by ``@key=value`` config
+overrides, e.g. ``3sfc@synthetic-samples=1``; ``--set key=value`` applies to every run.
+
+Writes ``bench/results/<out-name>.{json,md}`` (final accuracy mean ± std over seeds,
+total uplink / downlink bytes, compression ratio vs FedAvg) and
+``bench/results/<out-name>.png`` (accuracy vs cumulative bytes, log x; mean over seeds
+with a ±1 std band). The default out-name is ``accuracy_vs_bytes`` for digits/MLP and
+``accuracy_vs_bytes_<dataset>_<model>`` otherwise. Per-run outputs (metrics.csv,
+summary.json) go to ``bench/results/runs/<out-name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    dataset_available,
+    env_info,
+    env_markdown,
+    fmt_bytes,
+    md_table,
+    mean_std,
+    parse_ints,
+    parse_method_spec,
+    parse_overrides,
+    print_table,
+    run_federated,
+    set_threads,
+    write_results,
+)
+
+DEFAULT_METHODS = (
+    "fedavg,topk,stc,signsgd,qsgd,3sfc,e3sfc,3sfc@synthetic-samples=1,e3sfc@synthetic-samples=1"
+)
+
+
+def plot(curves: dict[str, dict[str, Any]], out: Path, title: str) -> None:
+    """Accuracy vs round, vs cumulative total bytes and vs cumulative uplink bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for label, c in curves.items():
+        acc = np.array(c["acc"])  # [seeds, rounds]
+        m, s = acc.mean(0), acc.std(0)
+        for ax, x in zip(axes, (c["round"], c["total"], c["up"])):
+            line = ax.plot(x, m, label=label, lw=1.4)[0]
+            ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15, lw=0)
+    axes[0].set(xlabel="round", ylabel="test accuracy", title="accuracy vs round")
+    axes[1].set(xlabel="cumulative bytes, uplink + downlink (log)", xscale="log", title="accuracy vs total bytes")
+    axes[2].set(xlabel="cumulative uplink bytes (log)", xscale="log", title="accuracy vs uplink bytes")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--num-rounds", type=int, default=30)
+    p.add_argument("--num-partitions", type=int, default=10)
+    p.add_argument("--dirichlet-alpha", type=float, default=1.0)
+    p.add_argument("--local-epochs", type=int, default=5)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of method[@key=value...]")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--out-name", default="")
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    set_threads(args.threads)
+    missing = dataset_available(args.dataset, args.data_root)
+    if missing:
+        print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
+        raise SystemExit(2)
+    out_name = args.out_name or (
+        "accuracy_vs_bytes" if (args.dataset, args.model) == ("digits", "mlp")
+        else f"accuracy_vs_bytes_{args.dataset}_{args.model}"
+    )
+    runs_dir = RESULTS / "runs" / out_name
+    seeds = parse_ints(args.seeds)
+    specs = [parse_method_spec(s) for s in args.methods.split(",") if s.strip()]
+    common = {
+        "dataset": args.dataset, "model": args.model, "data-root": args.data_root,
+        "num-rounds": args.num_rounds, "num-partitions": args.num_partitions,
+        "dirichlet-alpha": args.dirichlet_alpha, "local-epochs": args.local_epochs,
+        "device": args.device, "output-dir": str(runs_dir), **parse_overrides(args.set),
+    }
+
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in specs}
+    for seed in seeds:
+        for label, raw in specs:
+            cfg = {**common, **raw, "seed": seed, "run-name": f"{label.replace('@', '_').replace('=', '')}-s{seed}"}
+            res = run_federated(cfg, REPO)
+            s = res["summary"]
+            runs[label].append(res)
+            print(f"seed {seed} {label:32s} acc {s['final_accuracy']:.4f} up {fmt_bytes(s['total_uplink_bytes'])} "
+                  f"down {fmt_bytes(s['total_downlink_bytes'])} ({res['wall_seconds']:.1f}s)")
+
+    fedavg_total = None
+    if "fedavg" in runs:
+        fedavg_total = mean_std([r["summary"]["total_bytes"] for r in runs["fedavg"]])[0]
+        fedavg_up = mean_std([r["summary"]["total_uplink_bytes"] for r in runs["fedavg"]])[0]
+    rows, table, curves = [], [], {}
+    for label, res in runs.items():
+        sums = [r["summary"] for r in res]
+        acc_m, acc_s = mean_std([s["final_accuracy"] for s in sums])
+        best_m, _ = mean_std([s["best_accuracy"] for s in sums])
+        up = mean_std([s["total_uplink_bytes"] for s in sums])[0]
+        down = mean_std([s["total_downlink_bytes"] for s in sums])[0]
+        total = up + down
+        ratio = (fedavg_total / total) if fedavg_total else mean_std([s["compression_ratio"] for s in sums])[0]
+        ratio_up = (fedavg_up / up) if fedavg_total and up else float("nan")
+        cos = mean_std([
+            sum(r["mean_cosine"] for r in x["records"]) / len(x["records"]) for x in res
+        ])[0]
+        wall = mean_std([x["wall_seconds"] for x in res])[0]
+        row = {
+            "method": label, "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s, "best_accuracy_mean": best_m,
+            "total_uplink_bytes": up, "total_downlink_bytes": down, "total_bytes": total,
+            "compression_ratio_vs_fedavg": ratio, "uplink_ratio_vs_fedavg": ratio_up,
+            "mean_uplink_cosine": cos, "wall_seconds_mean": wall,
+            "final_accuracy_per_seed": [s["final_accuracy"] for s in sums],
+        }
+        rows.append(row)
+        table.append([
+            label, f"{acc_m:.2%} ± {acc_s:.2%}", f"{best_m:.2%}", fmt_bytes(up), fmt_bytes(down), fmt_bytes(total),
+            f"{ratio:.1f}x", f"{ratio_up:.0f}x" if ratio_up == ratio_up else "-", f"{cos:.3f}", f"{wall:.1f}",
+        ])
+        curves[label] = {
+            "round": [r["round"] for r in res[0]["records"]],
+            "acc": [[r["accuracy"] for r in x["records"]] for x in res],
+            "total": [
+                sum(x["records"][i]["cum_uplink_bytes"] + x["records"][i]["cum_downlink_bytes"] for x in res) / len(res)
+                for i in range(len(res[0]["records"]))
+            ],
+            "up": [sum(x["records"][i]["cum_uplink_bytes"] for x in res) / len(res) for i in range(len(res[0]["records"]))],
+        }
+    headers = ["method", "final acc (mean ± std)", "best acc", "uplink", "downlink", "total",
+               "total vs FedAvg", "uplink vs FedAvg", "mean uplink |cos|", "wall s/run"]
+    print()
+    print_table(headers, table)
+
+    env = env_info(args.device)
+    setting = (f"{args.dataset}/{args.model}, {args.num_partitions} clients (all train every round), Dirichlet "
+               f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, {args.num_rounds} rounds, seeds {seeds}"
+               + (f", overrides {parse_overrides(args.set)}" if args.set else ""))
+    png = RESULTS / f"{out_name}.png"
+    plot(curves, png, setting)
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
+    md = "\n".join([
+        f"# Accuracy vs bytes ({args.dataset}/{args.model})", "",
+        env_markdown(env), "",
+        f"Setting: {setting}. Defaults otherwise (3SFC n = 4, 40 LBFGS evaluations with early stop, Top-k/STC "
+        "ratio 0.01, QSGD 16 levels, norm clipping 3x median). `3sfc` is uplink-only (dense downlink); `e3sfc` "
+        "compresses both ways. Bytes are means over seeds of everything sent (headers included; downlink = full "
+        "weights to every client except in round 1, or the compressed downlink for e3sfc). 'vs FedAvg' = FedAvg's "
+        "bytes / the method's bytes.", "",
+        f"Command: `.venv/bin/python bench/accuracy_vs_bytes.py {cmd}`".replace("py `", "py`"), "",
+        md_table(headers, table), "",
+        f"![accuracy vs bytes]({png.name})",
+    ])
+    data = {"env": env, "args": vars(args), "setting": setting, "results": rows, "curves": curves}
+    j, m = write_results(out_name, data, md)
+    print(f"wrote {j}, {m}, {png}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

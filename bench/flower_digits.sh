@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every method through the real Flower simulation runtime (e3sfc-run = flwr run --stream on a
+# private SuperLink, 10 simulated SuperNodes), default config (digits, MLP, 40 rounds, seed 0),
+# then one table and one plot. Usage: bash bench/flower_digits.sh [extra key=value ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=bench/results/flower-digits
+mkdir -p "$out"
+for method in fedavg topk stc signsgd qsgd 3sfc e3sfc; do
+  e3sfc-run "method=\"$method\"" "run-name=\"$method\"" "output-dir=\"$out\"" "$@" > "$out/$method.log" 2>&1
+  tail -n 3 "$out/$method.log"
+done
+e3sfc-compare "$out"/*/ --out bench/results/flower_digits.png | tee bench/results/flower_digits.md

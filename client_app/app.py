@@ -1,0 +1,58 @@
+"""ClientApp: load state and data, run one core client round, store state last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from e3sfc_core.checkpoint import load_checkpoint, save_checkpoint
+from e3sfc_core.client import ClientState, client_round
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.datasets import load_dataset, load_partition
+from e3sfc_core.payload import STATE_RESIDUAL
+from e3sfc_core.training import resolve_device
+from server_app.records import instruction_from, reply_content
+
+app = ClientApp()
+
+
+def _load_state(context: Context, state_file: Path | None) -> ClientState:
+    """From the node's in-memory state, else from its state directory, else empty."""
+    if STATE_RESIDUAL in context.state.array_records:
+        record = context.state.array_records[STATE_RESIDUAL]
+        return ClientState.from_tensors({k: a.numpy() for k, a in record.items()})
+    if state_file is not None and state_file.exists():
+        tensors, _ = load_checkpoint(state_file)
+        return ClientState.from_tensors(tensors)
+    return ClientState()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One E-3SFC client round. Exceptions propagate: Flower reports them to the server."""
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    node = context.node_config
+    partition_id = int(node.get("partition-id", 0))
+    num_partitions = int(node.get("num-partitions", cfg.num_partitions))
+    data_root = str(node.get("data-root", cfg.data_root))
+    state_dir = node.get("state-dir")
+    state_file = Path(str(state_dir)) / f"client-{partition_id}.npz" if state_dir else None
+    instruction = instruction_from(msg)
+    _, _, spec = load_dataset(cfg.dataset, data_root, cfg.download)
+    data = load_partition(
+        cfg.dataset, partition_id, num_partitions,
+        alpha=float("inf") if cfg.iid else cfg.dirichlet_alpha, seed=cfg.seed, data_root=data_root,
+        download=cfg.download,
+    )
+    reply, new_state = client_round(
+        cfg, spec, instruction, data, _load_state(context, state_file),
+        node_id=int(context.node_id), partition_id=partition_id, device=resolve_device(cfg.device),
+    )
+    tensors = new_state.to_tensors()
+    if state_file is not None:
+        save_checkpoint(state_file, tensors, {"partition-id": partition_id})
+    # State is written last: a failure above leaves the previous state untouched.
+    context.state[STATE_RESIDUAL] = ArrayRecord({k: Array(v.numpy()) for k, v in tensors.items()})
+    return Message(content=reply_content(reply), reply_to=msg)

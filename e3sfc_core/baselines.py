@@ -1,0 +1,405 @@
+"""Baseline compressors: FedAvg (dense), Top-k, STC, scaled signSGD and QSGD.
+
+Every method works on one flat float32 target vector whose length is the model's
+number of weights; the model is only used to check that length and to pick the device
+of the reconstruction. All methods are vectorised torch and run on CPU or CUDA.
+
+Registry keys (``COMPRESSORS``) and exact ``encoded_size(numel, budget)`` formulas,
+with ``F`` = 4 bytes (float32) or 2 bytes (``settings.float16``) and
+``k = topk_count(settings.topk_ratio, numel)``:
+
+========== ================ =========== ======================================
+key        class            codec       bytes on the wire
+========== ================ =========== ======================================
+fedavg     FedAvgCompressor DENSE       ``28 + F * numel``
+topk       TopKCompressor   TOPK        ``28 + 4 + (4 + F) * k``
+stc        STCCompressor    STC         ``28 + 4 + 4 + 4 * k + ceil(k / 8)``
+signsgd    SignCompressor   SIGN        ``28 + 4 + ceil(numel / 8)``
+qsgd       QSGDCompressor   QSGD        ``28 + 4 + 1 + numel``
+========== ================ =========== ======================================
+
+The compressors never touch error feedback themselves; ``uses_error_feedback`` tells
+the round logic whether to keep a residual (Top-k, STC, signSGD) or not (FedAvg, QSGD).
+
+Float bodies (dense values, top-k values) are already rounded to the wire dtype inside
+``compress`` (and clamped to the float16 range when ``settings.float16``), so
+``decompress(p)`` equals ``decompress(decode(encode(p)))`` bit for bit. Scalar fields
+(STC magnitude, sign scale, QSGD norm) are float32 on the wire and are likewise rounded
+to float32 in ``compress``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .compressor import (
+    Budget,
+    CompressorSettings,
+    CompressStats,
+    PayloadMeta,
+    register,
+)
+from .errors import ConfigError, PayloadRejected
+from .payload import (
+    HEADER_SIZE,
+    MAX_QSGD_LEVELS,
+    Codec,
+    DenseBody,
+    FloatType,
+    Payload,
+    QuantBody,
+    SignBody,
+    SparseBody,
+    TernaryBody,
+)
+from .tensors import num_params
+
+_FLOAT16_MAX = 65504.0
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def topk_count(ratio: float, numel: int) -> int:
+    """Number of kept entries for Top-k/STC: ``max(1, ceil(ratio * numel))``, at most numel.
+
+    The product is rounded to 6 decimals before ``ceil`` so that binary round-off such as
+    ``0.07 * 100 == 7.000000000000001`` does not keep one entry too many.
+    """
+    if numel <= 0:
+        return 0
+    return min(numel, max(1, math.ceil(round(ratio * numel, 6))))
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (what the wire's f32 fields carry)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _f32_up(x: float) -> float:
+    """Smallest float32 value ``>= x`` (for finite ``x`` within the float32 range)."""
+    y = np.float32(x)
+    if float(y) < x:
+        y = np.nextafter(y, np.float32(np.inf))
+    return float(y)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+class _Baseline:
+    """Shared plumbing: settings, input checks, header fields, payload checks."""
+
+    name: str = ""
+    codec: Codec = Codec.DENSE
+    uses_error_feedback: bool = False
+    body_type: type = DenseBody
+
+    def __init__(self, settings: CompressorSettings) -> None:
+        self.settings = settings
+        self.float_type = FloatType.FLOAT16 if settings.float16 else FloatType.FLOAT32
+        self.float_bytes = 2 if settings.float16 else 4
+
+    # -------------------------------------------------------------------- helpers
+
+    def _target(self, target: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        flat = target.detach().reshape(-1).to(torch.float32)
+        n = num_params(model)
+        if flat.numel() != n:
+            raise ValueError(f"{self.name}: target has {flat.numel()} values, model has {n}")
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"{self.name}: target contains NaN or Inf")
+        return flat
+
+    def _wire_floats(self, values: torch.Tensor) -> torch.Tensor:
+        """Round float body values to the wire dtype now, so encoding loses nothing more."""
+        if self.float_type is FloatType.FLOAT16:
+            return values.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16).to(torch.float32)
+        return values
+
+    def _payload(self, meta: PayloadMeta, numel: int, body: object) -> Payload:
+        return Payload(
+            codec=self.codec,
+            direction=meta.direction,
+            server_round=meta.server_round,
+            base_digest=meta.base_digest,
+            numel=numel,
+            body=body,  # type: ignore[arg-type]
+            float_type=self.float_type,
+        )
+
+    def _check(self, payload: Payload, model: nn.Module) -> tuple[int, torch.device]:
+        if payload.codec != self.codec:
+            raise PayloadRejected(
+                f"{self.name} expects codec {self.codec.name}, payload has {payload.codec.name}"
+            )
+        n = num_params(model)
+        if payload.numel != n:
+            raise PayloadRejected(
+                f"{self.name}: payload numel {payload.numel} does not match the model's {n}"
+            )
+        if not isinstance(payload.body, self.body_type):
+            raise PayloadRejected(
+                f"{self.name} expects a {self.body_type.__name__}, "
+                f"got {type(payload.body).__name__}"
+            )
+        return n, _model_device(model)
+
+    def compress(
+        self, target: torch.Tensor, model: nn.Module, meta: PayloadMeta, budget: Budget
+    ) -> tuple[Payload, CompressStats]:
+        start = time.perf_counter()
+        flat = self._target(target, model)
+        body = self._body(flat, meta)
+        _sync(flat)
+        payload = self._payload(meta, flat.numel(), body)
+        return payload, CompressStats(seconds=time.perf_counter() - start)
+
+    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> object:  # pragma: no cover
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------- FedAvg
+
+
+class FedAvgCompressor(_Baseline):
+    """No compression: the full vector in the wire float dtype."""
+
+    name = "fedavg"
+    codec = Codec.DENSE
+    uses_error_feedback = False
+    body_type = DenseBody
+
+    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> DenseBody:
+        return DenseBody(values=self._wire_floats(flat.clone()))
+
+    def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
+        _, device = self._check(payload, model)
+        body: DenseBody = payload.body  # type: ignore[assignment]
+        return body.values.detach().reshape(-1).to(device, torch.float32).clone()
+
+    def encoded_size(self, numel: int, budget: Budget) -> int:
+        return HEADER_SIZE + self.float_bytes * numel
+
+
+# -------------------------------------------------------------------------- Top-k
+
+
+def _topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest magnitudes, sorted ascending (int64)."""
+    if k >= flat.numel():
+        return torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    idx = torch.topk(flat.abs(), k, sorted=False).indices
+    return torch.sort(idx).values.to(torch.int64)
+
+
+class TopKCompressor(_Baseline):
+    """Top-k sparsification with error feedback (values sent in the wire float dtype)."""
+
+    name = "topk"
+    codec = Codec.TOPK
+    uses_error_feedback = True
+    body_type = SparseBody
+
+    def __init__(self, settings: CompressorSettings) -> None:
+        super().__init__(settings)
+        ratio = settings.topk_ratio
+        if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+            raise ConfigError(f"topk_ratio must be in (0, 1], got {ratio!r}")
+        self.ratio = float(ratio)
+
+    def k(self, numel: int) -> int:
+        return topk_count(self.ratio, numel)
+
+    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SparseBody:
+        idx = _topk_indices(flat, self.k(flat.numel()))
+        return SparseBody(indices=idx, values=self._wire_floats(flat[idx]))
+
+    def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
+        n, device = self._check(payload, model)
+        body: SparseBody = payload.body  # type: ignore[assignment]
+        out = torch.zeros(n, dtype=torch.float32, device=device)
+        idx = body.indices.to(device, torch.int64)
+        out[idx] = body.values.reshape(-1).to(device, torch.float32)
+        return out
+
+    def encoded_size(self, numel: int, budget: Budget) -> int:
+        return HEADER_SIZE + 4 + (4 + self.float_bytes) * self.k(numel)
+
+
+# ---------------------------------------------------------------------------- STC
+
+
+class STCCompressor(TopKCompressor):
+    """Sparse Ternary Compression (Sattler et al. 2019): top-k, then ``mu * sign``.
+
+    ``mu`` is the mean magnitude of the kept values, rounded to float32. An all-zero
+    target sends ``k`` indices with ``mu = 0``.
+    """
+
+    name = "stc"
+    codec = Codec.STC
+    uses_error_feedback = True
+    body_type = TernaryBody
+
+    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> TernaryBody:
+        idx = _topk_indices(flat, self.k(flat.numel()))
+        kept = flat[idx]
+        mu = float(kept.abs().double().mean()) if kept.numel() else 0.0
+        mu = _f32(min(mu, _FLOAT32_MAX))
+        return TernaryBody(indices=idx, negative=kept < 0, magnitude=mu)
+
+    def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
+        n, device = self._check(payload, model)
+        body: TernaryBody = payload.body  # type: ignore[assignment]
+        out = torch.zeros(n, dtype=torch.float32, device=device)
+        idx = body.indices.to(device, torch.int64)
+        neg = body.negative.reshape(-1).to(device, torch.bool)
+        mu = torch.tensor(body.magnitude, dtype=torch.float32, device=device)
+        out[idx] = torch.where(neg, -mu, mu)
+        return out
+
+    def encoded_size(self, numel: int, budget: Budget) -> int:
+        k = self.k(numel)
+        return HEADER_SIZE + 4 + 4 + 4 * k + (k + 7) // 8
+
+
+# ------------------------------------------------------------------------ signSGD
+
+
+class SignCompressor(_Baseline):
+    """Scaled sign / EF-signSGD (Karimireddy et al. 2019): ``(||t||_1 / numel) * sign(t)``.
+
+    Zero counts as positive. The scale is rounded to float32.
+    """
+
+    name = "signsgd"
+    codec = Codec.SIGN
+    uses_error_feedback = True
+    body_type = SignBody
+
+    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SignBody:
+        n = flat.numel()
+        scale = float(flat.double().abs().sum()) / n if n else 0.0
+        return SignBody(negative=flat < 0, scale=_f32(min(scale, _FLOAT32_MAX)))
+
+    def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
+        _, device = self._check(payload, model)
+        body: SignBody = payload.body  # type: ignore[assignment]
+        neg = body.negative.reshape(-1).to(device, torch.bool)
+        s = torch.tensor(body.scale, dtype=torch.float32, device=device)
+        return torch.where(neg, -s, s)
+
+    def encoded_size(self, numel: int, budget: Budget) -> int:
+        return HEADER_SIZE + 4 + (numel + 7) // 8
+
+
+# --------------------------------------------------------------------------- QSGD
+
+
+def qsgd_seed(seed: int, server_round: int, direction: int) -> int:
+    """63-bit generator seed derived from ``(seed, server_round, direction)``."""
+    data = b"e3sfc.qsgd" + struct.pack("<qqq", int(seed), int(server_round), int(direction))
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & (2**63 - 1)
+
+
+class QSGDCompressor(_Baseline):
+    """QSGD (Alistarh et al. 2017) with ``s`` levels and seeded stochastic rounding.
+
+    ``q_i = sign(t_i) * (floor(s|t_i|/norm) + Bernoulli(frac))`` and the receiver
+    reconstructs ``norm * q / s``. ``norm`` is ``||t||_2`` rounded *up* to float32 so that
+    the wire value is exactly the one used for rounding (keeping the estimator unbiased)
+    and ``|q| <= s`` holds. The uniforms come from a CPU ``torch.Generator`` seeded by
+    ``qsgd_seed(settings.seed, meta.server_round, meta.direction)``, so the result is the
+    same on every device and for every repeated call with the same meta.
+    """
+
+    name = "qsgd"
+    codec = Codec.QSGD
+    uses_error_feedback = False
+    body_type = QuantBody
+
+    def __init__(self, settings: CompressorSettings) -> None:
+        super().__init__(settings)
+        s = settings.qsgd_levels
+        if not (isinstance(s, int) and 1 <= s <= MAX_QSGD_LEVELS):
+            raise ConfigError(f"qsgd_levels must be an integer in 1..{MAX_QSGD_LEVELS}, got {s!r}")
+        self.levels = s
+
+    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> QuantBody:
+        s = self.levels
+        norm = float(torch.linalg.vector_norm(flat.double()))
+        norm = _f32_up(min(norm, _FLOAT32_MAX))
+        if norm == 0.0:
+            q = torch.zeros(flat.numel(), dtype=torch.int8, device=flat.device)
+            return QuantBody(norm=0.0, levels=s, q=q)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(qsgd_seed(self.settings.seed, meta.server_round, int(meta.direction)))
+        u = torch.rand(flat.numel(), generator=gen, dtype=torch.float64).to(flat.device)
+        scaled = (flat.double().abs() * (s / norm)).clamp_(max=float(s))
+        low = torch.floor(scaled)
+        mag = low + (u < (scaled - low)).to(torch.float64)
+        q = torch.where(flat < 0, -mag, mag).to(torch.int8)
+        return QuantBody(norm=norm, levels=s, q=q)
+
+    def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
+        _, device = self._check(payload, model)
+        body: QuantBody = payload.body  # type: ignore[assignment]
+        q = body.q.reshape(-1).to(device, torch.float32)
+        return q * torch.tensor(body.norm / body.levels, dtype=torch.float32, device=device)
+
+    def encoded_size(self, numel: int, budget: Budget) -> int:
+        return HEADER_SIZE + 4 + 1 + numel
+
+
+# ----------------------------------------------------------------------- registry
+
+
+@register("fedavg")
+def _make_fedavg(
+    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
+) -> FedAvgCompressor:
+    return FedAvgCompressor(settings)
+
+
+@register("topk")
+def _make_topk(
+    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
+) -> TopKCompressor:
+    return TopKCompressor(settings)
+
+
+@register("stc")
+def _make_stc(
+    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
+) -> STCCompressor:
+    return STCCompressor(settings)
+
+
+@register("signsgd")
+def _make_signsgd(
+    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
+) -> SignCompressor:
+    return SignCompressor(settings)
+
+
+@register("qsgd")
+def _make_qsgd(
+    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
+) -> QSGDCompressor:
+    return QSGDCompressor(settings)
+
+
+BASELINES: tuple[str, ...] = ("fedavg", "topk", "stc", "signsgd", "qsgd")

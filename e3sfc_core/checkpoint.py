@@ -1,0 +1,52 @@
+"""Crash-safe server checkpoints without pickle.
+
+A checkpoint is one ``.npz`` file (``np.savez``: plain arrays, loaded back with
+``allow_pickle=False``) holding the server tensors and a UTF-8 JSON blob with the rest.
+It is written to a temporary file in the same directory and renamed over the old one, so a
+crash leaves either the previous checkpoint or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import E3SFCError
+
+_META_KEY = "__meta_json__"
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically write ``tensors`` and JSON-able ``meta`` to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+    arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise E3SFCError(f"cannot read checkpoint {path}: {exc}") from exc
+    if _META_KEY not in arrays:
+        raise E3SFCError(f"{path} is not an E-3SFC checkpoint (no metadata)")
+    meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, meta

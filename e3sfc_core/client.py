@@ -1,0 +1,141 @@
+"""Client side of a round: catch up with the global model, train, compress with error
+feedback. Framework-free; the ClientApp only moves :class:`ClientState` in and out of
+Flower's node state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .compressor import Budget, Compressor, PayloadMeta, build_compressor
+from .config import ExperimentConfig
+from .datasets import DatasetSpec, TensorData
+from .errors import DesyncError, PayloadError
+from .models import build_model
+from .payload import Direction
+from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
+from .rounds import apply_downlink, compress_update
+from .tensors import digest_flat, get_flat, num_params, set_flat
+from .training import train_local
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """What a client keeps between rounds (all optional: a new node has nothing).
+
+    ``weights`` is its copy of the global model (needed to replay compressed downlinks),
+    ``residual`` its error-feedback memory, and ``pending`` the update it sent in
+    ``pending_round``: if the server reports it did not apply that round's payload,
+    the update goes back into the residual instead of being lost.
+    """
+
+    weights: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    pending: torch.Tensor | None = None
+    pending_round: int = -1
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for storage (the round number rides along as a 1-element tensor)."""
+        out = {"pending-round": torch.tensor([self.pending_round], dtype=torch.int64)}
+        for name in ("weights", "residual", "pending"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.detach().cpu()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Any]) -> ClientState:
+        """Inverse of :meth:`to_tensors` (accepts tensors or NumPy arrays)."""
+
+        def get(name: str) -> torch.Tensor | None:
+            value = tensors.get(name)
+            return None if value is None else torch.as_tensor(value).reshape(-1).float()
+
+        pr = tensors.get("pending-round")
+        pending_round = int(torch.as_tensor(pr).reshape(-1)[0]) if pr is not None else -1
+        return cls(get("weights"), get("residual"), get("pending"), pending_round)
+
+    def fitted(self, numel: int) -> ClientState:
+        """Drop entries whose size does not match the model (a changed model, or garbage)."""
+
+        def ok(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is not None and t.numel() == numel else None
+
+        return ClientState(ok(self.weights), ok(self.residual), ok(self.pending), self.pending_round)
+
+
+def client_compressor(cfg: ExperimentConfig, spec: DatasetSpec, partition_id: int) -> Compressor:
+    """The method's compressor with a per-client seed, so that clients' random choices
+    (3SFC initialisation, QSGD rounding) are independent and their noise averages out."""
+    settings = replace(cfg.compressor_settings(), seed=(cfg.seed * 7919 + partition_id + 1) % 2**31)
+    return build_compressor(cfg.compressor_name, settings, spec)
+
+
+def client_round(
+    cfg: ExperimentConfig,
+    spec: DatasetSpec,
+    instruction: Instruction,
+    data: TensorData,
+    state: ClientState,
+    *,
+    node_id: int,
+    partition_id: int,
+    device: torch.device,
+) -> tuple[Reply, ClientState]:
+    """Run one client round and return the reply and the state to keep.
+
+    A client that cannot reach the server's model digest answers ``desync`` (and
+    forgets its weights, so the next round starts from a full re-sync).
+    """
+    compressor = client_compressor(cfg, spec, partition_id)
+    model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
+    model.eval()
+    state = state.fitted(num_params(model))
+    if state.weights is not None:
+        set_flat(model, state.weights.to(device))
+    try:
+        apply_downlink(model, instruction.downlink, compressor, instruction.target_digest)
+    except (DesyncError, PayloadError) as exc:
+        logger.warning("node %s cannot sync: %s", node_id, exc)
+        return Reply(node_id, STATUS_DESYNC, error=str(exc)), ClientState(None, state.residual, state.pending, state.pending_round)
+    base = get_flat(model)
+    numel = base.numel()
+    residual = state.residual.to(device) if state.residual is not None else torch.zeros(numel, device=device)
+    if (
+        compressor.uses_error_feedback
+        and state.pending is not None
+        and state.pending_round >= 0
+        and instruction.accepted_round != state.pending_round
+    ):
+        logger.info("node %s: round %d was not applied; its update returns to the residual", node_id, state.pending_round)
+        residual = residual + state.pending.to(device)
+    seed = (cfg.seed * 1_000_003 + instruction.server_round * 1009 + partition_id) % 2**62
+    stats = train_local(
+        model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed
+    )
+    update = get_flat(model) - base
+    set_flat(model, base)
+    model.eval()
+    meta = PayloadMeta(Direction.UPLINK, instruction.server_round, digest_flat(base))
+    enc = compress_update(compressor, update + residual, model, meta, Budget(instruction.n_samples))
+    reply = Reply(
+        node_id=node_id,
+        status=STATUS_OK,
+        payload=enc.data,
+        num_examples=stats.num_examples,
+        metrics={
+            "cosine": enc.cosine,
+            "residual-ratio": enc.residual_ratio,
+            "compress-seconds": enc.stats.seconds,
+            "train-seconds": stats.seconds,
+            "train-loss": stats.loss,
+        },
+    )
+    new_state = ClientState(base.cpu(), enc.residual.cpu(), enc.transmitted.cpu(), instruction.server_round)
+    return reply, new_state

@@ -1,0 +1,116 @@
+"""The compressor contract shared by 3SFC and every baseline, and the method registry.
+
+A compressor turns a target vector into a :class:`~e3sfc_core.payload.Payload` and back.
+It never touches error feedback or bytes: ``rounds.compress_update`` composes
+compress -> encode -> decode -> decompress so that the residual always subtracts exactly
+what the receiver will reconstruct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from .payload import Codec, Direction, Payload
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per-payload size knob chosen by the budget scheduler.
+
+    ``n_samples`` is the number of synthetic samples (3SFC); baselines have a fixed size
+    set by their own configuration and ignore it.
+    """
+
+    n_samples: int = 1
+
+
+@dataclass(frozen=True)
+class PayloadMeta:
+    """Header fields both sides agree on before compressing."""
+
+    direction: Direction
+    server_round: int
+    base_digest: bytes
+
+
+@dataclass(frozen=True)
+class CompressStats:
+    """Local diagnostics of one compression (never sent)."""
+
+    seconds: float
+    evaluations: int = 0
+    degenerate: bool = False  # 3SFC: the scale was NaN/Inf and a zero update was sent
+
+
+class Compressor(Protocol):
+    """What the round logic needs from a compression method."""
+
+    name: str
+    codec: Codec
+    uses_error_feedback: bool
+
+    def compress(
+        self, target: torch.Tensor, model: nn.Module, meta: PayloadMeta, budget: Budget
+    ) -> tuple[Payload, CompressStats]:
+        """Compress the flat ``target`` vector (model is at the shared base weights)."""
+        ...
+
+    def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
+        """Reconstruct the flat update from a decoded payload at the base weights."""
+        ...
+
+    def encoded_size(self, numel: int, budget: Budget) -> int:
+        """Exact ``len(encode(payload))`` that ``compress`` will produce."""
+        ...
+
+
+@dataclass(frozen=True)
+class CompressorSettings:
+    """Knobs of every method in one place; each compressor reads the ones it needs.
+
+    Tuning notes: ``topk_ratio`` is the kept fraction for Top-k and STC (0.01 keeps 1%);
+    ``qsgd_levels`` is QSGD's ``s`` (more levels, less variance, same 1 byte per weight
+    in our encoding); ``float16`` halves float bodies at a small precision cost that
+    error feedback absorbs; ``max_evals`` caps LBFGS closure evaluations per 3SFC
+    compression and ``evals_per_step``/``min_improvement`` stop it early once the cosine
+    stalls (most of the final cosine is reached within ~20 evaluations).
+    """
+
+    topk_ratio: float = 0.01
+    qsgd_levels: int = 16
+    float16: bool = False
+    max_evals: int = 40
+    evals_per_step: int = 10
+    min_improvement: float = 1e-3
+    seed: int = 0
+
+
+CompressorFactory = Callable[[CompressorSettings, tuple[int, ...], int], Compressor]
+COMPRESSORS: dict[str, CompressorFactory] = {}
+
+
+def register(name: str) -> Callable[[CompressorFactory], CompressorFactory]:
+    """Add a factory ``(settings, input_shape, n_classes) -> Compressor`` to the registry."""
+
+    def deco(factory: CompressorFactory) -> CompressorFactory:
+        COMPRESSORS[name] = factory
+        return factory
+
+    return deco
+
+
+def build_compressor(name: str, settings: CompressorSettings, spec: object) -> Compressor:
+    """Instantiate a registered method for a dataset spec (``input_shape``, ``n_classes``).
+
+    Importing the package registers every method; an unknown name is a configuration error.
+    """
+    from .errors import ConfigError
+
+    if name not in COMPRESSORS:
+        raise ConfigError(f"unknown method {name!r}; known: {sorted(COMPRESSORS)}")
+    shape = tuple(getattr(spec, "input_shape"))
+    return COMPRESSORS[name](settings, shape, int(getattr(spec, "n_classes")))

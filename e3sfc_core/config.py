@@ -1,0 +1,125 @@
+"""Validated experiment configuration: the one parser of Flower's ``run_config``.
+
+Every knob is a kebab-case key with a default here *and* in ``pyproject.toml``
+(``[tool.flwr.app.config]``); a test keeps the two identical. Bad values fail before
+round 1 with :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .compressor import CompressorSettings
+from .errors import ConfigError
+
+Method = Literal["e3sfc", "3sfc", "fedavg", "topk", "stc", "signsgd", "qsgd"]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class ExperimentConfig(BaseModel):
+    """Everything one run needs.
+
+    Tuning notes: ``synthetic_samples`` is 3SFC's n when no byte budget is set (bytes per
+    payload grow linearly in n, cosine to the target grows fast for small n). With
+    ``budget_total_bytes > 0`` the ``budget_policy`` chooses n per round and direction in
+    ``[1, synthetic_samples_max]`` and the run never spends more than the total.
+    ``downlink="auto"`` compresses the downlink for ``e3sfc`` only (the paper's
+    double-way method); ``"compressed"`` does it for any method, ``"dense"`` never.
+    ``clip_norm_factor`` clips every decompressed client update to that multiple of the
+    round's median update norm (0 turns clipping off).
+    """
+
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    method: Method = "e3sfc"
+    dataset: Literal["digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100"] = "digits"
+    model: Literal["mlp", "convnet", "lenet5", "resnet18", "vgg11", "regnetx_200mf"] = "mlp"
+    num_rounds: int = Field(40, ge=1, le=100_000)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    min_train_nodes: int = Field(2, ge=1)
+    local_epochs: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    dirichlet_alpha: float = Field(1.0, gt=0.0)
+    iid: bool = False
+    synthetic_samples: int = Field(4, ge=1, le=4096)
+    synthetic_samples_max: int = Field(16, ge=1, le=4096)
+    max_evals: int = Field(40, ge=1, le=10_000)
+    evals_per_step: int = Field(10, ge=1, le=1000)
+    min_improvement: float = Field(1e-3, ge=0.0)
+    float16: bool = False
+    downlink: Literal["auto", "compressed", "dense"] = "auto"
+    budget_policy: Literal["constant", "decay", "adaptive"] = "constant"
+    budget_total_bytes: int = Field(0, ge=0)
+    topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
+    qsgd_levels: int = Field(16, ge=1, le=127)
+    clip_norm_factor: float = Field(3.0, ge=0.0)
+    seed: int = Field(0, ge=0, lt=2**31)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_root: str = "data"
+    download: bool = False
+    output_dir: str = "outputs"
+    run_name: str = ""
+    checkpoint_every: int = Field(0, ge=0)
+    resume: bool = False
+    round_timeout: float = Field(600.0, gt=0.0)
+    num_partitions: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if self.synthetic_samples > self.synthetic_samples_max:
+            raise ValueError("synthetic-samples must not exceed synthetic-samples-max")
+        return self
+
+    @property
+    def compress_downlink(self) -> bool:
+        """Whether the server compresses the global update (double-way)."""
+        return self.downlink == "compressed" or (self.downlink == "auto" and self.method == "e3sfc")
+
+    @property
+    def compressor_name(self) -> str:
+        """Registry key of the compressor: e3sfc is 3SFC on both links."""
+        return "3sfc" if self.method == "e3sfc" else self.method
+
+    def compressor_settings(self) -> CompressorSettings:
+        """The subset of knobs the compressors read."""
+        return CompressorSettings(
+            topk_ratio=self.topk_ratio,
+            qsgd_levels=self.qsgd_levels,
+            float16=self.float16,
+            max_evals=self.max_evals,
+            evals_per_step=self.evals_per_step,
+            min_improvement=self.min_improvement,
+            seed=self.seed,
+        )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case mapping, the inverse of :func:`from_run_config`."""
+        return self.model_dump(by_alias=True)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+        """Parse Flower's flat ``run_config`` (or any kebab-case mapping).
+
+        Raises
+        ------
+        ConfigError
+            Unknown key, wrong type or out-of-range value; the message names each key.
+        """
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "config"
+                problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

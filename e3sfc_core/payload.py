@@ -1,0 +1,423 @@
+"""Versioned, pickle-free wire format for every compressed update (format v1).
+
+Everything that crosses the network for a model update is ``encode(payload)``; its
+``len()`` is the byte count we report. ``decode`` trusts nothing: it checks every size
+against ``len(data)`` before allocating and raises only :class:`PayloadError` subclasses.
+
+Layout (little-endian; integers unsigned unless noted). Common header, 28 bytes:
+
+====== ==== ==================================================================
+offset size field
+====== ==== ==================================================================
+0      4    magic ``b"E3SF"``
+4      1    format version (1)
+5      1    direction: 0 uplink (client to server), 1 downlink
+6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights
+7      1    float dtype of the body's float arrays: 1 float32, 2 float16
+8      4    server round
+12     8    digest of the weights the payload is relative to (``tensors.digest_flat``)
+20     4    ``numel``: length of the update vector (number of model weights)
+24     4    body length; must equal ``len(data) - 28`` exactly
+====== ==== ==================================================================
+
+Bodies (``F`` = the header's float dtype):
+
+* dense, weights: ``F[numel]`` (an update, or absolute weights for a full re-sync)
+* synthetic: ``f32 scale, u16 n, u16 n_classes, u8 ndim, 3 zero bytes, u32 dims[ndim],
+  F inputs[n * prod(dims)], F labels[n * n_classes]``
+* top-k: ``u32 k, u32 indices[k] (strictly increasing, < numel), F values[k]``
+* STC: ``u32 k, f32 magnitude, u32 indices[k] (strictly increasing), sign bits[ceil(k/8)]``
+* sign: ``f32 scale, sign bits[ceil(numel/8)]``
+* QSGD: ``f32 norm, u8 levels (1..127), i8 q[numel] with |q| <= levels``
+
+Sign bits are packed little-endian within each byte (bit set = negative); unused bits of
+the last byte must be zero. All floats must be finite.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import numpy as np
+import torch
+
+from .errors import PayloadError, UnsupportedVersion
+from .tensors import DIGEST_SIZE
+
+MAGIC = b"E3SF"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBI8sII")
+HEADER_SIZE = HEADER.size  # 28
+MAX_NUMEL = 2**31 - 1
+MAX_SAMPLES = 65535
+MAX_INPUT_NUMEL = 2**24
+MAX_NDIM = 4
+MAX_QSGD_LEVELS = 127
+
+# Wire-contract names shared by the Flower apps (plain strings: no flwr import here).
+RECORD_UPLINK = "e3sfc.uplink"
+RECORD_DOWNLINK = "e3sfc.downlink"
+RECORD_CONFIG = "e3sfc.config"
+RECORD_METRICS = "metrics"
+STATE_RESIDUAL = "e3sfc.residual"
+STATE_WEIGHTS = "e3sfc.weights"
+
+
+class Direction(enum.IntEnum):
+    """Which way a payload travels."""
+
+    UPLINK = 0
+    DOWNLINK = 1
+
+
+class Codec(enum.IntEnum):
+    """How the body encodes the update."""
+
+    DENSE = 1
+    SYNTHETIC = 2
+    TOPK = 3
+    STC = 4
+    SIGN = 5
+    QSGD = 6
+    WEIGHTS = 7
+
+
+class FloatType(enum.IntEnum):
+    """Float width of the body's float arrays."""
+
+    FLOAT32 = 1
+    FLOAT16 = 2
+
+
+_NP_FLOAT = {FloatType.FLOAT32: np.dtype("<f4"), FloatType.FLOAT16: np.dtype("<f2")}
+
+
+@dataclass(frozen=True)
+class DenseBody:
+    """A full vector: an update (``Codec.DENSE``) or absolute weights (``Codec.WEIGHTS``)."""
+
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SyntheticBody:
+    """3SFC: the receiver recomputes ``scale * grad CE(model(inputs), labels)``."""
+
+    scale: float
+    inputs: torch.Tensor  # [n, *input_shape]
+    labels: torch.Tensor  # [n, n_classes]
+
+
+@dataclass(frozen=True)
+class SparseBody:
+    """Top-k: values at strictly increasing indices, zeros elsewhere."""
+
+    indices: torch.Tensor  # int64
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TernaryBody:
+    """STC: ``magnitude * sign`` at the kept indices, zeros elsewhere."""
+
+    indices: torch.Tensor  # int64
+    negative: torch.Tensor  # bool, one per index
+    magnitude: float
+
+
+@dataclass(frozen=True)
+class SignBody:
+    """Scaled sign: ``scale * sign`` for every weight."""
+
+    negative: torch.Tensor  # bool [numel]
+    scale: float
+
+
+@dataclass(frozen=True)
+class QuantBody:
+    """QSGD: ``norm * q / levels`` with integer ``q`` in ``[-levels, levels]``."""
+
+    norm: float
+    levels: int
+    q: torch.Tensor  # int8 [numel]
+
+
+Body = Union[DenseBody, SyntheticBody, SparseBody, TernaryBody, SignBody, QuantBody]
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One decoded message body: header fields plus a codec-specific body."""
+
+    codec: Codec
+    direction: Direction
+    server_round: int
+    base_digest: bytes
+    numel: int
+    body: Body
+    float_type: FloatType = FloatType.FLOAT32
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def _floats(t: torch.Tensor, ft: FloatType, what: str) -> bytes:
+    arr = t.detach().to("cpu", torch.float32).contiguous().numpy().astype(_NP_FLOAT[ft])
+    if not np.all(np.isfinite(arr)):
+        raise PayloadError(f"{what} has non-finite values after casting to {ft.name}")
+    return arr.tobytes()
+
+
+def _finite_f32(x: float, what: str) -> bytes:
+    packed = struct.pack("<f", x)
+    if not math.isfinite(struct.unpack("<f", packed)[0]):
+        raise PayloadError(f"{what} is not finite in float32: {x!r}")
+    return packed
+
+
+def _indices(idx: torch.Tensor, numel: int) -> bytes:
+    arr = idx.detach().cpu().numpy().astype(np.int64)
+    if arr.size and (arr[0] < 0 or arr[-1] >= numel or np.any(np.diff(arr) <= 0)):
+        raise PayloadError("indices must be strictly increasing and inside [0, numel)")
+    return arr.astype("<u4").tobytes()
+
+
+def _bits(negative: torch.Tensor) -> bytes:
+    return np.packbits(negative.detach().cpu().numpy().astype(bool), bitorder="little").tobytes()
+
+
+def _encode_body(p: Payload) -> bytes:
+    b, ft = p.body, p.float_type
+    if isinstance(b, DenseBody):
+        if b.values.numel() != p.numel:
+            raise PayloadError(f"dense body has {b.values.numel()} values, numel is {p.numel}")
+        return _floats(b.values, ft, "dense values")
+    if isinstance(b, SyntheticBody):
+        n, dims = b.inputs.shape[0], tuple(b.inputs.shape[1:])
+        if not 1 <= n <= MAX_SAMPLES or not 1 <= len(dims) <= MAX_NDIM:
+            raise PayloadError(f"synthetic inputs shape {tuple(b.inputs.shape)} not encodable")
+        if b.labels.ndim != 2 or b.labels.shape[0] != n:
+            raise PayloadError(f"labels shape {tuple(b.labels.shape)} does not match {n} inputs")
+        head = _finite_f32(b.scale, "scale") + struct.pack(
+            "<HHB3x", n, b.labels.shape[1], len(dims)
+        )
+        head += struct.pack(f"<{len(dims)}I", *dims)
+        return head + _floats(b.inputs, ft, "inputs") + _floats(b.labels, ft, "labels")
+    if isinstance(b, SparseBody):
+        k = b.indices.numel()
+        if b.values.numel() != k:
+            raise PayloadError("top-k values and indices differ in length")
+        return struct.pack("<I", k) + _indices(b.indices, p.numel) + _floats(b.values, ft, "values")
+    if isinstance(b, TernaryBody):
+        k = b.indices.numel()
+        if b.negative.numel() != k:
+            raise PayloadError("STC signs and indices differ in length")
+        return (
+            struct.pack("<I", k)
+            + _finite_f32(b.magnitude, "magnitude")
+            + _indices(b.indices, p.numel)
+            + _bits(b.negative)
+        )
+    if isinstance(b, SignBody):
+        if b.negative.numel() != p.numel:
+            raise PayloadError("sign body must hold one sign per weight")
+        return _finite_f32(b.scale, "scale") + _bits(b.negative)
+    if isinstance(b, QuantBody):
+        if not 1 <= b.levels <= MAX_QSGD_LEVELS or b.q.numel() != p.numel:
+            raise PayloadError("QSGD body needs 1..127 levels and one value per weight")
+        q = b.q.detach().cpu().numpy().astype(np.int16)
+        if np.any(np.abs(q) > b.levels):
+            raise PayloadError("QSGD values exceed the number of levels")
+        head = _finite_f32(b.norm, "norm") + struct.pack("<B", b.levels)
+        return head + q.astype("<i1").tobytes()
+    raise PayloadError(f"unknown body type {type(b).__name__}")
+
+
+def encode(payload: Payload) -> bytes:
+    """Serialise ``payload``; the result's ``len()`` is what the network carries."""
+    if len(payload.base_digest) != DIGEST_SIZE:
+        raise PayloadError(f"base digest must be {DIGEST_SIZE} bytes")
+    if not 0 <= payload.numel <= MAX_NUMEL or not 0 <= payload.server_round < 2**32:
+        raise PayloadError("numel or server round out of range")
+    body = _encode_body(payload)
+    header = HEADER.pack(
+        MAGIC,
+        VERSION,
+        int(payload.direction),
+        int(payload.codec),
+        int(payload.float_type),
+        payload.server_round,
+        payload.base_digest,
+        payload.numel,
+        len(body),
+    )
+    return header + body
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+class _Reader:
+    """Bounds-checked cursor over a body; every read says what was missing."""
+
+    def __init__(self, data: memoryview, codec: Codec) -> None:
+        self.data, self.pos, self.codec = data, 0, codec
+
+    def take(self, size: int, what: str) -> memoryview:
+        if size < 0 or self.pos + size > len(self.data):
+            raise PayloadError(
+                f"{self.codec.name} body too short for {what}: need {size} bytes at "
+                f"offset {self.pos}, body has {len(self.data)}"
+            )
+        chunk = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return chunk
+
+    def unpack(self, fmt: str, what: str) -> tuple[int | float, ...]:
+        s = struct.Struct(fmt)
+        return s.unpack(self.take(s.size, what))
+
+    def floats(self, count: int, ft: FloatType, what: str) -> torch.Tensor:
+        dt = _NP_FLOAT[ft]
+        arr = np.frombuffer(self.take(count * dt.itemsize, what), dtype=dt)
+        if not np.all(np.isfinite(arr)):
+            raise PayloadError(f"{what} contains NaN or Inf")
+        return torch.from_numpy(arr.astype(np.float32))
+
+    def finite_f32(self, what: str) -> float:
+        (value,) = self.unpack("<f", what)
+        if not math.isfinite(value):
+            raise PayloadError(f"{what} is not finite")
+        return float(value)
+
+    def indices(self, k: int, numel: int) -> torch.Tensor:
+        arr = np.frombuffer(self.take(4 * k, "indices"), dtype="<u4").astype(np.int64)
+        if k and (arr[-1] >= numel or np.any(np.diff(arr) <= 0)):
+            raise PayloadError(f"indices must be strictly increasing and below numel={numel}")
+        return torch.from_numpy(arr)
+
+    def bits(self, count: int, what: str) -> torch.Tensor:
+        raw = np.frombuffer(self.take((count + 7) // 8, what), dtype=np.uint8)
+        unpacked = np.unpackbits(raw, bitorder="little")
+        if np.any(unpacked[count:]):
+            raise PayloadError(f"{what}: padding bits after the last sign are not zero")
+        return torch.from_numpy(unpacked[:count].astype(bool))
+
+    def count(self, k: int, unit: float, what: str) -> int:
+        """Reject a declared count whose data cannot fit in what is left."""
+        if k * unit > len(self.data) - self.pos:
+            raise PayloadError(f"declared {what}={k} needs more bytes than the body holds")
+        return k
+
+
+def _decode_synthetic(r: _Reader, ft: FloatType) -> SyntheticBody:
+    scale = r.finite_f32("scale")
+    n, n_classes, ndim = r.unpack("<HHB3x", "synthetic shape fields")
+    if n < 1 or n_classes < 1:
+        raise PayloadError(f"synthetic payload needs n >= 1 and n_classes >= 1, got {n}, {n_classes}")
+    if not 1 <= int(ndim) <= MAX_NDIM:
+        raise PayloadError(f"synthetic input ndim must be 1..{MAX_NDIM}, got {ndim}")
+    dims = [int(d) for d in r.unpack(f"<{int(ndim)}I", "input dims")]
+    per_input = math.prod(dims)
+    if per_input < 1 or per_input > MAX_INPUT_NUMEL:
+        raise PayloadError(f"synthetic input dims {dims} out of range")
+    size = _NP_FLOAT[ft].itemsize
+    r.count(int(n) * (per_input + int(n_classes)), size, "synthetic values")
+    inputs = r.floats(int(n) * per_input, ft, "inputs").view(int(n), *dims)
+    labels = r.floats(int(n) * int(n_classes), ft, "labels").view(int(n), int(n_classes))
+    return SyntheticBody(scale=scale, inputs=inputs, labels=labels)
+
+
+def _decode_topk(r: _Reader, ft: FloatType, numel: int) -> SparseBody:
+    (k,) = r.unpack("<I", "k")
+    r.count(int(k), 4 + _NP_FLOAT[ft].itemsize, "k")
+    if k > numel:
+        raise PayloadError(f"top-k declares k={k} > numel={numel}")
+    idx = r.indices(int(k), numel)
+    return SparseBody(indices=idx, values=r.floats(int(k), ft, "values"))
+
+
+def _decode_stc(r: _Reader, numel: int) -> TernaryBody:
+    (k,) = r.unpack("<I", "k")
+    magnitude = r.finite_f32("magnitude")
+    r.count(int(k), 4.125, "k")
+    if k > numel:
+        raise PayloadError(f"STC declares k={k} > numel={numel}")
+    idx = r.indices(int(k), numel)
+    return TernaryBody(indices=idx, negative=r.bits(int(k), "STC signs"), magnitude=magnitude)
+
+
+def _decode_qsgd(r: _Reader, numel: int) -> QuantBody:
+    norm = r.finite_f32("norm")
+    (levels,) = r.unpack("<B", "levels")
+    if not 1 <= int(levels) <= MAX_QSGD_LEVELS:
+        raise PayloadError(f"QSGD levels must be 1..{MAX_QSGD_LEVELS}, got {levels}")
+    q = np.frombuffer(r.take(numel, "QSGD values"), dtype="<i1")
+    if np.any(np.abs(q.astype(np.int16)) > int(levels)):
+        raise PayloadError("QSGD values exceed the declared number of levels")
+    return QuantBody(norm=norm, levels=int(levels), q=torch.from_numpy(q.astype(np.int8)))
+
+
+_BODY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
+    Codec.DENSE: lambda r, ft, n: DenseBody(r.floats(n, ft, "dense values")),
+    Codec.WEIGHTS: lambda r, ft, n: DenseBody(r.floats(n, ft, "weights")),
+    Codec.SYNTHETIC: lambda r, ft, n: _decode_synthetic(r, ft),
+    Codec.TOPK: _decode_topk,
+    Codec.STC: lambda r, ft, n: _decode_stc(r, n),
+    Codec.SIGN: lambda r, ft, n: SignBody(scale=r.finite_f32("scale"), negative=r.bits(n, "signs")),
+    Codec.QSGD: lambda r, ft, n: _decode_qsgd(r, n),
+}
+
+
+def decode(data: bytes) -> Payload:
+    """Parse and validate bytes from the network.
+
+    Raises
+    ------
+    PayloadError
+        For any malformed input: wrong magic, unknown codec or dtype, any length that
+        does not add up exactly, out-of-range counts or indices, NaN/Inf values.
+    UnsupportedVersion
+        For a format version other than :data:`VERSION`.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    view = memoryview(data).cast("B")
+    if len(view) < HEADER_SIZE:
+        raise PayloadError(f"payload is {len(view)} bytes, shorter than the {HEADER_SIZE}-byte header")
+    magic, version, direction, codec, ftype, rnd, digest, numel, body_len = HEADER.unpack(
+        view[:HEADER_SIZE]
+    )
+    if magic != MAGIC:
+        raise PayloadError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise UnsupportedVersion(f"payload format version {version}, this build reads {VERSION}")
+    try:
+        direction_e, codec_e, ftype_e = Direction(direction), Codec(codec), FloatType(ftype)
+    except ValueError as exc:
+        raise PayloadError(f"bad header field: {exc}") from None
+    if body_len != len(view) - HEADER_SIZE:
+        raise PayloadError(
+            f"header declares a {body_len}-byte body but {len(view) - HEADER_SIZE} bytes follow"
+        )
+    if numel > MAX_NUMEL:
+        raise PayloadError(f"numel {numel} exceeds the limit {MAX_NUMEL}")
+    reader = _Reader(view[HEADER_SIZE:], codec_e)
+    if codec_e in (Codec.DENSE, Codec.WEIGHTS):
+        reader.count(numel, _NP_FLOAT[ftype_e].itemsize, "numel")
+    body = _BODY_DECODERS[codec_e](reader, ftype_e, int(numel))
+    if reader.pos != len(reader.data):
+        raise PayloadError(f"{len(reader.data) - reader.pos} trailing bytes after the {codec_e.name} body")
+    return Payload(
+        codec=codec_e,
+        direction=direction_e,
+        server_round=int(rnd),
+        base_digest=bytes(digest),
+        numel=int(numel),
+        body=body,
+        float_type=ftype_e,
+    )

@@ -1,0 +1,188 @@
+"""The pieces of one round that both sides share: compress with error feedback, validate
+and decompress a received payload, aggregate, and bring a model up to a target digest.
+
+``compress_update`` is where the error-feedback rule lives: the residual subtracts what
+the receiver reconstructs from the *encoded bytes*, so wire rounding (float16) never
+escapes the residual: ``target == transmitted + residual`` holds exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .compressor import Budget, Compressor, CompressStats, PayloadMeta
+from .errors import BaseModelMismatch, DesyncError, PayloadRejected
+from .payload import Codec, DenseBody, Direction, Payload, SyntheticBody, decode, encode
+from .tensors import add_flat_, cosine, digest_flat, get_flat, num_params, set_flat
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """One compressed update: the bytes that travel and what they decode to."""
+
+    data: bytes
+    transmitted: torch.Tensor
+    residual: torch.Tensor
+    cosine: float
+    residual_ratio: float
+    stats: CompressStats
+
+
+def compress_update(
+    compressor: Compressor,
+    target: torch.Tensor,
+    model: nn.Module,
+    meta: PayloadMeta,
+    budget: Budget,
+) -> EncodedUpdate:
+    """Compress ``target`` (update + old residual) and compute the new residual.
+
+    The model must be at the base weights named in ``meta``. The residual is zero for
+    methods without error feedback (FedAvg, QSGD).
+    """
+    payload, stats = compressor.compress(target, model, meta, budget)
+    data = encode(payload)
+    transmitted = compressor.decompress(decode(data), model).to(target.device)
+    if compressor.uses_error_feedback:
+        residual = target - transmitted
+    else:
+        residual = torch.zeros_like(target)
+    t_norm = float(target.norm())
+    ratio = float(residual.norm()) / t_norm if t_norm > 0 else 0.0
+    return EncodedUpdate(data, transmitted, residual, abs(cosine(transmitted, target)), ratio, stats)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a valid payload must look like in this round (the server's rules)."""
+
+    direction: Direction
+    server_round: int
+    base_digest: bytes
+    codec: Codec
+    numel: int
+    max_bytes: int
+    max_samples: int | None = None
+
+
+def check_payload(data: bytes, expect: Expectation) -> Payload:
+    """Decode and check a received payload against this round's rules.
+
+    Raises
+    ------
+    PayloadError
+        Malformed bytes (from :func:`decode`) or a payload that breaks a rule:
+        :class:`PayloadRejected` for size, direction, round, codec, numel or sample
+        count, :class:`BaseModelMismatch` for a payload made at other weights.
+    """
+    if len(data) > expect.max_bytes:
+        raise PayloadRejected(f"payload is {len(data)} bytes, this round allows {expect.max_bytes}")
+    p = decode(data)
+    if p.direction != expect.direction:
+        raise PayloadRejected(f"payload direction {p.direction.name}, expected {expect.direction.name}")
+    if p.server_round != expect.server_round:
+        raise PayloadRejected(f"payload is for round {p.server_round}, this is round {expect.server_round}")
+    if p.codec != expect.codec:
+        raise PayloadRejected(f"payload codec {p.codec.name}, this run uses {expect.codec.name}")
+    if p.numel != expect.numel:
+        raise PayloadRejected(f"payload numel {p.numel}, the model has {expect.numel} weights")
+    if p.base_digest != expect.base_digest:
+        raise BaseModelMismatch(
+            f"payload base digest {p.base_digest.hex()} != global model {expect.base_digest.hex()}"
+        )
+    body = p.body
+    if expect.max_samples is not None and isinstance(body, SyntheticBody):
+        if body.inputs.shape[0] > expect.max_samples:
+            raise PayloadRejected(
+                f"payload has {body.inputs.shape[0]} synthetic samples, budget allows {expect.max_samples}"
+            )
+    return p
+
+
+def decompress_checked(compressor: Compressor, payload: Payload, model: nn.Module) -> torch.Tensor:
+    """Decompress and reject a non-finite result (it would poison the global model)."""
+    update = compressor.decompress(payload, model)
+    if not torch.isfinite(update).all():
+        raise PayloadRejected("decompressed update contains NaN or Inf")
+    return update
+
+
+def clip_and_average(
+    updates: Sequence[torch.Tensor], weights: Sequence[float], clip_factor: float
+) -> tuple[torch.Tensor, int]:
+    """Example-weighted mean, each update's norm first clipped to ``clip_factor`` x median.
+
+    Clipping relative to the round's median norm bounds what one abusive client can do
+    without a dataset-specific absolute threshold. Returns the mean and how many updates
+    were clipped.
+    """
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    norms = torch.stack([u.norm() for u in updates])
+    clipped = 0
+    scaled = list(updates)
+    if clip_factor > 0 and len(updates) > 1:
+        bound = float(norms.median()) * clip_factor
+        for i, n in enumerate(norms.tolist()):
+            if n > bound > 0:
+                scaled[i] = updates[i] * (bound / n)
+                clipped += 1
+    total = float(sum(weights))
+    mean = sum(u * (w / total) for u, w in zip(scaled, weights))
+    assert isinstance(mean, torch.Tensor)
+    return mean, clipped
+
+
+def apply_downlink(
+    model: nn.Module, payloads: Sequence[bytes], compressor: Compressor, target_digest: bytes
+) -> int:
+    """Bring ``model`` to the weights with ``target_digest`` using downlink payloads.
+
+    Payloads are replayed in order, each at the weights it was made for: the first one
+    whose base digest matches the current weights starts the replay (a client that is
+    further ahead than the server thinks skips what it already has). A ``WEIGHTS``
+    payload replaces the weights outright. Returns how many payloads were applied.
+
+    Raises
+    ------
+    DesyncError
+        The weights cannot be brought to ``target_digest`` with these payloads.
+    PayloadError
+        A payload is malformed.
+    """
+    applied = 0
+    digest = digest_flat(get_flat(model))
+    for data in payloads:
+        if digest == target_digest:
+            break
+        p = decode(data)
+        if p.direction != Direction.DOWNLINK or p.numel != num_params(model):
+            raise PayloadRejected("not a downlink payload for this model")
+        if p.codec == Codec.WEIGHTS:
+            assert isinstance(p.body, DenseBody)
+            set_flat(model, p.body.values)
+        elif p.base_digest != digest:
+            continue
+        elif p.codec == Codec.DENSE:
+            assert isinstance(p.body, DenseBody)
+            add_flat_(model, p.body.values)
+        else:
+            add_flat_(model, decompress_checked(compressor, p, model))
+        applied += 1
+        digest = digest_flat(get_flat(model))
+    if digest != target_digest:
+        raise DesyncError(
+            f"after {applied} downlink payload(s) the model digest is {digest.hex()}, "
+            f"the server's is {target_digest.hex()}"
+        )
+    return applied
+
+
+def is_finite_number(x: float) -> bool:
+    """True for a real, finite float (metrics from the network are checked with it)."""
+    return isinstance(x, (int, float)) and math.isfinite(x)

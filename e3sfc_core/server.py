@@ -1,0 +1,327 @@
+"""Server side of a round: sampling, downlink catch-up, budget, validation, aggregation.
+
+:class:`FederatedServer` is the whole server algorithm with no framework in it. The Flower
+strategy and the plain-Python loop (:mod:`e3sfc_core.simulate`) both drive it through
+``plan_round`` and ``aggregate_round``, so they run the same algorithm.
+
+Versions: the global weights get a new version each time they change (a skipped round
+keeps the version). ``history[v]`` is the downlink payload that turns version ``v - 1``
+into ``v``; a client holding version ``s`` catches up by replaying ``s+1..current``, or
+gets the full weights when that is fewer bytes or its version is unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .budget import BudgetFeedback, BudgetScheduler
+from .compressor import Budget, PayloadMeta, build_compressor
+from .config import ExperimentConfig
+from .datasets import DatasetSpec
+from .errors import BudgetExhausted, PayloadError
+from .models import build_model
+from .payload import Codec, DenseBody, Direction, Payload, encode
+from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
+from .rounds import Expectation, check_payload, clip_and_average, compress_update, decompress_checked
+from .tensors import add_flat_, digest_flat, get_flat, num_params, set_flat
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundRecord:
+    """One row of ``metrics.csv``."""
+
+    round: int
+    accuracy: float = float("nan")
+    loss: float = float("nan")
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    cum_uplink_bytes: int = 0
+    cum_downlink_bytes: int = 0
+    mean_cosine: float = float("nan")
+    downlink_cosine: float = float("nan")
+    compress_seconds: float = 0.0
+    train_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    n_uplink: int = 0
+    n_downlink: int = 0
+    sampled: int = 0
+    accepted: int = 0
+    dropped: int = 0
+    desynced: int = 0
+    full_syncs: int = 0
+    clipped: int = 0
+    skipped: bool = False
+
+
+class FederatedServer:
+    """Global model, server residual, budget and per-node bookkeeping of one run."""
+
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> None:
+        self.cfg, self.spec, self.device = cfg, spec, device
+        self.model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
+        self.model.eval()
+        self.compressor = build_compressor(cfg.compressor_name, cfg.compressor_settings(), spec)
+        self.numel = num_params(self.model)
+        self.residual = torch.zeros(self.numel, device=device)
+        self.scheduler = BudgetScheduler(
+            policy=cfg.budget_policy,
+            total_bytes=cfg.budget_total_bytes,
+            num_rounds=cfg.num_rounds,
+            n_min=1,
+            n_max=cfg.synthetic_samples_max,
+            n_default=cfg.synthetic_samples,
+        )
+        self.version = 0
+        self.digest = digest_flat(get_flat(self.model))
+        self.history: dict[int, bytes] = {}  # version -> payload producing it
+        self.synced: dict[int, int | None] = {}  # node -> version it holds (None: unknown)
+        self._restarted = False  # after a resume, unknown nodes get full weights
+        self.accepted: dict[int, int] = {}  # node -> last round its uplink was applied
+        self.records: list[RoundRecord] = []
+        self.n_down = cfg.synthetic_samples
+        self._plan: dict[int, Instruction] = {}
+        self._full: tuple[int, bytes] | None = None
+        self._pending = RoundRecord(round=0)
+
+    # ----------------------------------------------------------------------- sampling
+
+    def sample(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
+        """Seeded choice of this round's clients: ``fraction-train`` of them, at least
+        ``min-train-nodes`` (or all that exist)."""
+        nodes = sorted(node_ids)
+        k = min(len(nodes), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(nodes))))
+        return sorted(random.Random(self.cfg.seed * 1_000_003 + server_round).sample(nodes, k))
+
+    # ----------------------------------------------------------------------- downlink
+
+    def full_weights(self) -> bytes:
+        """The current global weights as one ``WEIGHTS`` payload (cached per version)."""
+        if self._full is None or self._full[0] != self.version:
+            payload = Payload(
+                codec=Codec.WEIGHTS,
+                direction=Direction.DOWNLINK,
+                server_round=len(self.records),
+                base_digest=self.digest,
+                numel=self.numel,
+                body=DenseBody(get_flat(self.model).cpu()),
+            )
+            self._full = (self.version, encode(payload))
+        return self._full[1]
+
+    def downlink_for(self, node_id: int) -> tuple[tuple[bytes, ...], bool]:
+        """Payloads that bring ``node_id`` to the current version, and whether they are a
+        full-weights re-sync.
+
+        A node we have not heard from is assumed to hold version 0: every client builds
+        the initial model from the shared seed, as the server did, so nothing needs to be
+        sent. If that assumption is wrong the client cannot match a base digest, answers
+        ``desync``, and gets the full weights in its next round.
+        """
+        have = self.synced.get(node_id, 0 if not self._restarted else None)
+        if have == self.version:
+            return (), False
+        full = self.full_weights()
+        if have is None:
+            return (full,), True
+        replay = [self.history.get(v) for v in range(have + 1, self.version + 1)]
+        if all(p is not None for p in replay) and sum(len(p) for p in replay if p) < len(full):
+            return tuple(p for p in replay if p is not None), False
+        return (full,), True
+
+    def _prune_history(self) -> None:
+        """Forget payloads that no replay would use (replaying them costs more than a
+        full re-sync)."""
+        limit, total = len(self.full_weights()), 0
+        for v in sorted(self.history, reverse=True):
+            total += len(self.history[v])
+            if total >= limit:
+                for old in [u for u in self.history if u <= v]:
+                    del self.history[old]
+                break
+
+    # -------------------------------------------------------------------------- round
+
+    def uplink_size(self, n_samples: int) -> int:
+        """Exact bytes of one uplink payload with ``n_samples``."""
+        return self.compressor.encoded_size(self.numel, Budget(n_samples))
+
+    def plan_round(self, server_round: int, node_ids: Sequence[int]) -> dict[int, Instruction]:
+        """Instructions for this round's sampled clients; spends their downlink bytes.
+
+        Raises
+        ------
+        BudgetExhausted
+            When even the smallest round no longer fits in the byte budget.
+        """
+        self.scheduler.plan_round(server_round)
+        chosen = self.sample(server_round, node_ids)
+        downs = {n: self.downlink_for(n) for n in chosen}
+        down_bytes = sum(len(p) for d, _ in downs.values() for p in d)
+        n_up = self.scheduler.choose_samples(
+            server_round, payload_count=len(chosen), size_of=self.uplink_size, share=1.0, reserved=down_bytes
+        )
+        up_size = self.uplink_size(n_up)
+        needed = down_bytes + len(chosen) * up_size
+        if not self.scheduler.can_afford(needed):
+            raise BudgetExhausted(
+                f"round {server_round} needs {needed} bytes, {self.scheduler.remaining()} left"
+            )
+        self.scheduler.spend("downlink", down_bytes, server_round=server_round)
+        record = RoundRecord(round=server_round, downlink_bytes=down_bytes, n_uplink=n_up, sampled=len(chosen))
+        record.n_downlink = self.n_down if self.cfg.compress_downlink else 0
+        record.full_syncs = sum(1 for _, full in downs.values() if full)
+        self._pending = record
+        self._plan = {
+            n: Instruction(
+                server_round=server_round,
+                n_samples=n_up,
+                target_digest=self.digest,
+                max_uplink_bytes=up_size,
+                accepted_round=self.accepted.get(n, -1),
+                downlink=d,
+            )
+            for n, (d, _) in downs.items()
+        }
+        return dict(self._plan)
+
+    def aggregate_round(self, server_round: int, replies: Sequence[Reply]) -> RoundRecord:
+        """Validate and aggregate the replies, update the global model (and compress the
+        downlink for the next round). Bad replies are dropped with a logged reason."""
+        start = time.perf_counter()
+        rec = self._pending
+        expect = Expectation(
+            direction=Direction.UPLINK,
+            server_round=server_round,
+            base_digest=self.digest,
+            codec=self.compressor.codec,
+            numel=self.numel,
+            max_bytes=self.uplink_size(rec.n_uplink),
+            max_samples=rec.n_uplink,
+        )
+        updates, weights, cosines, comp, train = [], [], [], [], []
+        # Arrival order is arbitrary; a fixed order keeps float sums (and runs) reproducible.
+        for reply in sorted(replies, key=lambda r: r.node_id):
+            rec.uplink_bytes += len(reply.payload)
+            if reply.node_id not in self._plan:
+                logger.warning("round %d: reply from node %s that was not sampled", server_round, reply.node_id)
+                rec.dropped += 1
+                continue
+            if reply.status == STATUS_DESYNC:
+                logger.warning("round %d: node %s is out of sync; full weights next time", server_round, reply.node_id)
+                self.synced[reply.node_id] = None
+                rec.desynced += 1
+                continue
+            if reply.status != STATUS_OK:
+                logger.warning("round %d: node %s failed: %s", server_round, reply.node_id, reply.error)
+                rec.dropped += 1
+                continue
+            try:
+                if reply.num_examples < 1:
+                    raise PayloadError("reply reports no training examples")
+                payload = check_payload(reply.payload, expect)
+                update = decompress_checked(self.compressor, payload, self.model)
+            except PayloadError as exc:
+                logger.warning("round %d: dropped reply of node %s: %s", server_round, reply.node_id, exc)
+                rec.dropped += 1
+                continue
+            self.synced[reply.node_id] = self.version  # it trained from the current weights
+            updates.append(update)
+            weights.append(float(reply.num_examples))
+            cosines.append(reply.metrics.get("cosine", float("nan")))
+            comp.append(reply.metrics.get("compress-seconds", 0.0))
+            train.append(reply.metrics.get("train-seconds", 0.0))
+            self.accepted[reply.node_id] = server_round
+        missing = set(self._plan) - {r.node_id for r in replies}
+        if missing:
+            logger.warning("round %d: no reply from %d node(s): %s", server_round, len(missing), sorted(missing))
+            rec.dropped += len(missing)
+        self.scheduler.spend("uplink", rec.uplink_bytes, server_round=server_round, force=True)
+        rec.accepted = len(updates)
+        if cosines:
+            rec.mean_cosine = float(sum(cosines) / len(cosines))
+            rec.compress_seconds = float(sum(comp) / len(comp))
+            rec.train_seconds = float(sum(train) / len(train))
+            self.scheduler.observe("uplink", BudgetFeedback(rec.mean_cosine, 0.0))
+        if len(updates) < min(self.cfg.min_train_nodes, len(self._plan)) or not updates:
+            logger.warning("round %d skipped: %d valid replies, need %d", server_round, len(updates), self.cfg.min_train_nodes)
+            for node in self._plan:
+                if self.accepted.get(node) == server_round:
+                    del self.accepted[node]
+            rec.skipped = True
+        else:
+            mean, rec.clipped = clip_and_average(updates, weights, self.cfg.clip_norm_factor)
+            self._apply(server_round, mean, rec)
+        rec.aggregate_seconds = time.perf_counter() - start
+        self._plan = {}
+        return rec
+
+    def _apply(self, server_round: int, mean: torch.Tensor, rec: RoundRecord) -> None:
+        """Move the global model by the aggregate (or by its compressed downlink)."""
+        if self.cfg.compress_downlink:
+            expected = max(1, len(self._plan))
+            self.n_down = self.scheduler.choose_samples(
+                server_round + 1, payload_count=expected, size_of=self.uplink_size, share=0.5
+            )
+            meta = PayloadMeta(Direction.DOWNLINK, server_round, self.digest)
+            enc = compress_update(self.compressor, mean + self.residual, self.model, meta, Budget(self.n_down))
+            self.residual = enc.residual
+            rec.downlink_cosine = enc.cosine
+            rec.compress_seconds += enc.stats.seconds
+            self.scheduler.observe("downlink", BudgetFeedback(enc.cosine, enc.residual_ratio))
+            add_flat_(self.model, enc.transmitted)
+            self.history[self.version + 1] = enc.data
+        else:
+            add_flat_(self.model, mean)
+        self.version += 1
+        self.digest = digest_flat(get_flat(self.model))
+        if self.cfg.compress_downlink:
+            self._prune_history()
+
+    def finish_round(self, rec: RoundRecord, loss: float, accuracy: float) -> RoundRecord:
+        """Attach the evaluation and cumulative byte counts, and keep the record."""
+        rec.loss, rec.accuracy = loss, accuracy
+        prev = self.records[-1] if self.records else None
+        rec.cum_uplink_bytes = (prev.cum_uplink_bytes if prev else 0) + rec.uplink_bytes
+        rec.cum_downlink_bytes = (prev.cum_downlink_bytes if prev else 0) + rec.downlink_bytes
+        self.records.append(rec)
+        return rec
+
+    # -------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """Tensors and JSON-able metadata that restore this server exactly."""
+        tensors = {"weights": get_flat(self.model).cpu(), "residual": self.residual.cpu()}
+        for v, data in self.history.items():
+            tensors[f"history.{v}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        meta = {
+            "version": self.version,
+            "n_down": self.n_down,
+            "scheduler": self.scheduler.state_dict(),
+            "records": [asdict(r) for r in self.records],
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
+        """Restore from :meth:`state_dict`. Node bookkeeping starts empty: after a server
+        restart every client gets full weights once."""
+        set_flat(self.model, tensors["weights"].to(self.device))
+        self.residual = tensors["residual"].to(self.device)
+        self.history = {
+            int(k.split(".", 1)[1]): bytes(t.numpy().tobytes()) for k, t in tensors.items() if k.startswith("history.")
+        }
+        self.version = int(meta["version"])  # type: ignore[call-overload]
+        self.n_down = int(meta["n_down"])  # type: ignore[call-overload]
+        self.scheduler = BudgetScheduler.from_state_dict(meta["scheduler"])  # type: ignore[arg-type]
+        self.records = [RoundRecord(**r) for r in meta["records"]]  # type: ignore[union-attr]
+        self.digest = digest_flat(get_flat(self.model))
+        self.synced, self.accepted, self._full = {}, {}, None
+        self._restarted = True

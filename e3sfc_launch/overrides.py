@@ -1,0 +1,64 @@
+"""Turn ``--config FILE`` plus ``key=value`` arguments into one validated override set.
+
+``flwr run`` accepts either one TOML file or inline pairs, not both; we merge them here
+and pass everything inline, with relative paths made absolute against the directory the
+user launched from (Flower runs the app from its own install directory).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from e3sfc_core.config import ExperimentConfig
+
+PATH_KEYS = ("output-dir", "data-root")
+
+
+def parse_value(text: str) -> Any:
+    """A TOML scalar (``3``, ``0.5``, ``true``, ``"x"``); bare words become strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def collect(config_file: Path | None, pairs: Sequence[str], base_dir: Path) -> dict[str, Any]:
+    """Merged overrides (file first, then pairs), validated, paths made absolute.
+
+    Raises
+    ------
+    ConfigError
+        For unknown keys or bad values, before anything is started.
+    ValueError
+        For a pair without ``=``.
+    """
+    overrides: dict[str, Any] = {}
+    if config_file is not None:
+        overrides.update(tomllib.loads(config_file.read_text()))
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {pair!r}")
+        overrides[key.strip()] = parse_value(value.strip())
+    ExperimentConfig.from_run_config(overrides)  # fail fast, naming the key
+    for key in PATH_KEYS:
+        value = Path(str(overrides.get(key, ExperimentConfig().to_run_config()[key]))).expanduser()
+        overrides[key] = str(value if value.is_absolute() else (base_dir / value).resolve())
+    return overrides
+
+
+def to_flwr_run_config(overrides: dict[str, Any]) -> str:
+    """Inline ``--run-config`` text: TOML values separated by spaces."""
+    parts = []
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            text = repr(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

@@ -1,0 +1,119 @@
+"""Faults through the real strategy and ClientApp: bad replies, abusive updates, desync."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, Error, Message
+
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.experiment import Experiment
+from e3sfc_core.payload import RECORD_UPLINK, STATE_RESIDUAL, decode, encode
+from server_app.records import RAW_STYPE
+from server_app.strategy import E3SFCStrategy
+
+from .conftest import FakeGrid
+
+
+def _cfg(tmp_path: Path, **over: object) -> ExperimentConfig:
+    base = {"local-epochs": 2, "output-dir": str(tmp_path / "out"), "device": "cpu"}
+    base.update(over)
+    return ExperimentConfig.from_run_config(base)
+
+
+def _run(cfg: ExperimentConfig, grid: FakeGrid, tmp_path: Path) -> list[dict[str, str]]:
+    exp = Experiment(cfg, base_dir=tmp_path)
+    E3SFCStrategy(exp).start(grid=grid)  # type: ignore[arg-type]
+    with (exp.run_dir / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _replace_payload(reply: Message, data: bytes) -> Message:
+    reply.content.array_records[RECORD_UPLINK] = ArrayRecord(
+        {"0": Array(dtype="uint8", shape=(len(data),), stype=RAW_STYPE, data=data)}
+    )
+    return reply
+
+
+def test_training_converges_with_30_percent_bad_replies(tmp_path: Path) -> None:
+    # Prepare: each round 3 of 10 clients fail in rotating ways (crash, garbage, truncated)
+    cfg = _cfg(tmp_path, **{"num-rounds": 12, "num-partitions": 10})
+
+    def tamper(node: int, reply: Message) -> Message:
+        server_round = (len(grid.sent) - 1) // 10 + 1
+        kind = (node - 1000 - 3 * server_round) % 10  # three different nodes each round
+        if kind == 0:
+            return Message(Error(code=0, reason="crashed"), reply_to=grid.sent[-1])
+        if kind == 1:
+            return _replace_payload(reply, b"\x00" * 64)
+        if kind == 2:
+            data = reply.content.array_records[RECORD_UPLINK]["0"].data
+            return _replace_payload(reply, data[: len(data) // 2])
+        return reply
+
+    grid = FakeGrid(cfg, 10, tamper)
+    clean_cfg = _cfg(tmp_path, **{"num-rounds": 12, "num-partitions": 10, "run-name": "clean"})
+    # Execute
+    rows = _run(cfg, grid, tmp_path)
+    clean = _run(clean_cfg, FakeGrid(clean_cfg, 10), tmp_path)
+    # Assert: every round lost exactly its 3 bad replies, none was skipped, and it learned
+    # about as well as the same run without faults
+    assert all(int(r["dropped"]) == 3 and r["skipped"] == "False" for r in rows)
+    assert float(rows[-1]["accuracy"]) > 0.7
+    assert float(rows[-1]["accuracy"]) > float(clean[-1]["accuracy"]) - 0.1
+
+
+def _amplify(scale_factor: float):  # type: ignore[no-untyped-def]
+    def tamper(node: int, reply: Message) -> Message:
+        if node != 1000 or reply.has_error():
+            return reply
+        p = decode(reply.content.array_records[RECORD_UPLINK]["0"].data)
+        body = dataclasses.replace(p.body, scale=p.body.scale * scale_factor)  # type: ignore[type-var]
+        return _replace_payload(reply, encode(dataclasses.replace(p, body=body)))
+
+    return tamper
+
+
+def test_scaled_up_malicious_update_is_clipped(tmp_path: Path) -> None:
+    # Prepare: client 0 multiplies its (valid, well-formed) update by 10^4 every round
+    rounds = {"num-rounds": 4, "num-partitions": 5, "downlink": "dense"}
+    clipped_cfg = _cfg(tmp_path, **rounds, **{"run-name": "clipped"})
+    open_cfg = _cfg(tmp_path, **rounds, **{"run-name": "open", "clip-norm-factor": 0.0})
+    # Execute
+    clipped = _run(clipped_cfg, FakeGrid(clipped_cfg, 5, _amplify(1e4)), tmp_path)
+    unclipped = _run(open_cfg, FakeGrid(open_cfg, 5, _amplify(1e4)), tmp_path)
+    # Assert: with clipping the attack is bounded and training proceeds; without, it wrecks the model
+    assert all(int(r["clipped"]) == 1 for r in clipped)
+    assert float(clipped[-1]["accuracy"]) > 0.5
+    assert float(unclipped[-1]["accuracy"]) < float(clipped[-1]["accuracy"]) - 0.2
+
+
+def test_desynced_client_is_detected_and_resynced_with_full_weights(tmp_path: Path) -> None:
+    # Prepare: after round 1, node 1002's stored copy of the global model is corrupted
+    cfg = _cfg(tmp_path, **{"num-rounds": 3, "num-partitions": 4})
+    grid = FakeGrid(cfg, 4)
+    exp = Experiment(cfg, base_dir=tmp_path)
+    strategy = E3SFCStrategy(exp)
+    real_push = grid.push_messages
+
+    def push(messages):  # type: ignore[no-untyped-def]
+        if len(grid.sent) == 4:  # start of round 2
+            rec = grid.contexts[1002].state.array_records[STATE_RESIDUAL]
+            w = rec["weights"].numpy().copy()
+            w[0] += 1.0
+            rec["weights"] = Array(w)
+        return real_push(messages)
+
+    grid.push_messages = push  # type: ignore[method-assign]
+    # Execute
+    strategy.start(grid=grid)  # type: ignore[arg-type]
+    # Assert: round 2 reports the desync, round 3 re-sends full weights to that node only
+    with (exp.run_dir / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["desynced"]) for r in rows] == [0, 1, 0]
+    assert [int(r["full_syncs"]) for r in rows] == [0, 0, 1]
+    full = len(exp.server.full_weights())
+    assert int(rows[2]["downlink_bytes"]) > full  # the re-sync is counted
+    assert int(rows[2]["accepted"]) == 4

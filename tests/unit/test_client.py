@@ -1,0 +1,48 @@
+"""Client round: error feedback across skipped rounds and client state round trips."""
+
+from __future__ import annotations
+
+import torch
+
+from e3sfc_core.client import ClientState, client_round
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.datasets import get_spec, load_partition
+from e3sfc_core.server import FederatedServer
+from e3sfc_core.training import resolve_device
+
+
+def _round(accepted_round: int, state: ClientState) -> ClientState:
+    cfg = ExperimentConfig.from_run_config({"method": "topk", "local-epochs": 1, "device": "cpu"})
+    spec, device = get_spec("digits"), resolve_device("cpu")
+    server = FederatedServer(cfg, spec, device)
+    instr = server.plan_round(2, [0])[0]
+    instr = type(instr)(**{**instr.__dict__, "accepted_round": accepted_round})
+    data = load_partition("digits", 0, 4, alpha=1.0, seed=0, data_root="data")
+    _, new = client_round(cfg, spec, instr, data, state, node_id=0, partition_id=0, device=device)
+    return new
+
+
+def test_unapplied_update_returns_to_the_residual_exactly_once() -> None:
+    # Prepare: the client sent `pending` in round 1
+    torch.manual_seed(0)
+    numel = 55_210
+    pending = torch.randn(numel) * 1e-3
+    residual = torch.randn(numel) * 1e-3
+    state = ClientState(None, residual, pending, pending_round=1)
+    # Execute: the server says round 1 was applied (1) or not (-1)
+    applied = _round(1, state)
+    lost = _round(-1, state)
+    # Assert: residual + transmitted is the client's whole target; the lost round adds
+    # exactly `pending` to it, and only when it was not applied
+    assert applied.residual is not None and applied.pending is not None
+    assert lost.residual is not None and lost.pending is not None
+    diff = (lost.residual + lost.pending) - (applied.residual + applied.pending)
+    torch.testing.assert_close(diff, pending, atol=1e-6, rtol=1e-5)
+
+
+def test_client_state_round_trip_and_size_check() -> None:
+    state = ClientState(torch.arange(4.0), torch.ones(4), None, 3)
+    back = ClientState.from_tensors({k: v.numpy() for k, v in state.to_tensors().items()})
+    assert back.pending_round == 3 and back.pending is None
+    torch.testing.assert_close(back.weights, state.weights)
+    assert back.fitted(5).weights is None and back.fitted(4).residual is not None

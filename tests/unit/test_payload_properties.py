@@ -1,0 +1,387 @@
+"""Property and fuzz tests of the wire codec: round trips, truncation, mutation, garbage.
+
+``decode`` must raise only :class:`PayloadError` (never IndexError, struct.error,
+MemoryError...) and must never allocate more than a small multiple of its input,
+whatever the header declares.
+"""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from e3sfc_core.errors import PayloadError
+from e3sfc_core.payload import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_QSGD_LEVELS,
+    VERSION,
+    Codec,
+    DenseBody,
+    Direction,
+    FloatType,
+    Payload,
+    QuantBody,
+    SignBody,
+    SparseBody,
+    SyntheticBody,
+    TernaryBody,
+    decode,
+    encode,
+)
+
+PEAK_LIMIT = 50 * 2**20
+FUZZ = settings(
+    max_examples=2000,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+PROPS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# ---------------------------------------------------------------------- strategies
+
+
+def finite(ft: FloatType) -> st.SearchStrategy[float]:
+    """Floats exactly representable in the wire dtype."""
+    width = 16 if ft == FloatType.FLOAT16 else 32
+    return st.floats(allow_nan=False, allow_infinity=False, width=width)
+
+
+def f32_scalar() -> st.SearchStrategy[float]:
+    return st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
+    """``(numel, body)`` for ``codec``, small sizes, every field valid."""
+    numel = draw(st.integers(min_value=0, max_value=40))
+    if codec in (Codec.DENSE, Codec.WEIGHTS):
+        values = draw(st.lists(finite(ft), min_size=numel, max_size=numel))
+        return numel, DenseBody(torch.tensor(values, dtype=torch.float32).reshape(numel))
+    if codec == Codec.SYNTHETIC:
+        n = draw(st.integers(1, 3))
+        dims = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=4)))
+        classes = draw(st.integers(1, 4))
+        per = 1
+        for d in dims:
+            per *= d
+        xs = draw(st.lists(finite(ft), min_size=n * per, max_size=n * per))
+        ys = draw(st.lists(finite(ft), min_size=n * classes, max_size=n * classes))
+        body = SyntheticBody(
+            scale=draw(f32_scalar()),
+            inputs=torch.tensor(xs, dtype=torch.float32).reshape(n, *dims),
+            labels=torch.tensor(ys, dtype=torch.float32).reshape(n, classes),
+        )
+        return numel, body
+    if codec in (Codec.TOPK, Codec.STC):
+        numel = max(numel, 1)
+        idx = sorted(draw(st.sets(st.integers(0, numel - 1), max_size=numel)))
+        k = len(idx)
+        if codec == Codec.TOPK:
+            values = draw(st.lists(finite(ft), min_size=k, max_size=k))
+            return numel, SparseBody(torch.tensor(idx, dtype=torch.int64), torch.tensor(values, dtype=torch.float32))
+        signs = draw(st.lists(st.booleans(), min_size=k, max_size=k))
+        return numel, TernaryBody(
+            torch.tensor(idx, dtype=torch.int64), torch.tensor(signs, dtype=torch.bool), draw(f32_scalar())
+        )
+    if codec == Codec.SIGN:
+        signs = draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
+        return numel, SignBody(torch.tensor(signs, dtype=torch.bool), draw(f32_scalar()))
+    levels = draw(st.integers(1, MAX_QSGD_LEVELS))
+    q = draw(st.lists(st.integers(-levels, levels), min_size=numel, max_size=numel))
+    return numel, QuantBody(draw(f32_scalar()), levels, torch.tensor(q, dtype=torch.int8))
+
+
+@st.composite
+def payloads(draw: st.DrawFn) -> Payload:
+    codec = draw(st.sampled_from(list(Codec)))
+    ft = draw(st.sampled_from(list(FloatType)))
+    numel, body = draw(bodies(codec, ft))
+    return Payload(
+        codec=codec,
+        direction=draw(st.sampled_from(list(Direction))),
+        server_round=draw(st.integers(0, 2**32 - 1)),
+        base_digest=draw(st.binary(min_size=8, max_size=8)),
+        numel=numel,
+        body=body,  # type: ignore[arg-type]
+        float_type=ft,
+    )
+
+
+def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
+    """Pre-encoded valid payloads of every codec and float width (fixed seed).
+
+    The fuzz tests mutate these instead of drawing a payload per example: drawing
+    tensors through Hypothesis costs far more than the decode under test.
+    """
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        codec = list(Codec)[i % len(Codec)]
+        ft = list(FloatType)[(i // len(Codec)) % 2]
+        numel = rng.randint(1, 40)
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        vals = (torch.randn(numel, generator=g) * 10 ** rng.uniform(-3, 3)).to(
+            torch.float16 if ft == FloatType.FLOAT16 else torch.float32
+        ).float()
+        body: object
+        if codec in (Codec.DENSE, Codec.WEIGHTS):
+            body = DenseBody(vals)
+        elif codec == Codec.SYNTHETIC:
+            n, dims, classes = rng.randint(1, 3), tuple(rng.randint(1, 3) for _ in range(rng.randint(1, 4))), rng.randint(1, 4)
+            x = torch.randn(n, *dims, generator=g).to(vals.dtype)
+            body = SyntheticBody(rng.uniform(-5, 5), x, torch.randn(n, classes, generator=g))
+        elif codec in (Codec.TOPK, Codec.STC):
+            idx = torch.tensor(sorted(rng.sample(range(numel), rng.randint(0, numel))), dtype=torch.int64)
+            if codec == Codec.TOPK:
+                body = SparseBody(idx, vals[: idx.numel()])
+            else:
+                body = TernaryBody(idx, vals[: idx.numel()] < 0, rng.uniform(0, 2))
+        elif codec == Codec.SIGN:
+            body = SignBody(vals < 0, rng.uniform(0, 2))
+        else:
+            levels = rng.randint(1, MAX_QSGD_LEVELS)
+            q = torch.randint(-levels, levels + 1, (numel,), generator=g, dtype=torch.int8)
+            body = QuantBody(rng.uniform(0, 10), levels, q)
+        p = Payload(codec, Direction(i % 2), rng.randrange(2**32), rng.randbytes(8), numel, body, ft)  # type: ignore[arg-type]
+        out.append(encode(p))
+    return out
+
+
+POOL = valid_pool()
+
+
+def body_length(p: Payload) -> int:
+    """Body size computed independently from the spec table."""
+    w = 2 if p.float_type == FloatType.FLOAT16 else 4
+    b = p.body
+    if isinstance(b, DenseBody):
+        return w * p.numel
+    if isinstance(b, SyntheticBody):
+        ndim = b.inputs.ndim - 1
+        return 4 + 2 + 2 + 1 + 3 + 4 * ndim + w * (b.inputs.numel() + b.labels.numel())
+    if isinstance(b, SparseBody):
+        return 4 + (4 + w) * b.indices.numel()
+    if isinstance(b, TernaryBody):
+        k = b.indices.numel()
+        return 4 + 4 + 4 * k + (k + 7) // 8
+    if isinstance(b, SignBody):
+        return 4 + (p.numel + 7) // 8
+    assert isinstance(b, QuantBody)
+    return 4 + 1 + p.numel
+
+
+def assert_same(actual: Payload, expected: Payload) -> None:
+    assert (actual.codec, actual.direction, actual.server_round, actual.base_digest) == (
+        expected.codec,
+        expected.direction,
+        expected.server_round,
+        expected.base_digest,
+    )
+    assert (actual.numel, actual.float_type) == (expected.numel, expected.float_type)
+    a, e = actual.body, expected.body
+    assert type(a) is type(e)
+    for name, value in vars(e).items():
+        got = getattr(a, name)
+        if isinstance(value, torch.Tensor):
+            assert tuple(got.shape) == tuple(value.shape), name
+            if value.dtype.is_floating_point:
+                torch.testing.assert_close(got, value, rtol=0, atol=0)
+            else:
+                assert torch.equal(got.long(), value.long()), name
+        elif isinstance(value, float):
+            assert got == struct.unpack("<f", struct.pack("<f", value))[0], name
+        else:
+            assert got == value, name
+
+
+class PeakTracker:
+    """Largest tracemalloc peak seen across many ``decode`` calls.
+
+    Tracing is switched on only around ``decode`` itself: tracing Hypothesis' own
+    bookkeeping would make the 2000-example runs many times slower.
+    """
+
+    def __init__(self) -> None:
+        self.worst = 0
+        self.calls = 0
+
+    def decode_only_payload_error(self, data: bytes) -> Payload | None:
+        tracemalloc.start()
+        try:
+            result: Payload | None = decode(data)
+        except Exception as exc:  # noqa: BLE001 - the point is to see every exception type
+            assert isinstance(exc, PayloadError), f"{type(exc).__name__}: {exc}"
+            result = None
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        self.worst = max(self.worst, peak)
+        self.calls += 1
+        return result
+
+
+@pytest.fixture(scope="module")
+def tracker() -> Iterator[PeakTracker]:
+    t = PeakTracker()
+    yield t
+    assert t.calls > 0
+    assert t.worst < PEAK_LIMIT
+
+
+# ---------------------------------------------------------------------- round trips
+
+
+@PROPS
+@given(p=payloads())
+def test_roundtrip_every_codec_and_float_width(p: Payload) -> None:
+    # Execute
+    data = encode(p)
+    back = decode(data)
+
+    # Assert
+    assert_same(back, p)
+    assert len(data) == HEADER_SIZE + body_length(p)
+    assert encode(back) == data
+
+
+@PROPS
+@given(p=payloads(), data=st.data())
+def test_any_truncation_raises_payload_error(p: Payload, data: st.DataObject) -> None:
+    # Prepare
+    raw = encode(p)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+
+    # Execute / Assert
+    with pytest.raises(PayloadError):
+        decode(raw[:cut])
+
+
+@PROPS
+@given(p=payloads(), data=st.data())
+def test_truncation_with_patched_body_length_raises_payload_error(p: Payload, data: st.DataObject) -> None:
+    # Prepare: drop body bytes but keep the header self-consistent
+    raw = bytearray(encode(p))
+    if len(raw) == HEADER_SIZE:
+        return
+    cut = data.draw(st.integers(HEADER_SIZE, len(raw) - 1))
+    short = raw[:cut]
+    short[24:28] = (cut - HEADER_SIZE).to_bytes(4, "little")
+
+    # Execute / Assert
+    with pytest.raises(PayloadError):
+        decode(bytes(short))
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+
+@FUZZ
+@given(blob=st.binary(max_size=256))
+def test_random_bytes_raise_only_payload_error(tracker: PeakTracker, blob: bytes) -> None:
+    # Execute / Assert
+    tracker.decode_only_payload_error(blob)
+    assert tracker.worst < PEAK_LIMIT
+
+
+@FUZZ
+@given(
+    direction=st.integers(0, 2),
+    codec=st.integers(0, 8),
+    ftype=st.integers(0, 3),
+    numel=st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)),
+    body=st.binary(max_size=200),
+)
+def test_random_bodies_behind_a_valid_header(
+    tracker: PeakTracker, direction: int, codec: int, ftype: int, numel: int, body: bytes
+) -> None:
+    # Prepare
+    data = HEADER.pack(MAGIC, VERSION, direction, codec, ftype, 3, b"\0" * 8, numel, len(body)) + body
+
+    # Execute
+    result = tracker.decode_only_payload_error(data)
+
+    # Assert: anything accepted re-encodes to the same bytes (canonical encoding), except the
+    # synthetic padding bytes, which decode does not check (see test_payload.py xfail)
+    if result is not None:
+        again = bytearray(encode(result))
+        if codec == Codec.SYNTHETIC:
+            again[HEADER_SIZE + 9 : HEADER_SIZE + 12] = data[HEADER_SIZE + 9 : HEADER_SIZE + 12]
+        assert bytes(again) == data
+
+
+@FUZZ
+@given(raw=st.sampled_from(POOL).map(bytearray), data=st.data())
+def test_bit_flips_raise_only_payload_error(tracker: PeakTracker, raw: bytearray, data: st.DataObject) -> None:
+    # Prepare
+    for _ in range(data.draw(st.integers(1, 4))):
+        bit = data.draw(st.integers(0, 8 * len(raw) - 1))
+        raw[bit // 8] ^= 1 << (bit % 8)
+
+    # Execute / Assert
+    tracker.decode_only_payload_error(bytes(raw))
+
+
+@FUZZ
+@given(raw=st.sampled_from(POOL).map(bytearray), data=st.data())
+def test_byte_mutations_raise_only_payload_error(tracker: PeakTracker, raw: bytearray, data: st.DataObject) -> None:
+    # Prepare: overwrite, insert or delete a few bytes, sometimes fixing the body length
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["set", "insert", "delete", "u32"]))
+        pos = data.draw(st.integers(0, len(raw)))
+        if op == "set" and pos < len(raw):
+            raw[pos] = data.draw(st.integers(0, 255))
+        elif op == "insert":
+            raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete" and pos < len(raw):
+            del raw[pos : pos + data.draw(st.integers(1, 8))]
+        elif op == "u32" and pos + 4 <= len(raw):
+            raw[pos : pos + 4] = data.draw(st.sampled_from([0, 1, 2**16, 2**31 - 1, 2**32 - 1])).to_bytes(4, "little")
+    if data.draw(st.booleans()) and len(raw) >= HEADER_SIZE:
+        raw[24:28] = (len(raw) - HEADER_SIZE).to_bytes(4, "little")
+
+    # Execute / Assert
+    tracker.decode_only_payload_error(bytes(raw))
+
+
+def test_pool_is_valid_and_covers_every_codec() -> None:
+    # Execute
+    decoded = [decode(raw) for raw in POOL]
+
+    # Assert
+    assert {(p.codec, p.float_type) for p in decoded} == {(c, f) for c in Codec for f in FloatType}
+    assert all(encode(p) == raw for p, raw in zip(decoded, POOL))
+
+
+def test_decoding_huge_declarations_stays_small(tracker: PeakTracker) -> None:
+    # Prepare: every codec with the largest numel and a 9-byte body
+    blobs = [
+        HEADER.pack(MAGIC, VERSION, 0, c, f, 0, b"\0" * 8, 2**31 - 1, 9) + b"\xff" * 9
+        for c in range(1, 8)
+        for f in (1, 2)
+    ]
+
+    # Execute
+    for blob in blobs:
+        tracker.decode_only_payload_error(blob)
+
+    # Assert
+    assert tracker.worst < PEAK_LIMIT
