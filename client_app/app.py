@@ -7,8 +7,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from e3sfc_core.checkpoint import load_checkpoint, save_checkpoint
-from e3sfc_core.client import ClientState, client_round
+from e3sfc_core.client import ClientState, client_round, load_client_state, save_client_state
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import load_dataset, load_partition
 from e3sfc_core.payload import STATE_RESIDUAL
@@ -23,10 +22,7 @@ def _load_state(context: Context, state_file: Path | None) -> ClientState:
     if STATE_RESIDUAL in context.state.array_records:
         record = context.state.array_records[STATE_RESIDUAL]
         return ClientState.from_tensors({k: a.numpy() for k, a in record.items()})
-    if state_file is not None and state_file.exists():
-        tensors, _ = load_checkpoint(state_file)
-        return ClientState.from_tensors(tensors)
-    return ClientState()
+    return load_client_state(state_file) if state_file is not None else ClientState()
 
 
 @app.train()
@@ -50,9 +46,9 @@ def train(msg: Message, context: Context) -> Message:
         cfg, spec, instruction, data, _load_state(context, state_file),
         node_id=int(context.node_id), partition_id=partition_id, device=resolve_device(cfg.device),
     )
-    tensors = new_state.to_tensors()
     if state_file is not None:
-        save_checkpoint(state_file, tensors, {"partition-id": partition_id})
+        save_client_state(state_file, new_state)
+    tensors = new_state.to_tensors()
     # State is written last: a failure above leaves the previous state untouched.
     context.state[STATE_RESIDUAL] = ArrayRecord({k: Array(v.numpy()) for k, v in tensors.items()})
     return Message(content=reply_content(reply), reply_to=msg)

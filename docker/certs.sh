@@ -20,7 +20,10 @@
 #                           SuperNode authentication key pair (ECDSA P-384, OpenSSH
 #                           format, `ssh-keygen -t ecdsa -b 384`); register the .pub with
 #                           `flwr supernode register supernode-I.pub <connection>`
-#   superexec.secret        shared secret for SuperExec authentication (process isolation)
+#   superexec.secret        SuperExec authentication secret shared by the SuperLink and the
+#                           SuperExec that runs ServerApps (process isolation)
+#   supernode-I.secret      the same for SuperNode I and its ClientApp SuperExec (one per
+#                           node, so no site holds a secret that another trusts)
 #
 # Env: CERT_DAYS (default 365); CERT_OWNER=UID:GID chowns the directory afterwards
 # (the Flower images run as UID 49999: CERT_OWNER=49999:49999, as root).
@@ -28,7 +31,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 out=$1
@@ -81,6 +84,9 @@ fi
 for ((i = 1; i <= num; i++)); do
     if [[ ! -f "supernode-$i" ]]; then
         ssh-keygen -q -t ecdsa -b 384 -N "" -C "e3sfc-supernode-$i" -f "supernode-$i"
+    fi
+    if [[ ! -f "supernode-$i.secret" ]]; then
+        openssl rand -hex 32 | tr -d '\n' >"supernode-$i.secret"
     fi
 done
 

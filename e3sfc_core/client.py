@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .compressor import Budget, Compressor, PayloadMeta, build_compressor
 from .config import ExperimentConfig
 from .datasets import DatasetSpec, TensorData
@@ -32,18 +34,33 @@ class ClientState:
     ``weights`` is its copy of the global model (needed to replay compressed downlinks),
     ``residual`` its error-feedback memory, and ``pending`` the update it sent in
     ``pending_round``: if the server reports it did not apply that round's payload,
-    the update goes back into the residual instead of being lost.
+    the update goes back into the residual instead of being lost. ``previous`` is the
+    residual from before ``pending_round``: a server that restarted from a checkpoint
+    may ask for that same round again, and the client then redoes it from there (so the
+    round is neither lost nor counted twice).
     """
 
     weights: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     pending: torch.Tensor | None = None
     pending_round: int = -1
+    previous: torch.Tensor | None = None
+
+    def residual_for(self, instruction: Instruction, uses_error_feedback: bool) -> torch.Tensor | None:
+        """The residual to start this round from (see the class docstring)."""
+        if not uses_error_feedback or self.pending_round < 0 or self.pending is None:
+            return self.residual
+        if instruction.server_round <= self.pending_round:
+            return self.previous  # the same round again: forget the uncommitted attempt
+        if instruction.accepted_round != self.pending_round:
+            logger.info("round %d was not applied; its update returns to the residual", self.pending_round)
+            return self.pending if self.residual is None else self.residual + self.pending
+        return self.residual
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors for storage (the round number rides along as a 1-element tensor)."""
         out = {"pending-round": torch.tensor([self.pending_round], dtype=torch.int64)}
-        for name in ("weights", "residual", "pending"):
+        for name in ("weights", "residual", "pending", "previous"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value.detach().cpu()
@@ -59,7 +76,7 @@ class ClientState:
 
         pr = tensors.get("pending-round")
         pending_round = int(torch.as_tensor(pr).reshape(-1)[0]) if pr is not None else -1
-        return cls(get("weights"), get("residual"), get("pending"), pending_round)
+        return cls(get("weights"), get("residual"), get("pending"), pending_round, get("previous"))
 
     def fitted(self, numel: int) -> ClientState:
         """Drop entries whose size does not match the model (a changed model, or garbage)."""
@@ -67,7 +84,9 @@ class ClientState:
         def ok(t: torch.Tensor | None) -> torch.Tensor | None:
             return t if t is not None and t.numel() == numel else None
 
-        return ClientState(ok(self.weights), ok(self.residual), ok(self.pending), self.pending_round)
+        return ClientState(
+            ok(self.weights), ok(self.residual), ok(self.pending), self.pending_round, ok(self.previous)
+        )
 
 
 def client_compressor(cfg: ExperimentConfig, spec: DatasetSpec, partition_id: int) -> Compressor:
@@ -103,18 +122,11 @@ def client_round(
         apply_downlink(model, instruction.downlink, compressor, instruction.target_digest)
     except (DesyncError, PayloadError) as exc:
         logger.warning("node %s cannot sync: %s", node_id, exc)
-        return Reply(node_id, STATUS_DESYNC, error=str(exc)), ClientState(None, state.residual, state.pending, state.pending_round)
+        return Reply(node_id, STATUS_DESYNC, error=str(exc)), replace(state, weights=None)
     base = get_flat(model)
     numel = base.numel()
-    residual = state.residual.to(device) if state.residual is not None else torch.zeros(numel, device=device)
-    if (
-        compressor.uses_error_feedback
-        and state.pending is not None
-        and state.pending_round >= 0
-        and instruction.accepted_round != state.pending_round
-    ):
-        logger.info("node %s: round %d was not applied; its update returns to the residual", node_id, state.pending_round)
-        residual = residual + state.pending.to(device)
+    start = state.residual_for(instruction, compressor.uses_error_feedback)
+    residual = start.to(device) if start is not None else torch.zeros(numel, device=device)
     seed = (cfg.seed * 1_000_003 + instruction.server_round * 1009 + partition_id) % 2**62
     stats = train_local(
         model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed
@@ -137,5 +149,20 @@ def client_round(
             "train-loss": stats.loss,
         },
     )
-    new_state = ClientState(base.cpu(), enc.residual.cpu(), enc.transmitted.cpu(), instruction.server_round)
+    new_state = ClientState(
+        base.cpu(), enc.residual.cpu(), enc.transmitted.cpu(), instruction.server_round, residual.cpu()
+    )
     return reply, new_state
+
+
+def save_client_state(path: Path, state: ClientState) -> None:
+    """Persist a client's state atomically (survives a SuperNode or process restart)."""
+    save_checkpoint(path, state.to_tensors(), {"kind": "e3sfc-client-state"})
+
+
+def load_client_state(path: Path) -> ClientState:
+    """Read what :func:`save_client_state` wrote; a missing file is an empty state."""
+    if not path.exists():
+        return ClientState()
+    tensors, _ = load_checkpoint(path)
+    return ClientState.from_tensors(tensors)

@@ -17,6 +17,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .datasets import load_dataset
 from .errors import BudgetExhausted
+from .payload import HEADER_SIZE
 from .protocol import Instruction, Reply
 from .reporting import format_round, plot_runs, read_metrics, summarize, write_metrics, write_summary
 from .server import FederatedServer, RoundRecord
@@ -92,9 +93,7 @@ class Experiment:
 
     def finalize(self) -> dict[str, Any]:
         """Write ``summary.json`` and the plots; return the summary."""
-        from .compressor import Budget
-
-        dense = self.server.numel * 4 + 28
+        dense = self.server.numel * 4 + HEADER_SIZE
         summary = summarize(
             self.server.records,
             self.cfg.to_run_config(),
@@ -103,7 +102,6 @@ class Experiment:
             self.server.scheduler.report(),
         )
         summary["stopped_early"] = self.stopped_early
-        summary["uplink_payload_bytes"] = self.server.uplink_size(self.cfg.synthetic_samples) if Budget else 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_summary(self.run_dir / "summary.json", summary)
         if self.server.records:

@@ -306,13 +306,15 @@ class FederatedServer:
             "version": self.version,
             "n_down": self.n_down,
             "scheduler": self.scheduler.state_dict(),
+            "synced": [[node, v] for node, v in self.synced.items()],
+            "accepted": [[node, r] for node, r in self.accepted.items()],
             "records": [asdict(r) for r in self.records],
         }
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
-        """Restore from :meth:`state_dict`. Node bookkeeping starts empty: after a server
-        restart every client gets full weights once."""
+        """Restore from :meth:`state_dict`. Known nodes keep their bookkeeping (a client
+        that kept its state resumes exactly); nodes we have no record of get full weights."""
         set_flat(self.model, tensors["weights"].to(self.device))
         self.residual = tensors["residual"].to(self.device)
         self.history = {
@@ -323,5 +325,7 @@ class FederatedServer:
         self.scheduler = BudgetScheduler.from_state_dict(meta["scheduler"])  # type: ignore[arg-type]
         self.records = [RoundRecord(**r) for r in meta["records"]]  # type: ignore[union-attr]
         self.digest = digest_flat(get_flat(self.model))
-        self.synced, self.accepted, self._full = {}, {}, None
+        self.synced = {int(n): (None if v is None else int(v)) for n, v in meta.get("synced", [])}  # type: ignore[union-attr]
+        self.accepted = {int(n): int(r) for n, r in meta.get("accepted", [])}  # type: ignore[union-attr]
+        self._full = None
         self._restarted = True

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .client import ClientState, client_round
+from .client import ClientState, client_round, load_client_state, save_client_state
 from .config import ExperimentConfig
 from .datasets import load_partition
 from .experiment import Experiment, resolve_path
@@ -29,17 +29,25 @@ def run_reference(
     *,
     reply_hook: ReplyHook | None = None,
     stop_after: int | None = None,
+    state_dir: Path | None = None,
 ) -> tuple[Experiment, dict[str, Any]]:
     """Run ``cfg`` with ``cfg.num_partitions`` in-process clients.
 
     ``reply_hook`` may replace a reply before the server sees it (fault injection in
     tests); ``stop_after`` ends the loop after that round without finalising, as a
-    crash would.
+    crash would; ``state_dir`` keeps client states on disk (as a SuperNode with a
+    ``state-dir`` does), so a killed process resumes exactly.
     """
     exp = Experiment(cfg, base_dir)
     base = base_dir or Path.cwd()
     root = resolve_path(cfg.data_root, base)
-    states = {pid: ClientState() for pid in range(cfg.num_partitions)}
+    def state_file(pid: int) -> Path | None:
+        return state_dir / f"client-{pid}.npz" if state_dir is not None else None
+
+    states = {
+        pid: load_client_state(f) if (f := state_file(pid)) is not None else ClientState()
+        for pid in range(cfg.num_partitions)
+    }
     alpha = float("inf") if cfg.iid else cfg.dirichlet_alpha
     for server_round in exp.rounds:
         plan = exp.plan(server_round, list(states))
@@ -57,6 +65,8 @@ def run_reference(
                 reply = reply_hook(server_round, instruction, reply)
             if reply.status != "error":  # a crashed client keeps its old state
                 states[node] = new_state
+                if (f := state_file(node)) is not None:
+                    save_client_state(f, new_state)
             replies.append(reply)
         exp.complete(server_round, replies)
         if stop_after is not None and server_round >= stop_after:
@@ -68,13 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m e3sfc_core.simulate key=value ...``: run without Flower."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("overrides", nargs="*", help="kebab-case key=value pairs, e.g. method=topk")
+    parser.add_argument("--state-dir", type=Path, help="keep client states on disk (exact resume)")
     args = parser.parse_args(argv)
     raw: dict[str, Any] = {}
     for item in args.overrides:
         key, _, value = item.partition("=")
         raw[key] = _parse_scalar(value)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _, summary = run_reference(ExperimentConfig.from_run_config(raw))
+    _, summary = run_reference(ExperimentConfig.from_run_config(raw), state_dir=args.state_dir)
     print(f"final accuracy {summary.get('final_accuracy')}, total bytes {summary.get('total_bytes')}")
 
 

@@ -87,6 +87,10 @@ class Certs:
         """Private key of SuperNode ``index`` (0-based; files are numbered from 1)."""
         return self.root / f"supernode-{index + 1}"
 
+    def node_secret(self, index: int) -> Path:
+        """SuperExec authentication secret of SuperNode ``index`` and its ClientApp SuperExec."""
+        return self.root / f"supernode-{index + 1}.secret"
+
     def node_pub(self, index: int) -> Path:
         """Public key (OpenSSH line) of SuperNode ``index`` (0-based)."""
         return self.root / f"supernode-{index + 1}.pub"
@@ -95,7 +99,7 @@ class Certs:
         """Files a TLS + auth deployment of ``num_supernodes`` needs but that do not exist."""
         need = [self.ca, self.server_cert, self.server_key, self.superexec_secret]
         for i in range(num_supernodes):
-            need += [self.node_key(i), self.node_pub(i)]
+            need += [self.node_key(i), self.node_pub(i), self.node_secret(i)]
         return [p for p in need if not p.is_file()]
 
 
@@ -130,7 +134,10 @@ def generate_certs(
             raise RuntimeError(f"cannot run {script}: it needs bash, openssl and ssh-keygen")
         res = subprocess.run(
             ["bash", str(script), str(out), str(num_supernodes), *extra_sans],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         if res.returncode != 0:
             raise RuntimeError(f"{script} failed ({res.returncode}): {res.stderr.strip()}")
@@ -169,23 +176,38 @@ def _generate_certs_python(out: Path, num_supernodes: int, extra_sans: Sequence[
         ca_key = ec.generate_private_key(ec.SECP384R1())
         ca_cert = (
             x509.CertificateBuilder()
-            .subject_name(name("E-3SFC Flower CA")).issuer_name(name("E-3SFC Flower CA"))
-            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+            .subject_name(name("E-3SFC Flower CA"))
+            .issuer_name(name("E-3SFC Flower CA"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                              data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                              crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384())
         )
         _write_private(ca_key_path, ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_enc))
         certs.ca.write_bytes(ca_cert.public_bytes(pem))
         certs.server_cert.unlink(missing_ok=True)
-    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise RuntimeError(f"{ca_key_path} is not an EC key (made by another tool?)")
+    ca_key = loaded
     ca_cert = x509.load_pem_x509_certificate(certs.ca.read_bytes())
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
 
     if not (certs.server_cert.is_file() and certs.server_key.is_file()):
         sans: list[x509.GeneralName] = []
@@ -200,17 +222,32 @@ def _generate_certs_python(out: Path, num_supernodes: int, extra_sans: Sequence[
         key = ec.generate_private_key(ec.SECP384R1())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(name("superlink")).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+            .subject_name(name("superlink"))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
-                              data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                              crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .sign(ca_key, hashes.SHA384())
         )
@@ -218,11 +255,17 @@ def _generate_certs_python(out: Path, num_supernodes: int, extra_sans: Sequence[
         certs.server_cert.write_bytes(cert.public_bytes(pem))
 
     for i in range(num_supernodes):
+        if not certs.node_secret(i).is_file():
+            _write_private(certs.node_secret(i), os.urandom(32).hex().encode())
         if certs.node_key(i).is_file():
             continue
         node_key = ec.generate_private_key(ec.SECP384R1())  # = ssh-keygen -t ecdsa -b 384
-        _write_private(certs.node_key(i), node_key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, no_enc))
-        public = node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        _write_private(
+            certs.node_key(i), node_key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, no_enc)
+        )
+        public = node_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
         certs.node_pub(i).write_bytes(public + f" e3sfc-supernode-{i + 1}\n".encode())
 
     if not certs.superexec_secret.is_file():
@@ -269,21 +312,39 @@ class Deployment:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def register(self, public_key: Path) -> None:
-        """``flwr supernode register``: allow the SuperNode holding this key's private half.
+    def register(self, *public_keys: Path) -> None:
+        """``flwr supernode register`` for each key (in parallel): allow the SuperNodes
+        holding the private halves to join.
 
         Raises
         ------
         RuntimeError
-            If the SuperLink refused the key.
+            If the SuperLink refused a key.
         """
-        res = self.flwr("supernode", "register", str(public_key), self.connection, "--format", "json")
-        try:
-            ok = bool(json.loads(res.stdout).get("success"))
-        except json.JSONDecodeError:
-            ok = False
-        if res.returncode != 0 or not ok:
-            raise RuntimeError(f"registering {public_key} failed: {res.stdout.strip()} {res.stderr.strip()}")
+        procs = [
+            (
+                key,
+                subprocess.Popen(
+                    ["flwr", "supernode", "register", str(key), self.connection, "--format", "json"],
+                    env=self.env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+            for key in public_keys
+        ]
+        errors = []
+        for key, proc in procs:
+            out, err = proc.communicate(timeout=CLI_TIMEOUT)
+            try:
+                ok = bool(json.loads(out).get("success"))
+            except json.JSONDecodeError:
+                ok = False
+            if proc.returncode != 0 or not ok:
+                errors.append(f"registering {key} failed: {out.strip()} {err.strip()}")
+        if errors:
+            raise RuntimeError("\n".join(errors))
 
     def nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list`` rows (``node-id``, ``status``, ...)."""
@@ -313,34 +374,44 @@ class Deployment:
         """``flwr ls`` rows of every run on this SuperLink."""
         return list(self.flwr_json("ls", self.connection).get("runs", []))
 
-    def run_status(self, run_id: int | None = None) -> str:
-        """Status of run ``run_id`` (default: the latest), e.g. ``finished:completed``."""
+    def run_info(self, run_id: int | None = None) -> dict[str, Any]:
+        """``flwr ls`` row of run ``run_id`` (default: the latest); ``{}`` if none."""
         runs = self.runs()
         if run_id is not None:
             runs = [r for r in runs if str(r.get("run-id")) == str(run_id)]
-        return str(runs[-1].get("status")) if runs else "no run was submitted"
+        return runs[-1] if runs else {}
+
+    def run_status(self, run_id: int | None = None) -> str:
+        """Status of run ``run_id`` (default: the latest), e.g. ``finished:completed``."""
+        return str(self.run_info(run_id).get("status", "no run was submitted"))
 
     def submit(
         self, overrides: dict[str, Any], *, timeout: float, stream_to: Path | None = None
-    ) -> tuple[int | None, str]:
-        """``flwr run <app> <connection> --stream``; returns the run ID and the run's status.
-
-        With ``stream_to`` the streamed output goes to that file, else to our stdout.
+    ) -> dict[str, Any]:
+        """``flwr run <app> <connection> --stream`` and wait for its end; returns the run's
+        ``flwr ls`` row (``run-id``, ``status``, ``network-traffic``, ...), ``{}`` if no run
+        was created. With ``stream_to`` the streamed output goes to that file, else to stdout.
         """
-        cmd = ["flwr", "run", str(app_dir()), self.connection, "--stream",
-               "--run-config", to_flwr_run_config(overrides)]
+        cmd = [
+            "flwr",
+            "run",
+            str(app_dir()),
+            self.connection,
+            "--stream",
+            "--run-config",
+            to_flwr_run_config(overrides),
+        ]
         before = {str(r.get("run-id")) for r in self.runs()}
         if stream_to is None:
             subprocess.run(cmd, env=self.env, timeout=timeout, check=False)
         else:
             stream_to.parent.mkdir(parents=True, exist_ok=True)
             with stream_to.open("ab") as fh:
-                subprocess.run(cmd, env=self.env, timeout=timeout, check=False, stdout=fh, stderr=subprocess.STDOUT)
+                subprocess.run(
+                    cmd, env=self.env, timeout=timeout, check=False, stdout=fh, stderr=subprocess.STDOUT
+                )
         new = [r for r in self.runs() if str(r.get("run-id")) not in before]
-        if not new:
-            return None, "no run was submitted"
-        run_id = int(new[-1]["run-id"])
-        return run_id, self.run_status(run_id)
+        return new[-1] if new else {}
 
     # -- processes ------------------------------------------------------------------------
 
@@ -362,49 +433,100 @@ class Deployment:
     def _tls_client_args(self) -> list[str]:
         return ["--insecure"] if self.certs is None else ["--root-certificates", str(self.certs.ca)]
 
-    def _superexec_auth_args(self) -> list[str]:
-        if self.isolation == "process" and self.certs is not None:
-            return ["--superexec-auth-secret-file", str(self.certs.superexec_secret)]
-        return []
+    def _superexec_auth_args(self, node: int | None = None) -> list[str]:
+        """SuperExec authentication (process isolation): one secret for the SuperLink side,
+        one per SuperNode."""
+        if self.isolation != "process" or self.certs is None:
+            return []
+        secret = self.certs.superexec_secret if node is None else self.certs.node_secret(node)
+        return ["--superexec-auth-secret-file", str(secret)]
 
     def start_superlink(self, host: str, port: int) -> Managed:
         """The SuperLink (Fleet + Control + Runtime API on one port) and, in process
         isolation, the SuperExec that runs ServerApps."""
-        argv = ["flower-superlink", "--host", host, "--port", str(port), "--isolation", self.isolation,
-                "--database", ":flwr-in-memory:", "--disable-runtime-dependency-installation"]
+        argv = [
+            "flower-superlink",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--isolation",
+            self.isolation,
+            "--database",
+            ":flwr-in-memory:",
+            "--disable-runtime-dependency-installation",
+        ]
         if self.certs is None:
             argv.append("--insecure")
         else:
-            argv += ["--ssl-ca-certfile", str(self.certs.ca), "--ssl-certfile", str(self.certs.server_cert),
-                     "--ssl-keyfile", str(self.certs.server_key)]
+            argv += [
+                "--ssl-ca-certfile",
+                str(self.certs.ca),
+                "--ssl-certfile",
+                str(self.certs.server_cert),
+                "--ssl-keyfile",
+                str(self.certs.server_key),
+            ]
         if self.auth:
             argv.append("--enable-supernode-auth")
         argv += self._superexec_auth_args()
         proc = self._start("superlink", argv)
-        scheme, context = ("http", None) if self.certs is None else (
-            "https", ssl.create_default_context(cafile=str(self.certs.ca)))
+        scheme, context = (
+            ("http", None)
+            if self.certs is None
+            else ("https", ssl.create_default_context(cafile=str(self.certs.ca)))
+        )
         wait_http_ok(f"{scheme}://{self.superlink_address}/health", STARTUP_TIMEOUT, proc, context=context)
         if self.isolation == "process":
-            self._start("superexec-serverapp", ["flower-superexec", "--runtime-api-address", self.superlink_address,
-                                                *self._tls_client_args(), *self._superexec_auth_args()])
+            self._start(
+                "superexec-serverapp",
+                [
+                    "flower-superexec",
+                    "--runtime-api-address",
+                    self.superlink_address,
+                    *self._tls_client_args(),
+                    *self._superexec_auth_args(),
+                ],
+            )
         return proc
 
     def start_supernode(
-        self, index: int, num_partitions: int, *, host: str = LOOPBACK, port: int | None = None,
-        private_key: Path | None = None, extra_node_config: dict[str, str] | None = None,
+        self,
+        index: int,
+        num_partitions: int,
+        *,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        private_key: Path | None = None,
+        extra_node_config: dict[str, str] | None = None,
         name: str | None = None,
+        superlink: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> Managed:
         """SuperNode ``index`` (``partition-id=index``) with its own runtime port and, in
         process isolation, its SuperExec for ClientApps. ``private_key`` defaults to the
-        node's key in the certificate directory when authentication is on."""
+        node's key in the certificate directory when authentication is on; ``superlink``
+        overrides the address it dials (e.g. a byte-counting proxy)."""
         port = port or free_port(host)
         name = name or f"supernode-{index + 1}"
         node_config = {"partition-id": str(index), "num-partitions": str(num_partitions)}
         node_config.update(extra_node_config or {})
-        argv = ["flower-supernode", "--superlink", self.superlink_address, "--host", host, "--port", str(port),
-                "--isolation", self.isolation,
-                "--node-config", " ".join(f"{k}={v}" for k, v in node_config.items()),
-                *self._tls_client_args(), *self._superexec_auth_args()]
+        argv = [
+            "flower-supernode",
+            "--superlink",
+            superlink or self.superlink_address,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--isolation",
+            self.isolation,
+            "--node-config",
+            " ".join(f"{k}={v}" for k, v in node_config.items()),
+            *self._tls_client_args(),
+            *self._superexec_auth_args(index),
+            *extra_args,
+        ]
         if private_key is None and self.auth and self.certs is not None:
             private_key = self.certs.node_key(index)
         if private_key is not None:
@@ -414,8 +536,17 @@ class Deployment:
         if self.isolation == "process":
             # The SuperNode's own runtime API is plain HTTP on loopback (as in the compose
             # file, where it stays on the internal network); the shared secret authenticates.
-            self._start(f"superexec-{name}", ["flower-superexec", "--runtime-api-address", f"{host}:{port}",
-                                              "--insecure", *self._superexec_auth_args()], self._client_env())
+            self._start(
+                f"superexec-{name}",
+                [
+                    "flower-superexec",
+                    "--runtime-api-address",
+                    f"{host}:{port}",
+                    "--insecure",
+                    *self._superexec_auth_args(index),
+                ],
+                self._client_env(),
+            )
         return proc
 
     def stop(self) -> None:
@@ -435,10 +566,22 @@ def toml_string(value: str) -> str:
 
 @contextmanager
 def deployment(
-    workdir: Path, num_supernodes: int, *, base_dir: Path | None = None, host: str = LOOPBACK, port: int = 0,
-    advertise: str | None = None, tls: bool = True, auth: bool = True, isolation: str = "process",
-    certs_dir: Path | None = None, extra_sans: Sequence[str] = (), node_config: dict[str, str] | None = None,
-    supernode_host: str = LOOPBACK, client_threads: int | None = None, start_supernodes: bool = True,
+    workdir: Path,
+    num_supernodes: int,
+    *,
+    base_dir: Path | None = None,
+    host: str = LOOPBACK,
+    port: int = 0,
+    advertise: str | None = None,
+    tls: bool = True,
+    auth: bool = True,
+    isolation: str = "process",
+    certs_dir: Path | None = None,
+    extra_sans: Sequence[str] = (),
+    node_config: dict[str, str] | None = None,
+    supernode_host: str = LOOPBACK,
+    client_threads: int | None = None,
+    start_supernodes: bool = True,
 ) -> Iterator[Deployment]:
     """Start a SuperLink (+ SuperExec) and ``num_supernodes`` registered SuperNodes, wait
     until all are online, yield, then stop every process by PID (also on errors).
@@ -467,8 +610,7 @@ def deployment(
         dep.start_superlink(host, port)
         if start_supernodes:
             if auth and certs is not None:
-                for i in range(num_supernodes):
-                    dep.register(certs.node_pub(i))
+                dep.register(*(certs.node_pub(i) for i in range(num_supernodes)))
             for i in range(num_supernodes):
                 dep.start_supernode(i, num_supernodes, host=supernode_host, extra_node_config=node_config)
             dep.wait_online(num_supernodes)
@@ -482,8 +624,11 @@ def deployment(
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``e3sfc-deploy``."""
-    p = argparse.ArgumentParser(prog="e3sfc-deploy", description=__doc__.splitlines()[0],
-                                epilog="Example: e3sfc-deploy --num-supernodes 3 num-rounds=5")
+    p = argparse.ArgumentParser(
+        prog="e3sfc-deploy",
+        description=__doc__.splitlines()[0],
+        epilog="Example: e3sfc-deploy --num-supernodes 3 num-rounds=5",
+    )
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="run-config overrides, e.g. num-rounds=5")
     p.add_argument("--config", type=Path, help="TOML override file, e.g. conf/mnist-mlp.toml")
     p.add_argument("--num-supernodes", type=int, default=3, help="SuperNodes = partitions (default 3)")
@@ -491,21 +636,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     p.add_argument("--advertise", help="host SuperNodes/CLI dial (default: --host, or 127.0.0.1 for 0.0.0.0)")
     p.add_argument("--supernode-host", default=LOOPBACK, help="SuperNodes' runtime API bind address")
-    p.add_argument("--san", action="append", default=[], metavar="DNS:x|IP:y",
-                   help="extra subjectAltName for the SuperLink certificate (repeatable)")
-    p.add_argument("--certs", type=Path, help="use (or complete) this certificate directory (certs.sh layout)")
-    p.add_argument("--isolation", choices=("process", "subprocess"), default="process",
-                   help="process: explicit SuperExecs as in docker-compose.yml (default); "
-                        "subprocess: SuperLink/SuperNodes spawn their own")
+    p.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="DNS:x|IP:y",
+        help="extra subjectAltName for the SuperLink certificate (repeatable)",
+    )
+    p.add_argument(
+        "--certs", type=Path, help="use (or complete) this certificate directory (certs.sh layout)"
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("process", "subprocess"),
+        default="process",
+        help="process: explicit SuperExecs as in docker-compose.yml (default); "
+        "subprocess: SuperLink/SuperNodes spawn their own",
+    )
     p.add_argument("--data-root", type=Path, help="node-config data-root for every SuperNode")
-    p.add_argument("--state-dir", type=Path, help="node-config state-dir (client residuals) for every SuperNode")
-    p.add_argument("--workdir", type=Path, default=Path(".flwr-home/deploy"),
-                   help="FLWR_HOME, certificates and process logs (default .flwr-home/deploy)")
-    p.add_argument("--client-threads", type=int, default=None,
-                   help="OMP/MKL threads per ClientApp (default: cores // SuperNodes; 0 = leave unset)")
+    p.add_argument(
+        "--state-dir", type=Path, help="node-config state-dir (client residuals) for every SuperNode"
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".flwr-home/deploy"),
+        help="FLWR_HOME, certificates and process logs (default .flwr-home/deploy)",
+    )
+    p.add_argument(
+        "--client-threads",
+        type=int,
+        default=None,
+        help="OMP/MKL threads per ClientApp (default: cores // SuperNodes; 0 = leave unset)",
+    )
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (unsafe)")
     p.add_argument("--no-auth", action="store_true", help="TLS but any SuperNode may join (unsafe)")
-    p.add_argument("--timeout", type=float, default=6 * 3600, help="give up on the run after this many seconds")
+    p.add_argument(
+        "--timeout", type=float, default=6 * 3600, help="give up on the run after this many seconds"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log process commands")
     return p
 
@@ -513,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="e3sfc-deploy: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="e3sfc-deploy: %(message)s"
+    )
     if args.num_supernodes < 1:
         print("e3sfc-deploy: --num-supernodes must be at least 1", file=sys.stderr)
         return 2
@@ -525,10 +695,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides.setdefault("num-partitions", args.num_supernodes)
     if args.insecure:
-        log.warning("--insecure: TLS and SuperNode authentication are OFF; traffic is unencrypted and any "
-                    "process that reaches the SuperLink may join or submit runs. Use only for debugging.")
+        log.warning(
+            "--insecure: TLS and SuperNode authentication are OFF; traffic is unencrypted and any "
+            "process that reaches the SuperLink may join or submit runs. Use only for debugging."
+        )
     elif args.no_auth:
-        log.warning("--no-auth: SuperNode authentication is OFF; any SuperNode that reaches the SuperLink may join.")
+        log.warning(
+            "--no-auth: SuperNode authentication is OFF; any SuperNode that reaches the SuperLink may join."
+        )
     node_config: dict[str, str] = {}
     for key, path in (("data-root", args.data_root), ("state-dir", args.state_dir)):
         if path is not None:
@@ -536,12 +710,30 @@ def main(argv: list[str] | None = None) -> int:
     status = "not started"
     try:
         with deployment(
-            args.workdir, args.num_supernodes, base_dir=base, host=args.host, port=args.port,
-            advertise=args.advertise, tls=not args.insecure, auth=not (args.insecure or args.no_auth),
-            isolation=args.isolation, certs_dir=args.certs, extra_sans=args.san, node_config=node_config,
-            supernode_host=args.supernode_host, client_threads=args.client_threads,
+            args.workdir,
+            args.num_supernodes,
+            base_dir=base,
+            host=args.host,
+            port=args.port,
+            advertise=args.advertise,
+            tls=not args.insecure,
+            auth=not (args.insecure or args.no_auth),
+            isolation=args.isolation,
+            certs_dir=args.certs,
+            extra_sans=args.san,
+            node_config=node_config,
+            supernode_host=args.supernode_host,
+            client_threads=args.client_threads,
         ) as dep:
-            _, status = dep.submit(overrides, timeout=args.timeout)
+            run = dep.submit(overrides, timeout=args.timeout)
+            status = str(run.get("status", "no run was submitted"))
+            traffic = run.get("network-traffic") or {}
+            if traffic:
+                print(
+                    f"e3sfc-deploy: run {run.get('run-id')}: Fleet API traffic "
+                    f"{traffic.get('inbound-bytes', 0):,} B from SuperNodes, "
+                    f"{traffic.get('outbound-bytes', 0):,} B to SuperNodes"
+                )
     except KeyboardInterrupt:
         print("e3sfc-deploy: interrupted; every process was stopped", file=sys.stderr)
         return 130

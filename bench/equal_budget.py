@@ -1,0 +1,277 @@
+"""Accuracy of every method under one fixed total byte budget (issue #5, item 2).
+
+Command (digits/MLP on CPU, a few minutes)::
+
+    .venv/bin/python bench/equal_budget.py
+
+Quick smoke run::
+
+    .venv/bin/python bench/equal_budget.py --num-rounds 5 --seeds 0 --skip-fixed
+
+How the budget and the knobs are chosen
+
+* The budget ``B`` is what E-3SFC spends in its default run (n = ``synthetic-samples``
+  = 4 both ways, no scheduler) over ``--num-rounds`` rounds, times ``--budget-multiplier``
+  (or ``--budget-total-bytes`` if given). That reference run is the first row.
+* Every method then runs with ``budget-total-bytes = B`` (the run stops before a round
+  that would exceed it; ``summary["stopped_early"]`` says so) and with
+  ``downlink = compressed``: each method also compresses the server's broadcast with its
+  own compressor, since a dense float32 downlink alone would exceed B in one round.
+  With all clients training every round a run sends ``C * (R * up + (R - 1) * down)``
+  bytes (no downlink in round 1, one payload per client after), so each method's knob is
+  set to the largest value whose payload is at most ``B / (C * (2R - 1))`` bytes:
+  Top-k and STC ratio (exact k), 3SFC n. signSGD and QSGD have no size knob (QSGD's
+  ``levels`` does not change its size in our encoding: 1 byte per weight + 33), FedAvg
+  neither: they run until the budget is spent and their accuracy at that point is
+  reported, with the rounds they completed. Uplink-only 3SFC (dense downlink) is shown
+  for the same reason.
+* E-3SFC with the budget scheduler: ``budget-policy`` constant / decay / adaptive with
+  the same total (n chosen per round and direction in [1, ``synthetic-samples-max``] =
+  [1, 16]); planned vs spent bytes come from ``summary.json["budget"]``.
+
+Writes ``bench/results/<out-name>.{json,md}``; per-run outputs go to
+``bench/results/runs/<out-name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    dataset_available,
+    env_info,
+    env_markdown,
+    fmt_bytes,
+    md_table,
+    mean_std,
+    parse_ints,
+    parse_overrides,
+    print_table,
+    run_federated,
+    set_threads,
+    write_results,
+)
+
+from e3sfc_core.baselines import topk_count  # noqa: E402
+from e3sfc_core.compressor import Budget, build_compressor  # noqa: E402
+from e3sfc_core.config import ExperimentConfig  # noqa: E402
+from e3sfc_core.datasets import get_spec  # noqa: E402
+from e3sfc_core.models import build_model  # noqa: E402
+from e3sfc_core.tensors import num_params  # noqa: E402
+
+
+def largest(fits: Any, lo: int, hi: int) -> int | None:
+    """Largest integer in [lo, hi] with ``fits`` (monotone), or None."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def size_of(method: str, raw: dict[str, Any], numel: int, n: int = 1) -> int:
+    cfg = ExperimentConfig.from_run_config({**raw, "method": method})
+    comp = build_compressor(cfg.compressor_name, cfg.compressor_settings(), get_spec(cfg.dataset))
+    return comp.encoded_size(numel, Budget(n))
+
+
+def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str, Any]:
+    sums = [r["summary"] for r in res]
+    accs = [s["final_accuracy"] if s["final_accuracy"] is not None else float("nan") for s in sums]
+    acc_m, acc_s = mean_std(accs)
+    budget = sums[0]["budget"]
+    planned = [sum(r["planned"] or 0 for r in s["budget"]["rounds"]) for s in sums]
+    recs = res[0]["records"]
+    n_up = [r["n_uplink"] for r in recs]
+    n_down = [r["n_downlink"] for r in recs]
+    return {
+        "method": label, "knob": knob,
+        "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s,
+        "final_accuracy_per_seed": accs,
+        "rounds_completed": [s["rounds"] for s in sums],
+        "stopped_early": [bool(s["stopped_early"]) for s in sums],
+        "stopped_reason": sums[0]["stopped_early"],
+        "total_bytes": mean_std([s["total_bytes"] for s in sums])[0],
+        "uplink_bytes": mean_std([s["total_uplink_bytes"] for s in sums])[0],
+        "downlink_bytes": mean_std([s["total_downlink_bytes"] for s in sums])[0],
+        "budget_total": budget["total"],
+        "budget_spent": mean_std([s["budget"]["spent_total"] for s in sums])[0],
+        "budget_planned_sum": mean_std(planned)[0],
+        "overspent": max(s["budget"]["overspent"] for s in sums),
+        "n_uplink_per_round": n_up, "n_downlink_per_round": n_down,
+        "planned_per_round": [r["planned"] for r in budget["rounds"]],
+        "spent_per_round": [r["spent"] for r in budget["rounds"]],
+        "mean_uplink_cosine": mean_std([
+            sum(r["mean_cosine"] for r in x["records"]) / max(1, len(x["records"])) for x in res if x["records"]
+        ])[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--num-rounds", type=int, default=30)
+    p.add_argument("--num-partitions", type=int, default=10)
+    p.add_argument("--dirichlet-alpha", type=float, default=1.0)
+    p.add_argument("--local-epochs", type=int, default=5)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budget-total-bytes", type=int, default=0, help="0: E-3SFC's default run's total")
+    p.add_argument("--budget-multiplier", type=float, default=1.0)
+    p.add_argument("--policies", default="constant,decay,adaptive")
+    p.add_argument("--skip-fixed", action="store_true", help="skip the fixed-size methods (fedavg, signsgd, qsgd, 3sfc)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-name", default="")
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    set_threads(args.threads)
+    missing = dataset_available(args.dataset, args.data_root)
+    if missing:
+        print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
+        raise SystemExit(2)
+    out_name = args.out_name or (
+        "equal_budget" if (args.dataset, args.model) == ("digits", "mlp") else f"equal_budget_{args.dataset}_{args.model}"
+    )
+    runs_dir = RESULTS / "runs" / out_name
+    seeds = parse_ints(args.seeds)
+    common = {
+        "dataset": args.dataset, "model": args.model, "data-root": args.data_root,
+        "num-rounds": args.num_rounds, "num-partitions": args.num_partitions,
+        "dirichlet-alpha": args.dirichlet_alpha, "local-epochs": args.local_epochs,
+        "device": args.device, "output-dir": str(runs_dir), **parse_overrides(args.set),
+    }
+    base_cfg = ExperimentConfig.from_run_config({**common, "method": "e3sfc"})
+    spec = get_spec(args.dataset)
+    numel = num_params(build_model(args.model, tuple(spec.input_shape), spec.n_classes, 0))
+    if base_cfg.fraction_train < 1.0:
+        print("note: with fraction-train < 1 catch-up downlinks make the knob formula approximate")
+
+    def run_all(label: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for seed in seeds:
+            name = f"{label}-s{seed}".replace(" ", "_").replace("=", "").replace("/", "_")
+            res = run_federated({**common, **raw, "seed": seed, "run-name": name}, REPO)
+            s = res["summary"]
+            acc = s["final_accuracy"]
+            print(f"seed {seed} {label:34s} rounds {s['rounds']:3d} acc {acc if acc is None else round(acc, 4)} "
+                  f"bytes {fmt_bytes(s['total_bytes'])}{' (stopped early)' if s['stopped_early'] else ''} "
+                  f"({res['wall_seconds']:.1f}s)")
+            out.append(res)
+        return out
+
+    rows: list[dict[str, Any]] = []
+    # 1) reference: E-3SFC default, no budget
+    n_def = base_cfg.synthetic_samples
+    ref = run_all(f"e3sfc n={n_def} (reference, no budget)", {"method": "e3sfc"})
+    rows.append(summarize_runs(f"e3sfc n={n_def} (reference, no budget)", f"n={n_def}", ref))
+    budget = args.budget_total_bytes or int(math.floor(ref[0]["summary"]["total_bytes"] * args.budget_multiplier))
+    C, R = args.num_partitions, args.num_rounds
+    per_payload = budget // (C * (2 * R - 1))
+    print(f"budget {budget:,} bytes -> at most {per_payload:,} bytes per payload (C={C}, R={R})")
+
+    b = {"budget-total-bytes": budget, "downlink": "compressed"}
+    knobs: list[tuple[str, str, dict[str, Any]]] = []
+    n_fit = largest(lambda n: size_of("3sfc", common, numel, n) <= per_payload, 1, 4096)
+    if n_fit is not None:
+        smax = max(n_fit, base_cfg.synthetic_samples_max)
+        knobs.append((f"e3sfc n={n_fit} (budget, constant)", f"n={n_fit}",
+                      {"method": "e3sfc", "synthetic-samples": n_fit, "synthetic-samples-max": n_fit, **b}))
+    else:
+        smax = base_cfg.synthetic_samples_max
+    for policy in [x for x in args.policies.split(",") if x]:
+        knobs.append((f"e3sfc scheduler {policy}", f"n in [1, {smax}]",
+                      {"method": "e3sfc", "budget-policy": policy, "synthetic-samples-max": smax, **b}))
+    for method, fixed in (("topk", 32), ("stc", 36)):
+        k = largest(lambda kk: size_of(method, {**common, "topk-ratio": kk / numel}, numel) <= per_payload, 1, numel)
+        if k is None:
+            continue
+        ratio = k / numel
+        assert topk_count(ratio, numel) == k
+        knobs.append((f"{method} k={k}", f"ratio={ratio:.5f} (k={k})",
+                      {"method": method, "topk-ratio": ratio, **b}))
+    if not args.skip_fixed:
+        for method in ("signsgd", "qsgd", "fedavg"):
+            size = size_of(method, common, numel)
+            knobs.append((f"{method} (fixed size)", f"{size:,} B/payload", {"method": method, **b}))
+        knobs.append(("3sfc uplink-only, dense downlink", f"n={n_def}",
+                      {"method": "3sfc", "budget-total-bytes": budget, "downlink": "dense"}))
+
+    for label, knob, raw in knobs:
+        rows.append(summarize_runs(label, knob, run_all(label, raw)))
+
+    headers = ["method", "knob", "final acc (mean ± std)", "rounds", "spent", "uplink", "downlink",
+               "planned (sum)", "spent / budget", "mean uplink |cos|"]
+    table = []
+    for r in rows:
+        rounds = sorted(set(r["rounds_completed"]))
+        acc = "- (no round fits)" if not math.isfinite(r["final_accuracy_mean"]) else (
+            f"{r['final_accuracy_mean']:.2%} ± {r['final_accuracy_std']:.2%}")
+        table.append([
+            r["method"], r["knob"], acc, "/".join(map(str, rounds)) + (" (stopped)" if any(r["stopped_early"]) else ""),
+            fmt_bytes(r["budget_spent"]), fmt_bytes(r["uplink_bytes"]), fmt_bytes(r["downlink_bytes"]),
+            fmt_bytes(r["budget_planned_sum"]) if r["budget_total"] else "-",
+            f"{r['budget_spent'] / budget:.1%}",
+            f"{r['mean_uplink_cosine']:.3f}" if math.isfinite(r["mean_uplink_cosine"]) else "-",
+        ])
+    print()
+    print_table(headers, table)
+
+    sched_rows, sched_table = [], []
+    for r in rows:
+        if not r["method"].startswith("e3sfc"):
+            continue
+        up, down = r["n_uplink_per_round"], r["n_downlink_per_round"]
+        sched_rows.append(r)
+        sched_table.append([
+            r["method"], " ".join(map(str, up)), " ".join(map(str, down)),
+            " ".join(f"{x / 1e3:.1f}" if x is not None else "-" for x in r["planned_per_round"][:12])
+            + (" ..." if len(r["planned_per_round"]) > 12 else ""),
+            " ".join(f"{x / 1e3:.1f}" for x in r["spent_per_round"][:12]) + (" ..." if len(r["spent_per_round"]) > 12 else ""),
+            r["overspent"],
+        ])
+    sched_headers = ["run (seed 0)", "n uplink per round", "n downlink per round", "planned kB (first rounds)",
+                     "spent kB (first rounds)", "overspent B"]
+
+    env = env_info(args.device)
+    setting = (f"{args.dataset}/{args.model} ({numel:,} weights), {C} clients (all train every round), Dirichlet "
+               f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, up to {R} rounds, seeds {seeds}")
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
+    md = "\n".join([
+        f"# Equal total byte budget ({args.dataset}/{args.model})", "",
+        env_markdown(env), "",
+        f"Setting: {setting}. Budget B = {budget:,} bytes (= E-3SFC's default run x {args.budget_multiplier:g}); "
+        f"knobs sized for at most {per_payload:,} bytes per payload (B / (C (2R - 1))). Every budgeted run uses "
+        "`budget-total-bytes = B` and `downlink = compressed` (its own compressor both ways) except the uplink-only "
+        "3SFC row. QSGD's levels do not change its size in our encoding (1 byte per weight), so QSGD, signSGD and "
+        "FedAvg run at their fixed size until the budget is spent. 'planned (sum)' is the sum of the scheduler's "
+        "per-round allowances from summary.json['budget'].", "",
+        f"Command: `.venv/bin/python bench/equal_budget.py {cmd}`".replace("py `", "py`"), "",
+        md_table(headers, table), "",
+        "## Scheduler: samples per round, planned vs spent (seed 0)", "",
+        md_table(sched_headers, sched_table),
+    ])
+    data = {"env": env, "args": vars(args), "setting": setting, "budget_total_bytes": budget,
+            "max_bytes_per_payload": per_payload, "results": rows}
+    j, m = write_results(out_name, data, md)
+    print(f"wrote {j}, {m}")
+    return data
+
+
+if __name__ == "__main__":
+    main()
