@@ -8,8 +8,10 @@ escapes the residual: ``target == transmitted + residual`` holds exactly.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +41,23 @@ def compress_update(
     model: nn.Module,
     meta: PayloadMeta,
     budget: Budget,
+    *,
+    exact: bool = False,
 ) -> EncodedUpdate:
     """Compress ``target`` (update + old residual) and compute the new residual.
 
     The model must be at the base weights named in ``meta``. The residual is zero for
-    methods without error feedback (FedAvg, QSGD).
+    methods without error feedback (FedAvg, QSGD). ``exact=True`` reconstructs with
+    :func:`exact_decompress`, as every receiver of a downlink does, so that the server's
+    new weights are bit-identical to the clients'.
     """
     payload, stats = compressor.compress(target, model, meta, budget)
     data = encode(payload)
-    transmitted = compressor.decompress(decode(data), model).to(target.device)
+    received = decode(data)
+    if exact:
+        transmitted = exact_decompress(compressor, received, model).to(target.device)
+    else:
+        transmitted = compressor.decompress(received, model).to(target.device)
     if compressor.uses_error_feedback:
         residual = target - transmitted
     else:
@@ -102,6 +112,33 @@ def check_payload(data: bytes, expect: Expectation) -> Payload:
                 f"payload has {body.inputs.shape[0]} synthetic samples, budget allows {expect.max_samples}"
             )
     return p
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def exact_decompress(compressor: Compressor, payload: Payload, model: nn.Module) -> torch.Tensor:
+    """Decompress on the CPU with one thread, returning a CPU tensor.
+
+    Downlink updates must decompress to the same bits on the server and on every client,
+    or their digests part ways. Multi-threaded and GPU kernels may sum in a different
+    order from process to process (we saw Ray workers and the server disagree), a
+    single-threaded CPU pass does not. Only the one downlink payload per round takes
+    this path; the server's uplink decompression stays fast.
+    """
+    cpu_model = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+    with _one_thread():
+        update = compressor.decompress(payload, cpu_model)
+    if not torch.isfinite(update).all():
+        raise PayloadRejected("decompressed update contains NaN or Inf")
+    return update.cpu()
 
 
 def decompress_checked(compressor: Compressor, payload: Payload, model: nn.Module) -> torch.Tensor:
@@ -172,7 +209,7 @@ def apply_downlink(
             assert isinstance(p.body, DenseBody)
             add_flat_(model, p.body.values)
         else:
-            add_flat_(model, decompress_checked(compressor, p, model))
+            add_flat_(model, exact_decompress(compressor, p, model))
         applied += 1
         digest = digest_flat(get_flat(model))
     if digest != target_digest:

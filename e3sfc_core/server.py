@@ -272,7 +272,9 @@ class FederatedServer:
                 server_round + 1, payload_count=expected, size_of=self.uplink_size, share=0.5
             )
             meta = PayloadMeta(Direction.DOWNLINK, server_round, self.digest)
-            enc = compress_update(self.compressor, mean + self.residual, self.model, meta, Budget(self.n_down))
+            enc = compress_update(
+                self.compressor, mean + self.residual, self.model, meta, Budget(self.n_down), exact=True
+            )
             self.residual = enc.residual
             rec.downlink_cosine = enc.cosine
             rec.compress_seconds += enc.stats.seconds

@@ -49,6 +49,8 @@ def test_run_streams_rounds_writes_outputs_and_leaves_nothing_running(tmp_path: 
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["accuracy"]) > 0.2
+    # server (one process) and clients (Ray workers) hold bit-identical models: no re-syncs
+    assert all(r["desynced"] == "0" and r["full_syncs"] == "0" for r in rows)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["total_uplink_bytes"] == sum(int(r["uplink_bytes"]) for r in rows)
     assert (run_dir / "accuracy.png").stat().st_size > 0
