@@ -38,13 +38,23 @@ def train(msg: Message, context: Context) -> Message:
     instruction = instruction_from(msg)
     _, _, spec = load_dataset(cfg.dataset, data_root, cfg.download)
     data = load_partition(
-        cfg.dataset, partition_id, num_partitions,
-        alpha=float("inf") if cfg.iid else cfg.dirichlet_alpha, seed=cfg.seed, data_root=data_root,
+        cfg.dataset,
+        partition_id,
+        num_partitions,
+        alpha=float("inf") if cfg.iid else cfg.dirichlet_alpha,
+        seed=cfg.seed,
+        data_root=data_root,
         download=cfg.download,
     )
     reply, new_state = client_round(
-        cfg, spec, instruction, data, _load_state(context, state_file),
-        node_id=int(context.node_id), partition_id=partition_id, device=resolve_device(cfg.device),
+        cfg,
+        spec,
+        instruction,
+        data,
+        _load_state(context, state_file),
+        node_id=int(context.node_id),
+        partition_id=partition_id,
+        device=resolve_device(cfg.device),
     )
     if state_file is not None:
         save_client_state(state_file, new_state)

@@ -152,8 +152,7 @@ class _Baseline:
             )
         if not isinstance(payload.body, self.body_type):
             raise PayloadRejected(
-                f"{self.name} expects a {self.body_type.__name__}, "
-                f"got {type(payload.body).__name__}"
+                f"{self.name} expects a {self.body_type.__name__}, got {type(payload.body).__name__}"
             )
         return n, _model_device(model)
 
@@ -375,16 +374,12 @@ def _make_fedavg(
 
 
 @register("topk")
-def _make_topk(
-    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
-) -> TopKCompressor:
+def _make_topk(settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int) -> TopKCompressor:
     return TopKCompressor(settings)
 
 
 @register("stc")
-def _make_stc(
-    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
-) -> STCCompressor:
+def _make_stc(settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int) -> STCCompressor:
     return STCCompressor(settings)
 
 
@@ -396,9 +391,7 @@ def _make_signsgd(
 
 
 @register("qsgd")
-def _make_qsgd(
-    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
-) -> QSGDCompressor:
+def _make_qsgd(settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int) -> QSGDCompressor:
     return QSGDCompressor(settings)
 
 

@@ -215,9 +215,7 @@ class BudgetScheduler:
         self.decay = _as_float("decay", self.decay, 0.0, 1.0, True, False)
         self.cos_low = _as_float("cos_low", self.cos_low, 0.0, 1.0, False, False)
         self.cos_high = _as_float("cos_high", self.cos_high, self.cos_low, 1.0, False, False)
-        self.residual_high = _as_float(
-            "residual_high", self.residual_high, 0.0, math.inf, True, True
-        )
+        self.residual_high = _as_float("residual_high", self.residual_high, 0.0, math.inf, True, True)
         self.adaptive_up = _as_float("adaptive_up", self.adaptive_up, 1.0, FACTOR_MAX, False, False)
         self.adaptive_down = _as_float("adaptive_down", self.adaptive_down, 0.0, 1.0, True, False)
         self._spent = {d: 0 for d in DIRECTIONS}
@@ -284,9 +282,7 @@ class BudgetScheduler:
 
     def _planned_before(self, server_round: int) -> float | None:
         """The plan of the latest planned round before ``server_round`` (None if none)."""
-        earlier = [
-            r for r, rec in self._rounds.items() if r < server_round and rec["planned"] is not None
-        ]
+        earlier = [r for r, rec in self._rounds.items() if r < server_round and rec["planned"] is not None]
         return float(self._rounds[max(earlier)]["planned"]) if earlier else None
 
     def round_allowance(self, server_round: int) -> float | None:
@@ -486,9 +482,7 @@ class BudgetScheduler:
             "factor": self._factor,
             "current_round": self._current_round,
             "pending": [[d, c, r] for d, c, r in self._pending],
-            "last_feedback": {
-                d: [fb.cosine, fb.residual_ratio] for d, fb in self._last_feedback.items()
-            },
+            "last_feedback": {d: [fb.cosine, fb.residual_ratio] for d, fb in self._last_feedback.items()},
             "rounds": [
                 {
                     "round": r,
@@ -518,8 +512,7 @@ class BudgetScheduler:
             current = _nonneg_int("current_round", d["current_round"])
             pending = [(_direction(p[0]), float(p[1]), float(p[2])) for p in d["pending"]]
             last = {
-                _direction(k): BudgetFeedback(float(v[0]), float(v[1]))
-                for k, v in d["last_feedback"].items()
+                _direction(k): BudgetFeedback(float(v[0]), float(v[1])) for k, v in d["last_feedback"].items()
             }
             rounds: dict[int, dict[str, Any]] = {}
             for rec in d["rounds"]:

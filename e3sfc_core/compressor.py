@@ -8,8 +8,9 @@ what the receiver will reconstruct.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -112,5 +113,5 @@ def build_compressor(name: str, settings: CompressorSettings, spec: object) -> C
 
     if name not in COMPRESSORS:
         raise ConfigError(f"unknown method {name!r}; known: {sorted(COMPRESSORS)}")
-    shape = tuple(getattr(spec, "input_shape"))
-    return COMPRESSORS[name](settings, shape, int(getattr(spec, "n_classes")))
+    shape = tuple(spec.input_shape)
+    return COMPRESSORS[name](settings, shape, int(spec.n_classes))

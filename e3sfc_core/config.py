@@ -36,9 +36,7 @@ class ExperimentConfig(BaseModel):
     round's median update norm (0 turns clipping off).
     """
 
-    model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     method: Method = "e3sfc"
     dataset: Literal["digits", "mnist", "fmnist", "emnist", "cifar10", "cifar100"] = "digits"

@@ -173,9 +173,7 @@ def _source(name: str) -> DatasetSource:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}"
-        ) from None
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}") from None
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -221,9 +219,7 @@ def _load_cached(name: str, root: str, download: bool) -> tuple[TensorData, Tens
         ) from exc
     _validate(raw, source.spec, where)
     x_train, x_test = _normalise(raw)
-    logger.info(
-        "loaded %s: %d train / %d test from %s", name, len(raw.y_train), len(raw.y_test), where
-    )
+    logger.info("loaded %s: %d train / %d test from %s", name, len(raw.y_train), len(raw.y_test), where)
     return TensorData(x_train, raw.y_train), TensorData(x_test, raw.y_test)
 
 
@@ -253,9 +249,7 @@ def _check_num_partitions(n: int, num_partitions: int, min_size: int = 1) -> Non
     if min_size < 0:
         raise ConfigError(f"min_size must be >= 0, got {min_size}")
     if n < num_partitions * min_size:
-        raise ConfigError(
-            f"{n} samples cannot give {num_partitions} partitions of at least {min_size}"
-        )
+        raise ConfigError(f"{n} samples cannot give {num_partitions} partitions of at least {min_size}")
 
 
 def iid_partition(n: int, num_partitions: int, seed: int) -> list[np.ndarray]:
@@ -318,9 +312,7 @@ def dirichlet_partition(
     return [np.sort(p) for p in merged]
 
 
-def partition_indices(
-    labels: np.ndarray, num_partitions: int, alpha: float, seed: int
-) -> list[np.ndarray]:
+def partition_indices(labels: np.ndarray, num_partitions: int, alpha: float, seed: int) -> list[np.ndarray]:
     """IID when ``alpha == inf``, else Dirichlet(alpha) label skew; ``alpha <= 0`` is refused."""
     if math.isnan(alpha) or alpha <= 0:
         raise ConfigError(f"alpha must be > 0 (inf for IID), got {alpha}")

@@ -39,8 +39,8 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -146,7 +146,7 @@ class QuantBody:
     q: torch.Tensor  # int8 [numel]
 
 
-Body = Union[DenseBody, SyntheticBody, SparseBody, TernaryBody, SignBody, QuantBody]
+Body = DenseBody | SyntheticBody | SparseBody | TernaryBody | SignBody | QuantBody
 
 
 @dataclass(frozen=True)
@@ -202,9 +202,7 @@ def _encode_body(p: Payload) -> bytes:
             raise PayloadError(f"synthetic inputs shape {tuple(b.inputs.shape)} not encodable")
         if b.labels.ndim != 2 or b.labels.shape[0] != n:
             raise PayloadError(f"labels shape {tuple(b.labels.shape)} does not match {n} inputs")
-        head = _finite_f32(b.scale, "scale") + struct.pack(
-            "<HHB3x", n, b.labels.shape[1], len(dims)
-        )
+        head = _finite_f32(b.scale, "scale") + struct.pack("<HHB3x", n, b.labels.shape[1], len(dims))
         head += struct.pack(f"<{len(dims)}I", *dims)
         return head + _floats(b.inputs, ft, "inputs") + _floats(b.labels, ft, "labels")
     if isinstance(b, SparseBody):
@@ -389,9 +387,7 @@ def decode(data: bytes) -> Payload:
     view = memoryview(data).cast("B")
     if len(view) < HEADER_SIZE:
         raise PayloadError(f"payload is {len(view)} bytes, shorter than the {HEADER_SIZE}-byte header")
-    magic, version, direction, codec, ftype, rnd, digest, numel, body_len = HEADER.unpack(
-        view[:HEADER_SIZE]
-    )
+    magic, version, direction, codec, ftype, rnd, digest, numel, body_len = HEADER.unpack(view[:HEADER_SIZE])
     if magic != MAGIC:
         raise PayloadError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:

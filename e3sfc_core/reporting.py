@@ -40,12 +40,17 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     rows = []
     with path.open() as fh:
         for row in csv.DictReader(fh):
-            rows.append({k: float(v == "True") if v in ("True", "False") else float(v) for k, v in row.items()})
+            rows.append(
+                {k: float(v == "True") if v in ("True", "False") else float(v) for k, v in row.items()}
+            )
     return rows
 
 
 def summarize(
-    records: list[RoundRecord], config: dict[str, Any], dense_bytes_per_payload: int, wall_seconds: float,
+    records: list[RoundRecord],
+    config: dict[str, Any],
+    dense_bytes_per_payload: int,
+    wall_seconds: float,
     budget_report: dict[str, Any],
 ) -> dict[str, Any]:
     """Final numbers of a run, including what FedAvg would have sent for the same traffic
@@ -94,8 +99,12 @@ def plot_runs(runs: dict[str, list[dict[str, float]]], out: Path) -> None:
         ax1.plot(rounds, acc, label=name)
         ax2.plot(cum, acc, label=name)
     ax1.set(xlabel="round", ylabel="test accuracy", title="accuracy vs round")
-    ax2.set(xlabel="cumulative bytes (uplink + downlink)", ylabel="test accuracy", xscale="log",
-            title="accuracy vs bytes")
+    ax2.set(
+        xlabel="cumulative bytes (uplink + downlink)",
+        ylabel="test accuracy",
+        xscale="log",
+        title="accuracy vs bytes",
+    )
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -170,7 +170,7 @@ def clip_and_average(
                 scaled[i] = updates[i] * (bound / n)
                 clipped += 1
     total = float(sum(weights))
-    mean = sum(u * (w / total) for u, w in zip(scaled, weights))
+    mean = sum(u * (w / total) for u, w in zip(scaled, weights, strict=True))
     assert isinstance(mean, torch.Tensor)
     return mean, clipped
 

@@ -176,7 +176,9 @@ class FederatedServer:
                 f"round {server_round} needs {needed} bytes, {self.scheduler.remaining()} left"
             )
         self.scheduler.spend("downlink", down_bytes, server_round=server_round)
-        record = RoundRecord(round=server_round, downlink_bytes=down_bytes, n_uplink=n_up, sampled=len(chosen))
+        record = RoundRecord(
+            round=server_round, downlink_bytes=down_bytes, n_uplink=n_up, sampled=len(chosen)
+        )
         record.n_downlink = self.n_down if self.cfg.compress_downlink else 0
         record.full_syncs = sum(1 for _, full in downs.values() if full)
         self._pending = record
@@ -212,11 +214,15 @@ class FederatedServer:
         for reply in sorted(replies, key=lambda r: r.node_id):
             rec.uplink_bytes += len(reply.payload)
             if reply.node_id not in self._plan:
-                logger.warning("round %d: reply from node %s that was not sampled", server_round, reply.node_id)
+                logger.warning(
+                    "round %d: reply from node %s that was not sampled", server_round, reply.node_id
+                )
                 rec.dropped += 1
                 continue
             if reply.status == STATUS_DESYNC:
-                logger.warning("round %d: node %s is out of sync; full weights next time", server_round, reply.node_id)
+                logger.warning(
+                    "round %d: node %s is out of sync; full weights next time", server_round, reply.node_id
+                )
                 self.synced[reply.node_id] = None
                 rec.desynced += 1
                 continue
@@ -242,7 +248,9 @@ class FederatedServer:
             self.accepted[reply.node_id] = server_round
         missing = set(self._plan) - {r.node_id for r in replies}
         if missing:
-            logger.warning("round %d: no reply from %d node(s): %s", server_round, len(missing), sorted(missing))
+            logger.warning(
+                "round %d: no reply from %d node(s): %s", server_round, len(missing), sorted(missing)
+            )
             rec.dropped += len(missing)
         self.scheduler.spend("uplink", rec.uplink_bytes, server_round=server_round, force=True)
         rec.accepted = len(updates)
@@ -252,7 +260,12 @@ class FederatedServer:
             rec.train_seconds = float(sum(train) / len(train))
             self.scheduler.observe("uplink", BudgetFeedback(rec.mean_cosine, 0.0))
         if len(updates) < min(self.cfg.min_train_nodes, len(self._plan)) or not updates:
-            logger.warning("round %d skipped: %d valid replies, need %d", server_round, len(updates), self.cfg.min_train_nodes)
+            logger.warning(
+                "round %d skipped: %d valid replies, need %d",
+                server_round,
+                len(updates),
+                self.cfg.min_train_nodes,
+            )
             for node in self._plan:
                 if self.accepted.get(node) == server_round:
                     del self.accepted[node]
@@ -320,7 +333,9 @@ class FederatedServer:
         set_flat(self.model, tensors["weights"].to(self.device))
         self.residual = tensors["residual"].to(self.device)
         self.history = {
-            int(k.split(".", 1)[1]): bytes(t.numpy().tobytes()) for k, t in tensors.items() if k.startswith("history.")
+            int(k.split(".", 1)[1]): bytes(t.numpy().tobytes())
+            for k, t in tensors.items()
+            if k.startswith("history.")
         }
         self.version = int(meta["version"])  # type: ignore[call-overload]
         self.n_down = int(meta["n_down"])  # type: ignore[call-overload]

@@ -41,6 +41,7 @@ def run_reference(
     exp = Experiment(cfg, base_dir)
     base = base_dir or Path.cwd()
     root = resolve_path(cfg.data_root, base)
+
     def state_file(pid: int) -> Path | None:
         return state_dir / f"client-{pid}.npz" if state_dir is not None else None
 
@@ -56,10 +57,23 @@ def run_reference(
         replies = []
         for node, instruction in plan.items():
             data = load_partition(
-                cfg.dataset, node, cfg.num_partitions, alpha=alpha, seed=cfg.seed, data_root=root, download=cfg.download
+                cfg.dataset,
+                node,
+                cfg.num_partitions,
+                alpha=alpha,
+                seed=cfg.seed,
+                data_root=root,
+                download=cfg.download,
             )
             reply, new_state = client_round(
-                cfg, exp.spec, instruction, data, states[node], node_id=node, partition_id=node, device=exp.device
+                cfg,
+                exp.spec,
+                instruction,
+                data,
+                states[node],
+                node_id=node,
+                partition_id=node,
+                device=exp.device,
             )
             if reply_hook is not None:
                 reply = reply_hook(server_round, instruction, reply)

@@ -19,8 +19,8 @@ from torch import nn
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
 from .decompressor import synthesize_update, synthetic_gradient
 from .errors import PayloadRejected
-from .payload import Codec, FloatType, Payload, SyntheticBody
 from .payload import HEADER_SIZE as _HEADER
+from .payload import Codec, FloatType, Payload, SyntheticBody
 from .tensors import num_params
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,7 @@ class SyntheticFeatureCompressor:
     codec = Codec.SYNTHETIC
     uses_error_feedback = True
 
-    def __init__(
-        self, settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
-    ) -> None:
+    def __init__(self, settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int) -> None:
         self.settings = settings
         self.input_shape = tuple(int(d) for d in input_shape)
         self.n_classes = int(n_classes)
@@ -67,7 +65,9 @@ class SyntheticFeatureCompressor:
         g = synthesize_update(model, inputs, labels, 1.0)
         gg = float(torch.dot(g, g))
         scale = float(torch.dot(g, target)) / gg if gg > 0 else float("nan")
-        degenerate = not math.isfinite(scale) or not math.isfinite(float(torch.tensor(scale, dtype=torch.float32)))
+        degenerate = not math.isfinite(scale) or not math.isfinite(
+            float(torch.tensor(scale, dtype=torch.float32))
+        )
         if degenerate:
             logger.warning("3SFC scale is not finite (|g|^2=%g); sending a zero update", gg)
             scale = 0.0
@@ -145,5 +145,7 @@ class SyntheticFeatureCompressor:
 
 
 @register("3sfc")
-def _build(settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int) -> SyntheticFeatureCompressor:
+def _build(
+    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
+) -> SyntheticFeatureCompressor:
     return SyntheticFeatureCompressor(settings, input_shape, n_classes)

@@ -46,9 +46,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         factory = DEVICES[name.strip().lower()]
     except KeyError:
-        raise ConfigError(
-            f"unknown device {name!r}; allowed: {', '.join(sorted(DEVICES))}"
-        ) from None
+        raise ConfigError(f"unknown device {name!r}; allowed: {', '.join(sorted(DEVICES))}") from None
     return factory()
 
 
@@ -94,9 +92,7 @@ def train_local(
     start = time.perf_counter()
     model.to(device)
     model.train()
-    optimiser = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     x, y = data.x.to(device), data.y.to(device)
     generator = torch.Generator().manual_seed(int(seed))
     epoch_loss = 0.0
@@ -111,9 +107,7 @@ def train_local(
             total += loss.detach() * len(batch)
         epoch_loss = float(total) / n
     seconds = time.perf_counter() - start
-    logger.debug(
-        "trained %d epochs on %d examples: loss %.4f in %.2fs", epochs, n, epoch_loss, seconds
-    )
+    logger.debug("trained %d epochs on %d examples: loss %.4f in %.2fs", epochs, n, epoch_loss, seconds)
     return TrainStats(loss=epoch_loss, num_examples=n, seconds=seconds)
 
 

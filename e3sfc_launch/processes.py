@@ -112,7 +112,9 @@ def wait_http_ok(url: str, timeout: float, proc: Managed | None = None, context:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s\n{tail}")
 
 
-def write_connection(flwr_home: Path, name: str, address: str, *, root_certificates: Path | None = None) -> None:
+def write_connection(
+    flwr_home: Path, name: str, address: str, *, root_certificates: Path | None = None
+) -> None:
     """Write a Flower CLI config with one SuperLink connection (our FLWR_HOME is ours
     alone, so the whole file is rewritten)."""
     flwr_home.mkdir(parents=True, exist_ok=True)

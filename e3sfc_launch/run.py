@@ -42,11 +42,13 @@ def run_status(env: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="e3sfc-run", description=__doc__.splitlines()[0])
-    parser.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method=\"topk\"")
+    parser.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help='config overrides, e.g. method="topk"')
     parser.add_argument("--config", type=Path, help="TOML override file, e.g. conf/mnist-mlp.toml")
     parser.add_argument("--num-supernodes", type=int, default=10, help="simulated clients (default 10)")
     parser.add_argument("--cpus-per-client", type=int, default=1, help="Ray CPUs per client (default 1)")
-    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU fraction per client (default 0)")
+    parser.add_argument(
+        "--gpus-per-client", type=float, default=0.0, help="GPU fraction per client (default 0)"
+    )
     parser.add_argument("--flwr-home", type=Path, default=Path(".flwr-home"), help="private Flower state dir")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds")
     args = parser.parse_args(argv)
@@ -64,8 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     write_connection(home, CONNECTION, f"127.0.0.1:{port}")
     superlink = Managed(
         "flower-superlink",
-        ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-         "--database", ":flwr-in-memory:"],
+        [
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            ":flwr-in-memory:",
+        ],
         env,
         home / "superlink.log",
     )
@@ -75,8 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             f"num-supernodes={args.num_supernodes} client-resources-num-cpus={args.cpus_per_client} "
             f"client-resources-num-gpus={args.gpus_per_client}"
         )
-        cmd = ["flwr", "run", str(app_dir()), CONNECTION, "--stream",
-               "--run-config", to_flwr_run_config(overrides), "--federation-config", federation]
+        cmd = [
+            "flwr",
+            "run",
+            str(app_dir()),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            to_flwr_run_config(overrides),
+            "--federation-config",
+            federation,
+        ]
         subprocess.run(cmd, env=env, timeout=args.timeout, check=False)
         status = run_status(env)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:

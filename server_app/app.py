@@ -40,6 +40,9 @@ def main(grid: Grid, context: Context) -> None:
     summary = experiment.finalize()
     logging.getLogger("e3sfc_core").info(
         "done: final accuracy %.4f, uplink %d B, downlink %d B, %.1fx less than FedAvg; outputs in %s",
-        summary["final_accuracy"] or 0.0, summary["total_uplink_bytes"], summary["total_downlink_bytes"],
-        summary["compression_ratio"] or 0.0, experiment.run_dir,
+        summary["final_accuracy"] or 0.0,
+        summary["total_uplink_bytes"],
+        summary["total_downlink_bytes"],
+        summary["compression_ratio"] or 0.0,
+        experiment.run_dir,
     )

@@ -21,7 +21,10 @@ REPLY_FIELDS = "e3sfc.reply"
 def bytes_record(blobs: Sequence[bytes]) -> ArrayRecord:
     """Ordered payloads as raw-byte Arrays keyed "0", "1", ..."""
     return ArrayRecord(
-        {str(i): Array(dtype="uint8", shape=(len(b),), stype=RAW_STYPE, data=bytes(b)) for i, b in enumerate(blobs)}
+        {
+            str(i): Array(dtype="uint8", shape=(len(b),), stype=RAW_STYPE, data=bytes(b))
+            for i, b in enumerate(blobs)
+        }
     )
 
 
@@ -51,7 +54,9 @@ def instruction_from(msg: Message) -> Instruction:
     content = msg.content
     if RECORD_CONFIG not in content.config_records or RECORD_DOWNLINK not in content.array_records:
         raise PayloadError("train message lacks the e3sfc config or downlink record")
-    return Instruction.from_fields(content.config_records[RECORD_CONFIG], record_bytes(content.array_records[RECORD_DOWNLINK]))
+    return Instruction.from_fields(
+        content.config_records[RECORD_CONFIG], record_bytes(content.array_records[RECORD_DOWNLINK])
+    )
 
 
 def reply_content(reply: Reply) -> RecordDict:
@@ -80,5 +85,7 @@ def reply_from(msg: Message) -> Reply:
     except (KeyError, PayloadError) as exc:
         return Reply(node, STATUS_ERROR, error=f"malformed reply: {exc}")
     if len(blobs) != 1:
-        return Reply(node, STATUS_ERROR, b"".join(blobs), error=f"reply carries {len(blobs)} payloads, expected 1")
+        return Reply(
+            node, STATUS_ERROR, b"".join(blobs), error=f"reply carries {len(blobs)} payloads, expected 1"
+        )
     return Reply.from_fields(node, fields, blobs[0], metrics)

@@ -35,8 +35,12 @@ class E3SFCStrategy(Strategy):
         cfg = self.exp.cfg
         logger.info(
             "E3SFCStrategy: method=%s dataset=%s model=%s rounds=%d downlink=%s budget=%d",
-            cfg.method, cfg.dataset, cfg.model, cfg.num_rounds,
-            "compressed" if cfg.compress_downlink else "dense", cfg.budget_total_bytes,
+            cfg.method,
+            cfg.dataset,
+            cfg.model,
+            cfg.num_rounds,
+            "compressed" if cfg.compress_downlink else "dense",
+            cfg.budget_total_bytes,
         )
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -98,12 +102,18 @@ class E3SFCStrategy(Strategy):
             if pending:
                 time.sleep(POLL_SECONDS)
         if pending:
-            logger.warning("%d client(s) did not answer within %.0f s", len(pending), self.exp.cfg.round_timeout)
+            logger.warning(
+                "%d client(s) did not answer within %.0f s", len(pending), self.exp.cfg.round_timeout
+            )
         return replies
 
     def start(  # type: ignore[override]
-        self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
-        timeout: float | None = None, **_: object,
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        **_: object,
     ) -> Result:
         """Run the experiment's remaining rounds; stops early when the budget is spent."""
         self.summary()
@@ -117,4 +127,3 @@ class E3SFCStrategy(Strategy):
             if metrics is not None:
                 result.train_metrics_clientapp[server_round] = metrics
         return result
-

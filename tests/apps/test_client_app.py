@@ -22,8 +22,13 @@ def _setup(tmp_path: Path, node_config: dict | None = None) -> tuple[FederatedSe
     cfg = ExperimentConfig.from_run_config({"local-epochs": 1, "device": "cpu"})
     server = FederatedServer(cfg, get_spec("digits"), resolve_device("cpu"))
     instruction = server.plan_round(1, [7])[7]
-    ctx = Context(run_id=1, node_id=7, node_config=node_config or {"partition-id": 0, "num-partitions": 4},
-                  state=RecordDict(), run_config=cfg.to_run_config())
+    ctx = Context(
+        run_id=1,
+        node_id=7,
+        node_config=node_config or {"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=cfg.to_run_config(),
+    )
     return server, ctx, instruction
 
 
@@ -49,8 +54,11 @@ def test_malformed_instruction_raises_and_leaves_state_untouched(tmp_path: Path)
     _, ctx, instruction = _setup(tmp_path)
     train(_message(instruction), ctx)
     saved = {k: a.data for k, a in ctx.state.array_records[STATE_RESIDUAL].items()}
-    bad = Message(RecordDict({RECORD_CONFIG: ConfigRecord({"server-round": 2})}), dst_node_id=7,
-                  message_type=MessageType.TRAIN)
+    bad = Message(
+        RecordDict({RECORD_CONFIG: ConfigRecord({"server-round": 2})}),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
     # Execute / Assert
     with pytest.raises(PayloadError, match="lacks"):
         train(bad, ctx)
@@ -74,7 +82,9 @@ def test_state_dir_survives_a_supernode_restart(tmp_path: Path) -> None:
     train(_message(instruction), ctx)
     residual = ctx.state.array_records[STATE_RESIDUAL]["residual"].numpy()
     # Execute: a new Context (the SuperNode restarted and lost its in-memory state)
-    fresh = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=ctx.run_config)
+    fresh = Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=ctx.run_config
+    )
     from client_app.app import _load_state
 
     state = _load_state(fresh, tmp_path / "state" / "client-0.npz")

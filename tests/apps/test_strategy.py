@@ -19,8 +19,13 @@ from .conftest import FakeGrid
 
 
 def _cfg(tmp_path: Path, **over: object) -> ExperimentConfig:
-    base = {"num-rounds": 3, "local-epochs": 2, "output-dir": str(tmp_path / "out"), "num-partitions": 4,
-            "device": "cpu"}
+    base = {
+        "num-rounds": 3,
+        "local-epochs": 2,
+        "output-dir": str(tmp_path / "out"),
+        "num-partitions": 4,
+        "device": "cpu",
+    }
     base.update(over)
     return ExperimentConfig.from_run_config(base)
 

@@ -19,9 +19,20 @@ ARGS = ["num-rounds=8", "checkpoint-every=1", "local-epochs=2", "num-partitions=
 
 def _simulate(out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "e3sfc_core.simulate", "--state-dir", str(out / "clients"), *ARGS,
-         f"output-dir={out}", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "e3sfc_core.simulate",
+            "--state-dir",
+            str(out / "clients"),
+            *ARGS,
+            f"output-dir={out}",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 

@@ -16,8 +16,14 @@ LAUNCH = [sys.executable, "-m", "e3sfc_launch.run"]
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(LAUNCH + args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        LAUNCH + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def _our_processes(flwr_home: Path) -> list[str]:
@@ -40,8 +46,18 @@ def test_run_streams_rounds_writes_outputs_and_leaves_nothing_running(tmp_path: 
     # Prepare
     home = tmp_path / "flwr-home"
     # Execute (relative output-dir: must land under the directory we launched from)
-    proc = _run(["num-rounds=3", "local-epochs=2", "output-dir=\"runs\"", "--num-supernodes", "3",
-                 "--flwr-home", str(home)], cwd=tmp_path)
+    proc = _run(
+        [
+            "num-rounds=3",
+            "local-epochs=2",
+            'output-dir="runs"',
+            "--num-supernodes",
+            "3",
+            "--flwr-home",
+            str(home),
+        ],
+        cwd=tmp_path,
+    )
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "round   3 |" in proc.stdout and "finished:completed" in proc.stdout
@@ -58,7 +74,7 @@ def test_run_streams_rounds_writes_outputs_and_leaves_nothing_running(tmp_path: 
 
 
 def test_bad_value_fails_before_anything_starts(tmp_path: Path) -> None:
-    proc = _run(["method=\"zip\""], cwd=tmp_path, timeout=60)
+    proc = _run(['method="zip"'], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert "method" in proc.stderr and "e3sfc" in proc.stderr
 
@@ -66,8 +82,17 @@ def test_bad_value_fails_before_anything_starts(tmp_path: Path) -> None:
 def test_failed_run_exits_nonzero(tmp_path: Path) -> None:
     # mnist is not on disk here and downloads are off: the ServerApp fails
     home = tmp_path / "flwr-home"
-    proc = _run(["dataset=\"mnist\"", f"data-root=\"{tmp_path / 'nodata'}\"", "--num-supernodes", "2",
-                 "--flwr-home", str(home)], cwd=tmp_path)
+    proc = _run(
+        [
+            'dataset="mnist"',
+            f'data-root="{tmp_path / "nodata"}"',
+            "--num-supernodes",
+            "2",
+            "--flwr-home",
+            str(home),
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "finished:completed" not in proc.stdout
     assert _our_processes(home) == []
