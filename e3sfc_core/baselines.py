@@ -210,7 +210,7 @@ class TopKCompressor(_Baseline):
     name = "topk"
     codec = Codec.TOPK
     uses_error_feedback = True
-    body_type = SparseBody
+    body_type: type = SparseBody
 
     def __init__(self, settings: CompressorSettings) -> None:
         super().__init__(settings)
@@ -222,7 +222,7 @@ class TopKCompressor(_Baseline):
     def k(self, numel: int) -> int:
         return topk_count(self.ratio, numel)
 
-    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SparseBody:
+    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SparseBody | TernaryBody:
         idx = _topk_indices(flat, self.k(flat.numel()))
         return SparseBody(indices=idx, values=self._wire_floats(flat[idx]))
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .payload import Codec, Direction, Payload
 
 
@@ -104,13 +105,21 @@ def register(name: str) -> Callable[[CompressorFactory], CompressorFactory]:
     return deco
 
 
-def build_compressor(name: str, settings: CompressorSettings, spec: object) -> Compressor:
+class ShapeSpec(Protocol):
+    """What a compressor needs to know about the data (``datasets.DatasetSpec`` fits)."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def n_classes(self) -> int: ...
+
+
+def build_compressor(name: str, settings: CompressorSettings, spec: ShapeSpec) -> Compressor:
     """Instantiate a registered method for a dataset spec (``input_shape``, ``n_classes``).
 
     Importing the package registers every method; an unknown name is a configuration error.
     """
-    from .errors import ConfigError
-
     if name not in COMPRESSORS:
         raise ConfigError(f"unknown method {name!r}; known: {sorted(COMPRESSORS)}")
     shape = tuple(spec.input_shape)

@@ -41,6 +41,7 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,10 @@ class FloatType(enum.IntEnum):
     FLOAT16 = 2
 
 
-_NP_FLOAT = {FloatType.FLOAT32: np.dtype("<f4"), FloatType.FLOAT16: np.dtype("<f2")}
+_NP_FLOAT: dict[FloatType, np.dtype[Any]] = {
+    FloatType.FLOAT32: np.dtype("<f4"),
+    FloatType.FLOAT16: np.dtype("<f2"),
+}
 
 
 @dataclass(frozen=True)

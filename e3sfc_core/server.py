@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -312,7 +313,7 @@ class FederatedServer:
 
     # -------------------------------------------------------------------- checkpoints
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and JSON-able metadata that restore this server exactly."""
         tensors = {"weights": get_flat(self.model).cpu(), "residual": self.residual.cpu()}
         for v, data in self.history.items():
@@ -327,7 +328,7 @@ class FederatedServer:
         }
         return tensors, meta
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Known nodes keep their bookkeeping (a client
         that kept its state resumes exactly); nodes we have no record of get full weights."""
         set_flat(self.model, tensors["weights"].to(self.device))
@@ -337,12 +338,12 @@ class FederatedServer:
             for k, t in tensors.items()
             if k.startswith("history.")
         }
-        self.version = int(meta["version"])  # type: ignore[call-overload]
-        self.n_down = int(meta["n_down"])  # type: ignore[call-overload]
-        self.scheduler = BudgetScheduler.from_state_dict(meta["scheduler"])  # type: ignore[arg-type]
-        self.records = [RoundRecord(**r) for r in meta["records"]]  # type: ignore[union-attr]
+        self.version = int(meta["version"])
+        self.n_down = int(meta["n_down"])
+        self.scheduler = BudgetScheduler.from_state_dict(meta["scheduler"])
+        self.records = [RoundRecord(**r) for r in meta["records"]]
         self.digest = digest_flat(get_flat(self.model))
-        self.synced = {int(n): (None if v is None else int(v)) for n, v in meta.get("synced", [])}  # type: ignore[union-attr]
-        self.accepted = {int(n): int(r) for n, r in meta.get("accepted", [])}  # type: ignore[union-attr]
+        self.synced = {int(n): (None if v is None else int(v)) for n, v in meta.get("synced", [])}
+        self.accepted = {int(n): int(r) for n, r in meta.get("accepted", [])}
         self._full = None
         self._restarted = True

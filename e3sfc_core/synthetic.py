@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -114,10 +115,10 @@ class SyntheticFeatureCompressor:
         x = torch.randn((n, *self.input_shape), generator=gen).to(device).requires_grad_(True)
         y = torch.randn((n, self.n_classes), generator=gen).to(device).requires_grad_(True)
         t_norm = target.norm()
-        best = {"cos": -1.0, "x": x.detach().clone(), "y": y.detach().clone()}
+        best = _Best(-1.0, x.detach().clone(), y.detach().clone())
         evals = 0
         if float(t_norm) == 0.0:
-            return best["x"], best["y"], 0
+            return best.x, best.y, 0
 
         def closure() -> torch.Tensor:
             nonlocal evals
@@ -127,21 +128,30 @@ class SyntheticFeatureCompressor:
             cos = torch.dot(g, target) / (g.norm() * t_norm + 1e-12)
             loss = 1.0 - cos.abs()
             value = float(cos.detach().abs())
-            if math.isfinite(value) and value > best["cos"]:
-                best.update(cos=value, x=x.detach().clone(), y=y.detach().clone())
+            if math.isfinite(value) and value > best.cos:
+                best.cos, best.x, best.y = value, x.detach().clone(), y.detach().clone()
             loss.backward()
             return loss
 
         opt = torch.optim.LBFGS([x, y], lr=1.0, max_iter=s.evals_per_step, history_size=10)
         previous = -1.0
         while evals < s.max_evals:
-            opt.step(closure)
+            opt.step(closure)  # type: ignore[no-untyped-call]
             if not math.isfinite(float(x.detach().abs().sum() + y.detach().abs().sum())):
                 break  # diverged: the best iterate so far is kept
-            if best["cos"] - previous < s.min_improvement:
+            if best.cos - previous < s.min_improvement:
                 break
-            previous = best["cos"]
-        return best["x"], best["y"], evals
+            previous = best.cos
+        return best.x, best.y, evals
+
+
+@dataclass
+class _Best:
+    """Best iterate seen by any closure evaluation (LBFGS may end on a worse one)."""
+
+    cos: float
+    x: torch.Tensor
+    y: torch.Tensor
 
 
 @register("3sfc")

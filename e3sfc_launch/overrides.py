@@ -45,8 +45,8 @@ def collect(config_file: Path | None, pairs: Sequence[str], base_dir: Path) -> d
         overrides[key.strip()] = parse_value(value.strip())
     ExperimentConfig.from_run_config(overrides)  # fail fast, naming the key
     for key in PATH_KEYS:
-        value = Path(str(overrides.get(key, ExperimentConfig().to_run_config()[key]))).expanduser()
-        overrides[key] = str(value if value.is_absolute() else (base_dir / value).resolve())
+        path = Path(str(overrides.get(key, ExperimentConfig().to_run_config()[key]))).expanduser()
+        overrides[key] = str(path if path.is_absolute() else (base_dir / path).resolve())
     return overrides
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -89,7 +90,9 @@ class Managed:
             return ""
 
 
-def wait_http_ok(url: str, timeout: float, proc: Managed | None = None, context: object = None) -> None:
+def wait_http_ok(
+    url: str, timeout: float, proc: Managed | None = None, context: ssl.SSLContext | None = None
+) -> None:
     """Poll ``url`` until it answers 2xx; fail early if ``proc`` died.
 
     Raises

@@ -61,7 +61,7 @@ def instruction_from(msg: Message) -> Instruction:
 
 def reply_content(reply: Reply) -> RecordDict:
     """Client -> server reply."""
-    metrics = dict(reply.metrics)
+    metrics: dict[str, int | float | list[int] | list[float]] = dict(reply.metrics)
     metrics["num-examples"] = reply.num_examples
     return RecordDict(
         {

@@ -123,7 +123,7 @@ class E3SFCStrategy(Strategy):
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
             if not messages:
                 break
-            _, metrics = self.aggregate_train(server_round, self._send_and_receive(grid, messages))
+            _arrays, metrics = self.aggregate_train(server_round, self._send_and_receive(grid, messages))
             if metrics is not None:
                 result.train_metrics_clientapp[server_round] = metrics
         return result
