@@ -122,7 +122,8 @@ def client_round(
         apply_downlink(model, instruction.downlink, compressor, instruction.target_digest)
     except (DesyncError, PayloadError) as exc:
         logger.warning("node %s cannot sync: %s", node_id, exc)
-        return Reply(node_id, STATUS_DESYNC, error=str(exc)), replace(state, weights=None)
+        reply = Reply(node_id, STATUS_DESYNC, error=str(exc), partition_id=partition_id)
+        return reply, replace(state, weights=None)
     base = get_flat(model)
     numel = base.numel()
     start = state.residual_for(instruction, compressor.uses_error_feedback)
@@ -138,6 +139,7 @@ def client_round(
     enc = compress_update(compressor, update + residual, model, meta, Budget(instruction.n_samples))
     reply = Reply(
         node_id=node_id,
+        partition_id=partition_id,
         status=STATUS_OK,
         payload=enc.data,
         num_examples=stats.num_examples,

@@ -75,10 +75,11 @@ class Reply:
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    partition_id: int = -1  # lets the server aggregate in a fixed order (node IDs are random)
 
     def fields(self) -> dict[str, int | str]:
         """Scalar fields besides the payload and metrics."""
-        return {"status": self.status, "num-examples": self.num_examples}
+        return {"status": self.status, "num-examples": self.num_examples, "partition-id": self.partition_id}
 
     @classmethod
     def from_fields(
@@ -91,9 +92,12 @@ class Reply:
             return cls(node_id, STATUS_ERROR, payload, error=f"unknown reply status {status!r}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             return cls(node_id, STATUS_ERROR, payload, error=f"num-examples must be an int >= 0, got {n!r}")
+        pid = f.get("partition-id", -1)
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            pid = -1
         clean = {
             k: float(v)
             for k, v in metrics.items()
             if k in REPLY_METRICS and isinstance(v, (int, float)) and math.isfinite(v)
         }
-        return cls(node_id, status, payload, n, clean)
+        return cls(node_id, status, payload, n, clean, partition_id=pid)

@@ -211,8 +211,9 @@ class FederatedServer:
             max_samples=rec.n_uplink,
         )
         updates, weights, cosines, comp, train = [], [], [], [], []
-        # Arrival order is arbitrary; a fixed order keeps float sums (and runs) reproducible.
-        for reply in sorted(replies, key=lambda r: r.node_id):
+        # Arrival order and deployed node IDs are arbitrary; a fixed order (by the
+        # partition each client reports) keeps float sums, and so runs, reproducible.
+        for reply in sorted(replies, key=lambda r: (r.partition_id, r.node_id)):
             rec.uplink_bytes += len(reply.payload)
             if reply.node_id not in self._plan:
                 logger.warning(

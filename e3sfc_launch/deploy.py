@@ -8,7 +8,7 @@ certificates and node keys are made by ``docker/certs.sh`` (or, where that canno
 by the same logic in Python), the node public keys are registered with
 ``flwr supernode register``, and only then do the SuperNodes start. The run is submitted
 with ``flwr run --stream``; its final status comes from ``flwr ls``. Every process this
-launcher started is stopped by PID when it returns, also on errors and Ctrl-C.
+launcher started is stopped by PID when it returns, also on errors, Ctrl-C and SIGTERM.
 
 Exit codes: 0 run ``finished:completed``; 1 the run failed or a process did not come
 up; 2 bad arguments or configuration.
@@ -23,9 +23,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -54,7 +56,11 @@ def app_dir() -> Path:
 
 
 def certs_script() -> Path:
-    """``docker/certs.sh``: the one place the certificate recipe is written down."""
+    """``docker/certs.sh``: the one place the certificate recipe is written down (in a
+    wheel it may be shipped next to this module instead)."""
+    for path in (app_dir() / "docker" / "certs.sh", Path(__file__).resolve().parent / "certs.sh"):
+        if path.is_file():
+            return path
     return app_dir() / "docker" / "certs.sh"
 
 
@@ -289,6 +295,7 @@ class Deployment:
     client_threads: int | None = None  # OMP/MKL threads of each ClientApp process
     processes: list[Managed] = field(default_factory=list)
     supernodes: list[Managed] = field(default_factory=list)
+    argv: dict[str, list[str]] = field(default_factory=dict)  # command line by process name
 
     @property
     def logs(self) -> Path:
@@ -336,7 +343,13 @@ class Deployment:
         ]
         errors = []
         for key, proc in procs:
-            out, err = proc.communicate(timeout=CLI_TIMEOUT)
+            try:
+                out, err = proc.communicate(timeout=CLI_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                for _, other in procs:
+                    other.kill()
+                    other.communicate()
+                raise
             try:
                 ok = bool(json.loads(out).get("success"))
             except json.JSONDecodeError:
@@ -427,6 +440,7 @@ class Deployment:
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Managed:
         proc = Managed(name, argv, env or self.env, self.logs / f"{name}.log")
         self.processes.append(proc)
+        self.argv[name] = list(argv)
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
 
@@ -541,7 +555,7 @@ class Deployment:
                 [
                     "flower-superexec",
                     "--runtime-api-address",
-                    f"{host}:{port}",
+                    f"{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}",
                     "--insecure",
                     *self._superexec_auth_args(index),
                 ],
@@ -708,6 +722,12 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None:
             node_config[key] = toml_string(str(path.expanduser().resolve()))
     status = "not started"
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through deployment(): every process is stopped
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         with deployment(
             args.workdir,
@@ -741,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"e3sfc-deploy: {exc}", file=sys.stderr)
         print(f"e3sfc-deploy: process logs in {args.workdir.resolve() / 'logs'}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(f"e3sfc-deploy: run status {status}")
     return 0 if status == "finished:completed" else 1
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -43,12 +43,20 @@ def _config(profile: str) -> dict[str, Any]:
     if cmd is None:
         pytest.skip("no Compose binary: install Debian's docker-compose (apt-get install -y docker-compose)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_VERSION", "E3SFC_", "COMPOSE_"))}
-    res = subprocess.run([*cmd, "-f", str(COMPOSE), "--profile", profile, "config"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
+    res = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "--profile", profile, "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     config = yaml.safe_load(res.stdout)
     services = {
-        name: svc for name, svc in config["services"].items()
+        name: svc
+        for name, svc in config["services"].items()
         if not svc.get("profiles") or profile in svc["profiles"]
     }
     return {**config, "services": services}
@@ -96,7 +104,11 @@ def _supernodes(services: dict[str, Any]) -> dict[str, Any]:
 
 
 def _clientapps(services: dict[str, Any]) -> dict[str, Any]:
-    return {n: s for n, s in services.items() if (_flag(s, "--runtime-api-address") or "").startswith("supernode-")}
+    return {
+        n: s
+        for n, s in services.items()
+        if (_flag(s, "--runtime-api-address") or "").startswith("supernode-")
+    }
 
 
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
@@ -149,7 +161,11 @@ def test_tls_and_supernode_auth_are_on(profile: str) -> None:
     superlink = services["superlink"]
     assert _flag(superlink, "--insecure") is None
     assert _flag(superlink, "--enable-supernode-auth") == ""
-    cert_flags = {"--ssl-ca-certfile": "ca.crt", "--ssl-certfile": "server.pem", "--ssl-keyfile": "server.key"}
+    cert_flags = {
+        "--ssl-ca-certfile": "ca.crt",
+        "--ssl-certfile": "server.pem",
+        "--ssl-keyfile": "server.key",
+    }
     mounts = _mounts(superlink)
     for flag, file in cert_flags.items():
         path = _flag(superlink, flag)
@@ -172,7 +188,10 @@ def test_tls_and_supernode_auth_are_on(profile: str) -> None:
     assert "flwr supernode register" in script
     for name in _supernodes(services):
         assert register["depends_on"]["superlink"]["condition"] == "service_healthy"
-        assert services[name]["depends_on"]["supernode-register"]["condition"] == "service_completed_successfully"
+        assert (
+            services[name]["depends_on"]["supernode-register"]["condition"]
+            == "service_completed_successfully"
+        )
 
 
 def test_gpu_variant_reserves_an_nvidia_gpu_per_clientapp() -> None:
@@ -206,16 +225,29 @@ def test_compose_flags_exist_in_installed_flwr() -> None:
         image = str(svc.get("image", ""))
         if entry is not None:
             continue  # one-shot jobs with their own entrypoint
-        exe = ("flower-superlink" if image.startswith("flwr/superlink") else
-               "flower-supernode" if image.startswith("flwr/supernode") else "flower-superexec")
+        exe = (
+            "flower-superlink"
+            if image.startswith("flwr/superlink")
+            else "flower-supernode"
+            if image.startswith("flwr/supernode")
+            else "flower-superexec"
+        )
         if exe not in helps:
-            res = subprocess.run([str(bindir / exe), "--help"], capture_output=True, text=True, timeout=60,
-                                 env={**os.environ, "COLUMNS": "200"}, check=False)
+            res = subprocess.run(
+                [str(bindir / exe), "--help"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "COLUMNS": "200"},
+                check=False,
+            )
             helps[exe] = res.stdout
         for arg in _args(svc):
             if arg.startswith("--"):
                 flag = arg.split("=", 1)[0]
-                assert re.search(rf"(^|[\s\[]){re.escape(flag)}[\s\]=]", helps[exe]), f"{name}: {exe} has no {flag}"
+                assert re.search(rf"(^|[\s\[]){re.escape(flag)}[\s\]=]", helps[exe]), (
+                    f"{name}: {exe} has no {flag}"
+                )
                 checked += 1
     assert checked > 30
 
@@ -225,5 +257,5 @@ def test_dockerfile_extends_superexec_and_selects_torch() -> None:
     assert re.search(r"^FROM flwr/superexec:\$\{FLWR_VERSION\}$", text, re.M)
     assert re.search(r"^ARG FLWR_VERSION=1\.41\.0$", text, re.M)
     assert re.search(r"^ARG TORCH_INDEX_URL=", text, re.M)
-    assert "--index-url \"${TORCH_INDEX_URL}\"" in text
+    assert '--index-url "${TORCH_INDEX_URL}"' in text
     assert "!= 'flwr'" in text  # the flwr dependency is dropped, the image's flwr is kept

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import ssl
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,6 +29,7 @@ from e3sfc_launch.deploy import Deployment, deployment, generate_certs, main
 from e3sfc_launch.overrides import collect
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 NUM_SUPERNODES = 3
 RUN_TIMEOUT = 240.0
 REFUSAL_TIMEOUT = 45.0
@@ -60,19 +67,27 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploym
 def test_topology_is_tls_with_node_auth(deployed: tuple[Deployment, Path]) -> None:
     dep, _ = deployed
     assert dep.certs is not None and dep.auth
-    superlink = dep.processes[0].proc.args
+    superlink = dep.argv["superlink"]
     assert "--enable-supernode-auth" in superlink and "--insecure" not in superlink
     assert "--ssl-certfile" in superlink
     for node in dep.supernodes:
-        assert "--root-certificates" in node.proc.args and "--auth-supernode-private-key" in node.proc.args
+        args = dep.argv[node.name]
+        assert "--root-certificates" in args and "--auth-supernode-private-key" in args
     nodes = dep.nodes()
     assert sum(n["status"] == "online" for n in nodes) == NUM_SUPERNODES
     # a TLS client that does not trust our CA is refused
-    with pytest.raises(OSError):
-        import urllib.request
-
-        urllib.request.urlopen(f"https://{dep.superlink_address}/health", timeout=5,  # noqa: S310
-                               context=ssl.create_default_context())
+    url = f"https://{dep.superlink_address}"
+    with pytest.raises(urllib.error.URLError) as untrusted:
+        urllib.request.urlopen(f"{url}/health", timeout=5, context=ssl.create_default_context())  # noqa: S310
+    assert isinstance(untrusted.value.reason, ssl.SSLError)
+    # the runtime API (same port) only serves SuperExecs that hold the shared secret
+    trusted = ssl.create_default_context(cafile=str(dep.certs.ca))
+    request = urllib.request.Request(
+        f"{url}/v1/runtime/acquire-task", data=b"", headers={"Content-Type": "application/protobuf"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5, context=trusted)  # noqa: S310
+    assert refused.value.code == 401
 
 
 def test_three_rounds_complete_and_accuracy_rises(deployed: tuple[Deployment, Path]) -> None:
@@ -121,6 +136,40 @@ def test_supernode_with_unregistered_key_is_refused(deployed: tuple[Deployment, 
     assert "Failed to activate" in rogue.tail(50) or "2004" in rogue.tail(50)
 
 
+def test_compose_registration_job_is_idempotent(deployed: tuple[Deployment, Path]) -> None:
+    """The ``supernode-register`` script of docker-compose.yml, run against this SuperLink:
+    two keys are already registered (accepted as such), the third is new."""
+    dep, work = deployed
+    assert dep.certs is not None
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    script = compose["services"]["supernode-register"]["command"][0].replace("$$", "$")
+    fresh = generate_certs(work / "compose-new", 1, backend="python").node_pub(0)
+    for old, new in {
+        "/tmp/flwr": str(work / "compose-flwr-home"),
+        "superlink:8000": dep.superlink_address,
+        "/app/certificates/ca.crt": str(dep.certs.ca),
+        "/app/keys/supernode-1.pub": str(dep.certs.node_pub(0)),
+        "/app/keys/supernode-2.pub": str(dep.certs.node_pub(1)),
+        "/app/keys/supernode-3.pub": str(fresh),
+    }.items():
+        assert old in script
+        script = script.replace(old, new)
+    res = subprocess.run(["sh", "-c", script], env=dep.env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("registered ") == 3
+    # and a key that is not an OpenSSH EC public key makes the job fail
+    bad = work / "bad.pub"
+    bad.write_text("not a key\n")
+    res = subprocess.run(
+        ["sh", "-c", script.replace(str(fresh), str(bad))],
+        env=dep.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode != 0
+
+
 def test_python_certificates_match_the_script_layout(tmp_path: Path) -> None:
     certs = generate_certs(tmp_path, 2, ["IP:10.1.2.3", "DNS:fl.example.org"], backend="python")
     assert certs.missing(2) == []
@@ -133,6 +182,45 @@ def test_python_certificates_match_the_script_layout(tmp_path: Path) -> None:
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size == 384
     assert certs.node_pub(0).read_text().startswith("ecdsa-sha2-nistp384 ")
     assert oct(certs.node_key(0).stat().st_mode & 0o777) == "0o600"
+
+
+def test_sigterm_stops_every_process_it_started(tmp_path: Path) -> None:
+    # Prepare: the launcher as a process, one SuperNode (the run waits for a second one)
+    work = tmp_path / "fl"
+    log = (tmp_path / "deploy.log").open("wb")
+    cmd = [
+        sys.executable,
+        "-m",
+        "e3sfc_launch.deploy",
+        "--num-supernodes",
+        "1",
+        "--workdir",
+        str(work),
+        "num-rounds=1",
+        'output-dir="out"',
+    ]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    home = work / "flwr-home"
+    try:
+        deadline = time.monotonic() + 90
+        while not (work / "logs" / "superexec-supernode-1.log").exists() and time.monotonic() < deadline:
+            assert launcher.poll() is None, (tmp_path / "deploy.log").read_text()
+            time.sleep(0.3)
+        assert _our_processes(home), "the deployment did not come up"
+        # Execute
+        launcher.send_signal(signal.SIGTERM)
+        rc = launcher.wait(timeout=60)
+        # Assert
+        assert rc == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 20
+        while _our_processes(home) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _our_processes(home) == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        log.close()
 
 
 def test_bad_config_fails_before_anything_starts(tmp_path: Path) -> None:

@@ -1,0 +1,293 @@
+"""Deployed vs simulated wall time per round, and Flower's bytes vs our payload bytes.
+
+    .venv/bin/python bench/deployment_bench.py --rounds 5 --out /tmp/e3sfc-bench
+
+1. Simulation: ``e3sfc-run --num-supernodes 3`` (Ray, one process).
+2. Deployment: ``e3sfc_launch.deploy.deployment`` (SuperLink + 3 SuperNodes + SuperExecs,
+   TLS + SuperNode auth, loopback), with the SuperNodes dialling the SuperLink through a
+   byte-counting TCP relay, so the Fleet traffic is measured on the wire (TLS records,
+   HTTP, request signatures, polling included). Flower's own per-run accounting
+   (``flwr ls --format json`` -> ``network-traffic``: protobuf bytes of the Fleet
+   messages and objects of that run) is read as well.
+
+Per-round wall time is taken from the streamed ``round N |`` lines (time between
+consecutive lines; round 1 from the ``initial model`` line). Our payload bytes come from
+``metrics.csv`` (uplink_bytes, downlink_bytes). Results: ``<out>/results.json`` and a
+Markdown table on stdout. Same config for both runs; nothing but loopback is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from e3sfc_launch.deploy import app_dir, deployment
+from e3sfc_launch.overrides import collect, to_flwr_run_config
+from e3sfc_launch.processes import free_port
+
+ROUND_LINE = re.compile(r"^round\s+(\d+) \|")
+IDLE_SECONDS = 15.0
+
+
+class CountingRelay:
+    """TCP relay 127.0.0.1:port -> target that counts bytes each way (loopback only)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self.up = 0  # client (SuperNode) -> SuperLink
+        self.down = 0  # SuperLink -> client
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._srv = socket.create_server(("127.0.0.1", self.port))
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> tuple[int, int]:
+        with self._lock:
+            counts = (self.up, self.down)
+            self.up = self.down = 0
+            return counts
+
+    def close(self) -> None:
+        self._stop = True
+        self._srv.close()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                with self._lock:
+                    if direction == "up":
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+
+def stream_rounds(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> dict[str, Any]:
+    """Run ``cmd``, tee its output to ``log``, timestamp the initial-model and round lines."""
+    start = time.monotonic()
+    marks: dict[int, float] = {}
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = time.monotonic() - start
+            fh.write(line)
+            if line.startswith("initial model"):
+                marks[0] = now
+            elif m := ROUND_LINE.match(line):
+                marks[int(m.group(1))] = now
+            if now > timeout:
+                proc.kill()
+                break
+        rc = proc.wait()
+    total = time.monotonic() - start
+    rounds = sorted(k for k in marks if k > 0)
+    per_round = [marks[r] - marks.get(r - 1, marks.get(0, 0.0)) for r in rounds]
+    return {"rc": rc, "wall_total_s": total, "first_round_line_s": marks.get(1), "per_round_s": per_round}
+
+
+def metrics(run_dir: Path) -> dict[str, Any]:
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "rounds": len(rows),
+        "uplink_bytes": sum(int(r["uplink_bytes"]) for r in rows),
+        "downlink_bytes": sum(int(r["downlink_bytes"]) for r in rows),
+        "uplink_messages": sum(int(r["sampled"]) for r in rows),
+        "downlink_messages": sum(int(r["sampled"]) for r in rows),
+        "final_accuracy": float(rows[-1]["accuracy"]),
+        "strategy_wall_s": summary.get("wall_seconds"),
+    }
+
+
+def run_simulation(out: Path, pairs: list[str], nodes: int, timeout: float) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "e3sfc_launch.run",
+        "--num-supernodes",
+        str(nodes),
+        "--flwr-home",
+        str(out / "sim-flwr-home"),
+        *pairs,
+        f'output-dir="{out}"',
+        'run-name="simulated"',
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    res = stream_rounds(cmd, env, out / "simulated.log", timeout)
+    res.update(metrics(out / "simulated"))
+    return res
+
+
+def run_deployment(out: Path, pairs: list[str], nodes: int, timeout: float) -> dict[str, Any]:
+    overrides = collect(None, [*pairs, f'output-dir="{out}"', 'run-name="deployed"'], out)
+    overrides["num-partitions"] = nodes
+    t0 = time.monotonic()
+    with deployment(out / "deploy", nodes, base_dir=out, start_supernodes=False) as dep:
+        assert dep.certs is not None
+        host, port = dep.superlink_address.rsplit(":", 1)
+        relay = CountingRelay((host, int(port)))
+        try:
+            dep.register(*(dep.certs.node_pub(i) for i in range(nodes)))
+            for i in range(nodes):
+                dep.start_supernode(i, nodes, superlink=f"127.0.0.1:{relay.port}")
+            dep.wait_online(nodes)
+            startup = time.monotonic() - t0
+            relay.reset()
+            time.sleep(IDLE_SECONDS)  # what idle, connected SuperNodes exchange
+            idle_up, idle_down = relay.reset()
+            cmd = [
+                "flwr",
+                "run",
+                str(app_dir()),
+                dep.connection,
+                "--stream",
+                "--run-config",
+                to_flwr_run_config(overrides),
+            ]
+            res = stream_rounds(cmd, dep.env, out / "deployed.log", timeout)
+            wire_up, wire_down = relay.reset()
+            info = dep.run_info()
+        finally:
+            relay.close()
+    res.update(metrics(out / "deployed"))
+    res.update(
+        startup_s=startup,
+        status=info.get("status"),
+        flower_accounting=info.get("network-traffic"),
+        wire_up_bytes=wire_up,
+        wire_down_bytes=wire_down,
+        idle_wire_up_bytes_per_s=idle_up / IDLE_SECONDS,
+        idle_wire_down_bytes_per_s=idle_down / IDLE_SECONDS,
+        relay_connections=relay.connections,
+    )
+    return res
+
+
+def fab_size(out: Path) -> int:
+    """Bytes of the FAB that ``flwr run`` uploads and every SuperNode downloads once."""
+    build = out / "fab"
+    build.mkdir(exist_ok=True)
+    env = {**os.environ, "FLWR_HOME": str(out / "fab-flwr-home")}
+    subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "build", "--app", str(app_dir())],
+        cwd=build,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return max(f.stat().st_size for f in build.glob("*.fab"))
+
+
+def overheads(dep: dict[str, Any], fab: int, nodes: int) -> dict[str, float]:
+    """Bytes Flower moved beyond our payload, per message: Flower's protobuf accounting,
+    and on the wire (everything, then without idle polling and the per-node FAB download)."""
+    n_up, n_down = dep["uplink_messages"], dep["downlink_messages"]
+    acct = dep["flower_accounting"] or {}
+    run_s = dep["wall_total_s"]
+    idle_up = dep["idle_wire_up_bytes_per_s"] * run_s
+    idle_down = dep["idle_wire_down_bytes_per_s"] * run_s
+    return {
+        "protobuf_up_per_msg": (acct.get("inbound-bytes", 0) - dep["uplink_bytes"]) / n_up,
+        "protobuf_down_per_msg": (acct.get("outbound-bytes", 0) - dep["downlink_bytes"]) / n_down,
+        "wire_up_per_msg": (dep["wire_up_bytes"] - dep["uplink_bytes"]) / n_up,
+        "wire_down_per_msg": (dep["wire_down_bytes"] - dep["downlink_bytes"]) / n_down,
+        "idle_up_during_run": idle_up,
+        "idle_down_during_run": idle_down,
+        "fab_downloads": fab * nodes,
+        "wire_up_per_msg_excl_idle": (dep["wire_up_bytes"] - idle_up - dep["uplink_bytes"]) / n_up,
+        "wire_down_per_msg_excl_idle_fab": (
+            dep["wire_down_bytes"] - idle_down - fab * nodes - dep["downlink_bytes"]
+        )
+        / n_down,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("/tmp/e3sfc-bench"))
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("pairs", nargs="*", help="extra run-config overrides for both runs")
+    args = p.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = [f"num-rounds={args.rounds}", *args.pairs]
+    results: dict[str, Any] = {"config": pairs, "nodes": args.nodes, "cpus": os.cpu_count()}
+    try:  # bench/_common.py: versions, CPU model, load average
+        from _common import env_info  # type: ignore[import-not-found]
+
+        results["env"] = env_info("cpu")
+    except ImportError:
+        pass
+    results["fab_bytes"] = fab_size(out)
+    results["simulated"] = run_simulation(out, pairs, args.nodes, args.timeout)
+    results["deployed"] = run_deployment(out, pairs, args.nodes, args.timeout)
+    results["overhead"] = overheads(results["deployed"], results["fab_bytes"], args.nodes)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    sim, dep = results["simulated"], results["deployed"]
+    print(json.dumps(results, indent=2))
+    print()
+    print("| | simulated | deployed (TLS + auth) |")
+    print("| --- | ---: | ---: |")
+    print(f"| wall time of the run command (s) | {sim['wall_total_s']:.1f} | {dep['wall_total_s']:.1f} |")
+    print(f"| deployment start-up before it (s) | - | {dep['startup_s']:.1f} |")
+    print(
+        f"| strategy time, initial eval + all rounds (s) | {sim['strategy_wall_s']:.1f} | "
+        f"{dep['strategy_wall_s']:.1f} |"
+    )
+    print(
+        f"| per round (strategy time / rounds, s) | {sim['strategy_wall_s'] / sim['rounds']:.2f} | "
+        f"{dep['strategy_wall_s'] / dep['rounds']:.2f} |"
+    )
+    print(
+        "| deployed per round from streamed lines (s) | - | "
+        + ", ".join(f"{x:.1f}" for x in dep["per_round_s"])
+        + " |"
+    )
+    print(f"| final accuracy | {sim['final_accuracy']:.4f} | {dep['final_accuracy']:.4f} |")
+    return 0 if sim["rc"] == 0 and dep["status"] == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
