@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise E3SFCError(f"cannot read checkpoint {path}: {exc}") from exc
-    if _META_KEY not in arrays:
-        raise E3SFCError(f"{path} is not an E-3SFC checkpoint (no metadata)")
-    meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
+        if _META_KEY not in arrays:
+            raise E3SFCError(f"{path} is not an E-3SFC checkpoint (no metadata)")
+        meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
+    except E3SFCError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        # a truncated or foreign file: say which one, whatever layer noticed
+        raise E3SFCError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, meta

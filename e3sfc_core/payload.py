@@ -177,7 +177,10 @@ def _floats(t: torch.Tensor, ft: FloatType, what: str) -> bytes:
 
 
 def _finite_f32(x: float, what: str) -> bytes:
-    packed = struct.pack("<f", x)
+    try:
+        packed = struct.pack("<f", x)
+    except (OverflowError, struct.error):
+        raise PayloadError(f"{what} is not finite in float32 (too large): {x!r}") from None
     if not math.isfinite(struct.unpack("<f", packed)[0]):
         raise PayloadError(f"{what} is not finite in float32: {x!r}")
     return packed
@@ -194,8 +197,21 @@ def _bits(negative: torch.Tensor) -> bytes:
     return np.packbits(negative.detach().cpu().numpy().astype(bool), bitorder="little").tobytes()
 
 
+_BODY_OF_CODEC: dict[Codec, type] = {
+    Codec.DENSE: DenseBody,
+    Codec.WEIGHTS: DenseBody,
+    Codec.SYNTHETIC: SyntheticBody,
+    Codec.TOPK: SparseBody,
+    Codec.STC: TernaryBody,
+    Codec.SIGN: SignBody,
+    Codec.QSGD: QuantBody,
+}
+
+
 def _encode_body(p: Payload) -> bytes:
     b, ft = p.body, p.float_type
+    if not isinstance(b, _BODY_OF_CODEC[p.codec]):
+        raise PayloadError(f"codec {p.codec.name} cannot carry a {type(b).__name__}")
     if isinstance(b, DenseBody):
         if b.values.numel() != p.numel:
             raise PayloadError(f"dense body has {b.values.numel()} values, numel is {p.numel}")
@@ -204,8 +220,10 @@ def _encode_body(p: Payload) -> bytes:
         n, dims = b.inputs.shape[0], tuple(b.inputs.shape[1:])
         if not 1 <= n <= MAX_SAMPLES or not 1 <= len(dims) <= MAX_NDIM:
             raise PayloadError(f"synthetic inputs shape {tuple(b.inputs.shape)} not encodable")
-        if b.labels.ndim != 2 or b.labels.shape[0] != n:
+        if b.labels.ndim != 2 or b.labels.shape[0] != n or not 1 <= b.labels.shape[1] <= 65535:
             raise PayloadError(f"labels shape {tuple(b.labels.shape)} does not match {n} inputs")
+        if not 1 <= math.prod(dims) <= MAX_INPUT_NUMEL:
+            raise PayloadError(f"synthetic input dims {dims} out of range")
         head = _finite_f32(b.scale, "scale") + struct.pack("<HHB3x", n, b.labels.shape[1], len(dims))
         head += struct.pack(f"<{len(dims)}I", *dims)
         return head + _floats(b.inputs, ft, "inputs") + _floats(b.labels, ft, "labels")
@@ -318,7 +336,9 @@ class _Reader:
 
 def _decode_synthetic(r: _Reader, ft: FloatType) -> SyntheticBody:
     scale = r.finite_f32("scale")
-    n, n_classes, ndim = r.unpack("<HHB3x", "synthetic shape fields")
+    n, n_classes, ndim, pad = r.unpack("<HHB3s", "synthetic shape fields")
+    if pad != b"\x00\x00\x00":
+        raise PayloadError("synthetic header padding bytes are not zero")
     if n < 1 or n_classes < 1:
         raise PayloadError(f"synthetic payload needs n >= 1 and n_classes >= 1, got {n}, {n_classes}")
     if not 1 <= int(ndim) <= MAX_NDIM:

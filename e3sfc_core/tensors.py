@@ -28,13 +28,14 @@ def get_flat(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def set_flat(model: nn.Module, flat: torch.Tensor) -> None:
     """Overwrite the weights with ``flat`` (the inverse of :func:`get_flat`)."""
+    total = num_params(model)
+    if flat.numel() != total:
+        raise ValueError(f"flat vector has {flat.numel()} values, model has {total}")
     offset = 0
     for p in model.parameters():
         n = p.numel()
         p.copy_(flat[offset : offset + n].view_as(p))
         offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} values, model has {offset}")
 
 
 @torch.no_grad()

@@ -216,7 +216,9 @@ def test_zero_target_gives_zero_scale(setup: Setup) -> None:
 
 
 @pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
-def test_degenerate_scale_sends_zero_update(setup: Setup, monkeypatch: pytest.MonkeyPatch, bad: float) -> None:
+def test_degenerate_scale_sends_zero_update(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, bad: float
+) -> None:
     # Prepare: the synthetic gradient used for the scale is all zeros (scale 0/0) or non-finite
     real = synthetic.synthesize_update
     monkeypatch.setattr(synthetic, "synthesize_update", lambda m, x, y, s: torch.full((num_params(m),), bad))
@@ -275,7 +277,9 @@ def test_decompress_rejects_mismatched_payloads(setup: Setup, case: str) -> None
         "dense-codec": {"codec": Codec.DENSE, "body": DenseBody(torch.zeros(numel))},
         "dense-body": {"body": DenseBody(torch.zeros(numel))},
         "numel": {"numel": numel + 1},
-        "input-shape": {"body": SyntheticBody(1.0, torch.randn(1, 1, 4, 16, generator=g), torch.randn(1, CLASSES))},
+        "input-shape": {
+            "body": SyntheticBody(1.0, torch.randn(1, 1, 4, 16, generator=g), torch.randn(1, CLASSES))
+        },
         "input-ndim": {"body": SyntheticBody(1.0, torch.randn(1, 64, generator=g), torch.randn(1, CLASSES))},
         "classes": {"body": SyntheticBody(1.0, torch.randn(1, *SHAPE, generator=g), torch.randn(1, 9))},
     }[case]

@@ -1,0 +1,388 @@
+"""Where the time goes, and how it grows (issue #5, item 3).
+
+Command (CPU, a few minutes; resnet18 does one 3SFC compression)::
+
+    .venv/bin/python bench/speed.py
+
+Quick smoke run::
+
+    .venv/bin/python bench/speed.py --rounds 2 --methods fedavg,e3sfc --models mlp,lenet5 --clients 10,20
+
+On a GPU machine (every timing synchronises CUDA; GPU peak memory is reported too)::
+
+    .venv/bin/python bench/speed.py --device cuda
+
+Three parts, each setting in its own subprocess so that peak memory is per setting:
+
+1. **Per round** (digits/MLP, ``--rounds`` rounds, 10 clients, every method, through
+   ``run_reference``): seconds per round split into local training and compression per
+   client (the reply metrics ``train-seconds``/``compress-seconds``), the server's
+   ``aggregate_seconds`` (validation + decompression of every uplink + clipping and
+   averaging + for E-3SFC the downlink compression) and the downlink compression alone
+   (``RoundRecord.compress_seconds`` minus the clients' mean; e3sfc only). Wall seconds per
+   round also include evaluation, partition loading and writing metrics.csv.
+2. **Model size** (``--models`` on ``--input-shape`` 3,32,32 random data, 10 classes):
+   one local epoch of ``--train-samples`` random examples (batch 32), then that real local
+   update is the target of 3SFC (n = 1, shipped LBFGS settings) and Top-k 1 %: seconds to
+   compress, per LBFGS evaluation, to decompress, and to encode / decode one payload.
+   3SFC runs ``--repeats`` times (``--big-repeats`` for models over 5M weights).
+3. **Number of clients** (digits, e3sfc and fedavg, ``--clients`` 10..100 simulated
+   clients, ``--client-rounds`` rounds): seconds per round, per client, on the server.
+
+Peak memory: the process's peak RSS (``VmHWM``, reset per phase through
+``/proc/self/clear_refs`` where the kernel allows, else ``ru_maxrss``) and, on CUDA,
+``torch.cuda.max_memory_allocated``. Writes ``bench/results/<out-name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    Timer,
+    env_info,
+    env_markdown,
+    fmt_bytes,
+    md_table,
+    median,
+    parse_ints,
+    print_table,
+    set_threads,
+    write_results,
+)
+
+BIG_MODEL = 5_000_000
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) in MiB; peak falls back to ru_maxrss."""
+    cur = peak = float("nan")
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if peak != peak:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return cur, peak
+
+
+class Phase:
+    """Peak RSS (and CUDA peak) of a block of code."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def __enter__(self) -> Phase:
+        import torch
+
+        self.reset = reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self.rss, self.peak = rss_mb()
+        self.cuda_peak = (
+            torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        )
+
+
+# -------------------------------------------------------------------------- workers
+
+
+def worker_rounds(job: dict[str, Any]) -> dict[str, Any]:
+    """Part 1 and part 3: one federated run, time split per round."""
+    import torch
+
+    from _common import run_federated
+
+    device = torch.device("cuda" if job["device"] == "cuda" else "cpu")
+    with Phase(device) as ph:
+        res = run_federated(job["config"], REPO)
+    recs, cms = res["records"], res["client_metrics"]
+    per_round = []
+    for rec in recs:
+        mine = [c for c in cms if c["round"] == rec["round"]]
+        train = sum(c["train-seconds"] for c in mine) / len(mine)
+        comp = sum(c["compress-seconds"] for c in mine) / len(mine)
+        per_round.append({
+            "round": rec["round"], "train_s_client_mean": train, "compress_s_client_mean": comp,
+            "train_s_sum": sum(c["train-seconds"] for c in mine), "compress_s_sum": sum(c["compress-seconds"] for c in mine),
+            "aggregate_s": rec["aggregate_seconds"], "downlink_compress_s": max(0.0, rec["compress_seconds"] - comp),
+            "uplink_bytes": rec["uplink_bytes"], "downlink_bytes": rec["downlink_bytes"],
+        })
+    return {
+        "per_round": per_round, "wall_s": res["wall_seconds"], "rounds": len(recs),
+        "final_accuracy": res["summary"]["final_accuracy"],
+        "peak_rss_mb": ph.peak, "rss_mb": ph.rss, "peak_reset": ph.reset, "cuda_peak_mb": ph.cuda_peak,
+    }
+
+
+def worker_model(job: dict[str, Any]) -> dict[str, Any]:
+    """Part 2: train / compress / decompress / encode / decode times of one model."""
+    import torch
+
+    from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build_compressor
+    from e3sfc_core.datasets import DatasetSpec, TensorData
+    from e3sfc_core.models import build_model
+    from e3sfc_core.payload import Direction, decode, encode
+    from e3sfc_core.tensors import cosine, digest_flat, get_flat, num_params, set_flat
+    from e3sfc_core.training import train_local
+
+    set_threads(job["threads"])
+    device = torch.device(job["device"])
+    shape, classes = tuple(job["input_shape"]), job["n_classes"]
+    spec = DatasetSpec("random", shape, classes)  # type: ignore[arg-type]
+    out: dict[str, Any] = {"model": job["model"], "input_shape": list(shape)}
+    with Phase(device) as ph:
+        model = build_model(job["model"], shape, classes, 0).to(device)
+        gen = torch.Generator().manual_seed(0)
+        data = TensorData(torch.randn((job["train_samples"], *shape), generator=gen),
+                          torch.randint(0, classes, (job["train_samples"],), generator=gen))
+        base = get_flat(model)
+    out.update(numel=num_params(model), setup_peak_rss_mb=ph.peak)
+    with Phase(device) as ph:
+        stats = train_local(model, data, epochs=1, lr=0.05, batch_size=32, device=device, seed=0)
+    steps = -(-len(data) // 32)
+    target = get_flat(model) - base
+    set_flat(model, base)
+    model.eval()
+    out.update(train_s=stats.seconds, train_steps=steps, train_s_per_step=stats.seconds / steps,
+               train_peak_rss_mb=ph.peak, train_cuda_peak_mb=ph.cuda_peak)
+    meta = PayloadMeta(Direction.UPLINK, 1, digest_flat(base))
+
+    def roundtrip(name: str, settings: CompressorSettings, n: int) -> dict[str, Any]:
+        comp = build_compressor(name, settings, spec)
+        with Phase(device) as ph:
+            with Timer(device) as tc:
+                payload, st = comp.compress(target, model, meta, Budget(n))
+        with Timer(device) as te:
+            blob = encode(payload)
+        with Timer(device) as td:
+            dec = decode(blob)
+        with Phase(device) as ph2:
+            with Timer(device) as tx:
+                rec = comp.decompress(dec, model)
+        return {"compress_s": tc.seconds, "evals": st.evaluations, "bytes": len(blob), "encode_s": te.seconds,
+                "decode_s": td.seconds, "decompress_s": tx.seconds, "cosine": abs(cosine(rec, target)),
+                "compress_peak_rss_mb": ph.peak, "compress_cuda_peak_mb": ph.cuda_peak,
+                "decompress_peak_rss_mb": ph2.peak, "decompress_cuda_peak_mb": ph2.cuda_peak}
+
+    settings = CompressorSettings(seed=1)
+    repeats = job["big_repeats"] if out["numel"] > BIG_MODEL else job["repeats"]
+    sfc = [roundtrip("3sfc", settings, 1) for _ in range(repeats)]
+    topk = [roundtrip("topk", settings, 1) for _ in range(3)]
+    dense = roundtrip("fedavg", settings, 1)
+    out["3sfc"] = sfc
+    out["topk"] = topk
+    out["fedavg"] = dense
+    return out
+
+
+# -------------------------------------------------------------------------- driver
+
+
+def spawn(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job in a fresh interpreter (clean peak memory), return its JSON."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {job} failed:\n{proc.stderr[-4000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of part 1")
+    p.add_argument("--methods", default="fedavg,topk,stc,signsgd,qsgd,3sfc,e3sfc")
+    p.add_argument("--models", default="mlp,convnet,lenet5,resnet18")
+    p.add_argument("--input-shape", default="3,32,32")
+    p.add_argument("--train-samples", type=int, default=256, help="random examples for one local epoch")
+    p.add_argument("--repeats", type=int, default=3, help="3SFC compressions per model")
+    p.add_argument("--big-repeats", type=int, default=1, help="3SFC compressions for models > 5M weights")
+    p.add_argument("--clients", default="10,20,50,100")
+    p.add_argument("--client-methods", default="e3sfc,fedavg")
+    p.add_argument("--client-rounds", type=int, default=3)
+    p.add_argument("--skip", default="", help="comma list of parts to skip: rounds,models,clients")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-name", default="")
+    args = p.parse_args(argv)
+
+    if args.worker:
+        import logging
+
+        logging.basicConfig(level=logging.ERROR)
+        job = json.loads(args.worker)
+        set_threads(job.get("threads", 1))
+        result = worker_model(job) if job["kind"] == "model" else worker_rounds(job)
+        print("RESULT " + json.dumps(result))
+        return result
+
+    out_name = args.out_name or ("speed" if args.device == "cpu" else f"speed_{args.device}")
+    skip = set(args.skip.split(","))
+    runs_dir = RESULTS / "runs" / out_name
+    base_cfg = {"dataset": "digits", "model": "mlp", "device": args.device, "output-dir": str(runs_dir)}
+    data: dict[str, Any] = {"args": vars(args)}
+    md: list[str] = []
+
+    # ---- part 1
+    if "rounds" not in skip:
+        headers = ["method", "wall s/round", "train s/client", "compress s/client", "server aggregate s",
+                   "downlink compress s", "compress / train", "uplink B/round", "peak RSS MiB"]
+        rows, table = [], []
+        for method in [m for m in args.methods.split(",") if m]:
+            cfg = {**base_cfg, "method": method, "num-rounds": args.rounds, "run-name": f"rounds-{method}"}
+            r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
+            pr = r["per_round"]
+            row = {
+                "method": method, "wall_s_per_round": r["wall_s"] / r["rounds"],
+                "train_s_client": median([x["train_s_client_mean"] for x in pr]),
+                "compress_s_client": median([x["compress_s_client_mean"] for x in pr]),
+                "aggregate_s": median([x["aggregate_s"] for x in pr]),
+                "downlink_compress_s": median([x["downlink_compress_s"] for x in pr]),
+                "uplink_bytes_per_round": pr[-1]["uplink_bytes"], "peak_rss_mb": r["peak_rss_mb"],
+                "cuda_peak_mb": r["cuda_peak_mb"], "per_round": pr,
+            }
+            row["compress_over_train"] = row["compress_s_client"] / row["train_s_client"]
+            rows.append(row)
+            table.append([method, f"{row['wall_s_per_round']:.3f}", f"{row['train_s_client'] * 1e3:.1f} ms",
+                          f"{row['compress_s_client'] * 1e3:.1f} ms", f"{row['aggregate_s'] * 1e3:.1f} ms",
+                          f"{row['downlink_compress_s'] * 1e3:.1f} ms" if method == "e3sfc" else "-",
+                          f"{row['compress_over_train']:.2f}", fmt_bytes(row["uplink_bytes_per_round"]),
+                          f"{row['peak_rss_mb']:.0f}"])
+            print(f"rounds: {method} done")
+        print_table(headers, table)
+        data["rounds"] = rows
+        md += ["## 1. Seconds per round (digits/MLP, 10 clients)", "",
+               f"{args.rounds} rounds per method, medians over rounds; per-client columns are means over the "
+               "round's clients (clients run one after another in one process, so a round's client time is "
+               "10x these). Server aggregate = validation + decompressing every uplink + clip/average + (e3sfc) "
+               "downlink compression.", "", md_table(headers, table), ""]
+
+    # ---- part 2
+    if "models" not in skip:
+        shape = parse_ints(args.input_shape)
+        headers = ["model", "weights", "train s/step (b=32)", "3SFC compress s", "LBFGS evals", "s/eval",
+                   "3SFC decompress s", "3SFC bytes", "3SFC enc/dec ms", "Top-k 1% compress ms",
+                   "Top-k enc/dec ms", "dense enc/dec ms", "peak RSS MiB (compress)", "GPU peak MiB"]
+        rows, table = [], []
+        for model in [m for m in args.models.split(",") if m]:
+            job = {"kind": "model", "model": model, "input_shape": shape, "n_classes": 10, "device": args.device,
+                   "threads": args.threads, "train_samples": args.train_samples, "repeats": args.repeats,
+                   "big_repeats": args.big_repeats}
+            t0 = time.perf_counter()
+            r = spawn(job)
+            s, tk, d = r["3sfc"], r["topk"], r["fedavg"]
+            row = {
+                "model": model, "numel": r["numel"], "train_s_per_step": r["train_s_per_step"],
+                "sfc_compress_s": median([x["compress_s"] for x in s]), "sfc_evals": median([x["evals"] for x in s]),
+                "sfc_decompress_s": median([x["decompress_s"] for x in s]), "sfc_bytes": s[0]["bytes"],
+                "sfc_encode_s": median([x["encode_s"] for x in s]), "sfc_decode_s": median([x["decode_s"] for x in s]),
+                "sfc_cosine": median([x["cosine"] for x in s]),
+                "topk_compress_s": median([x["compress_s"] for x in tk]),
+                "topk_encode_s": median([x["encode_s"] for x in tk]), "topk_decode_s": median([x["decode_s"] for x in tk]),
+                "dense_encode_s": d["encode_s"], "dense_decode_s": d["decode_s"],
+                "peak_rss_compress_mb": max(x["compress_peak_rss_mb"] for x in s),
+                "peak_rss_train_mb": r["train_peak_rss_mb"], "setup_peak_rss_mb": r["setup_peak_rss_mb"],
+                "cuda_peak_compress_mb": s[0]["compress_cuda_peak_mb"], "raw": r,
+            }
+            row["sfc_s_per_eval"] = row["sfc_compress_s"] / max(1, row["sfc_evals"])
+            rows.append(row)
+            table.append([
+                model, f"{row['numel']:,}", f"{row['train_s_per_step'] * 1e3:.1f} ms", f"{row['sfc_compress_s']:.3f}",
+                f"{row['sfc_evals']:.0f}", f"{row['sfc_s_per_eval'] * 1e3:.1f} ms", f"{row['sfc_decompress_s'] * 1e3:.1f} ms",
+                row["sfc_bytes"], f"{row['sfc_encode_s'] * 1e3:.2f}/{row['sfc_decode_s'] * 1e3:.2f}",
+                f"{row['topk_compress_s'] * 1e3:.1f}",
+                f"{row['topk_encode_s'] * 1e3:.2f}/{row['topk_decode_s'] * 1e3:.2f}",
+                f"{row['dense_encode_s'] * 1e3:.1f}/{row['dense_decode_s'] * 1e3:.1f}",
+                f"{row['peak_rss_compress_mb']:.0f}",
+                f"{row['cuda_peak_compress_mb']:.0f}" if row["cuda_peak_compress_mb"] is not None else "-",
+            ])
+            print(f"models: {model} done in {time.perf_counter() - t0:.1f}s")
+        print_table(headers, table)
+        data["models"] = rows
+        md += [f"## 2. Growth with model size (random data {tuple(shape)}, 10 classes)", "",
+               f"Target: the local update of one epoch over {args.train_samples} random examples. 3SFC n = 1 with the "
+               "shipped LBFGS settings (max 40 evaluations, early stop); its cosine on these random-data targets is "
+               "not meaningful, its time per evaluation is. 'enc/dec' = encode / decode of one payload. Peak RSS is "
+               "the whole process (Python + torch + model) during compression.", "", md_table(headers, table), ""]
+
+    # ---- part 3
+    if "clients" not in skip:
+        headers = ["method", "clients", "wall s/round", "train s/client", "compress s/client", "server aggregate s",
+                   "uplink B/round", "downlink B/round", "peak RSS MiB"]
+        rows, table = [], []
+        for method in [m for m in args.client_methods.split(",") if m]:
+            for n in parse_ints(args.clients):
+                cfg = {**base_cfg, "method": method, "num-rounds": args.client_rounds, "num-partitions": n,
+                       "run-name": f"clients-{method}-{n}"}
+                r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
+                pr = r["per_round"]
+                row = {
+                    "method": method, "clients": n, "wall_s_per_round": r["wall_s"] / r["rounds"],
+                    "train_s_client": median([x["train_s_client_mean"] for x in pr]),
+                    "compress_s_client": median([x["compress_s_client_mean"] for x in pr]),
+                    "aggregate_s": median([x["aggregate_s"] for x in pr]),
+                    "uplink_bytes_per_round": pr[-1]["uplink_bytes"], "downlink_bytes_per_round": pr[-1]["downlink_bytes"],
+                    "peak_rss_mb": r["peak_rss_mb"], "per_round": pr,
+                }
+                rows.append(row)
+                table.append([method, n, f"{row['wall_s_per_round']:.2f}", f"{row['train_s_client'] * 1e3:.1f} ms",
+                              f"{row['compress_s_client'] * 1e3:.1f} ms", f"{row['aggregate_s'] * 1e3:.0f} ms",
+                              fmt_bytes(row["uplink_bytes_per_round"]), fmt_bytes(row["downlink_bytes_per_round"]),
+                              f"{row['peak_rss_mb']:.0f}"])
+                print(f"clients: {method} {n} done")
+        print_table(headers, table)
+        data["clients"] = rows
+        md += [f"## 3. Growth with the number of clients (digits/MLP, {args.client_rounds} rounds)", "",
+               "All clients train every round (fraction-train 1), one after another in one process; digits has "
+               "1,437 training images, so 100 clients hold ~14 each (training time per client shrinks, compression "
+               "time does not).", "", md_table(headers, table), ""]
+
+    env = env_info(args.device)
+    data["env"] = env
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
+    header = ["# Speed and memory (issue #5, item 3)", "", env_markdown(env), "",
+              f"Command: `.venv/bin/python bench/speed.py {cmd}`".replace("py `", "py`"), ""]
+    j, m = write_results(out_name, data, "\n".join(header + md))
+    print(f"wrote {j}, {m}")
+    return data
+
+
+if __name__ == "__main__":
+    main()
