@@ -119,9 +119,14 @@ def _json_default(obj: Any) -> Any:
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; floats are printed as given (format them before)."""
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A GitHub markdown table; floats are printed as given (format them before).
+    Pipes inside cells (``|cos|``) are escaped so they do not split the cell."""
+
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -279,12 +284,14 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return spec, raw
 
 
-def run_federated(raw: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
+def run_federated(raw: dict[str, Any], base_dir: Path = REPO, *, finalize: bool = True) -> dict[str, Any]:
     """One ``run_reference`` run of the kebab-case config ``raw``.
 
     Returns ``{"summary", "records", "wall_seconds", "client_metrics"}``; the run also
     writes its own ``metrics.csv``/``summary.json`` under ``output-dir/run-name``.
     ``client_metrics`` has one dict per client reply (round, node, the reply metrics).
+    ``finalize=False`` stops after the last round without writing summary.json and the
+    plot (``summary`` is then ``{}``; for timing the rounds alone).
     """
     from dataclasses import asdict
 
@@ -300,7 +307,7 @@ def run_federated(raw: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
         return reply
 
     start = time.perf_counter()
-    exp, summary = run_reference(cfg, base_dir, reply_hook=hook)
+    exp, summary = run_reference(cfg, base_dir, reply_hook=hook, stop_after=None if finalize else cfg.num_rounds)
     wall = time.perf_counter() - start
     return {
         "summary": summary,

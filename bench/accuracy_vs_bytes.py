@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "up": [sum(x["records"][i]["cum_uplink_bytes"] for x in res) / len(res) for i in range(len(res[0]["records"]))],
         }
     headers = ["method", "final acc (mean ± std)", "best acc", "uplink", "downlink", "total",
-               "total vs FedAvg", "uplink vs FedAvg", "mean uplink |cos|", "wall s/run"]
+               "total vs FedAvg" if fedavg_total else "total vs dense equivalent", "uplink vs FedAvg",
+               "mean uplink |cos|", "wall s/run"]
     print()
     print_table(headers, table)
 
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio 0.01, QSGD 16 levels, norm clipping 3x median). `3sfc` is uplink-only (dense downlink); `e3sfc` "
         "compresses both ways. Bytes are means over seeds of everything sent (headers included; downlink = full "
         "weights to every client except in round 1, or the compressed downlink for e3sfc). 'vs FedAvg' = FedAvg's "
-        "bytes / the method's bytes.", "",
+        "bytes / the method's bytes" + ("." if fedavg_total else " (no FedAvg run here: the ratio is summary.json's "
+        "compression_ratio, vs the dense float32 equivalent of the same traffic).") + " Wall seconds are noisy: "
+        "the machine was shared.", "",
         f"Command: `.venv/bin/python bench/accuracy_vs_bytes.py {cmd}`".replace("py `", "py`"), "",
         md_table(headers, table), "",
         f"![accuracy vs bytes]({png.name})",

@@ -103,6 +103,7 @@ class Phase:
     def __enter__(self) -> Phase:
         import torch
 
+        self.before = rss_mb()[0]
         self.reset = reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -128,7 +129,7 @@ def worker_rounds(job: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device("cuda" if job["device"] == "cuda" else "cpu")
     with Phase(device) as ph:
-        res = run_federated(job["config"], REPO)
+        res = run_federated(job["config"], REPO, finalize=False)
     recs, cms = res["records"], res["client_metrics"]
     per_round = []
     for rec in recs:
@@ -143,8 +144,9 @@ def worker_rounds(job: dict[str, Any]) -> dict[str, Any]:
         })
     return {
         "per_round": per_round, "wall_s": res["wall_seconds"], "rounds": len(recs),
-        "final_accuracy": res["summary"]["final_accuracy"],
-        "peak_rss_mb": ph.peak, "rss_mb": ph.rss, "peak_reset": ph.reset, "cuda_peak_mb": ph.cuda_peak,
+        "final_accuracy": recs[-1]["accuracy"] if recs else None,
+        "peak_rss_mb": ph.peak, "rss_mb": ph.rss, "rss_before_mb": ph.before, "peak_reset": ph.reset,
+        "cuda_peak_mb": ph.cuda_peak, "clients": len({c["node"] for c in cms}),
     }
 
 
@@ -170,7 +172,7 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
         data = TensorData(torch.randn((job["train_samples"], *shape), generator=gen),
                           torch.randint(0, classes, (job["train_samples"],), generator=gen))
         base = get_flat(model)
-    out.update(numel=num_params(model), setup_peak_rss_mb=ph.peak)
+    out.update(numel=num_params(model), setup_peak_rss_mb=ph.peak, import_rss_mb=ph.before)
     with Phase(device) as ph:
         stats = train_local(model, data, epochs=1, lr=0.05, batch_size=32, device=device, seed=0)
     steps = -(-len(data) // 32)
@@ -195,7 +197,8 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
                 rec = comp.decompress(dec, model)
         return {"compress_s": tc.seconds, "evals": st.evaluations, "bytes": len(blob), "encode_s": te.seconds,
                 "decode_s": td.seconds, "decompress_s": tx.seconds, "cosine": abs(cosine(rec, target)),
-                "compress_peak_rss_mb": ph.peak, "compress_cuda_peak_mb": ph.cuda_peak,
+                "compress_peak_rss_mb": ph.peak, "compress_rss_before_mb": ph.before,
+                "compress_cuda_peak_mb": ph.cuda_peak,
                 "decompress_peak_rss_mb": ph2.peak, "decompress_cuda_peak_mb": ph2.cuda_peak}
 
     settings = CompressorSettings(seed=1)
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- part 1
     if "rounds" not in skip:
         headers = ["method", "wall s/round", "train s/client", "compress s/client", "server aggregate s",
-                   "downlink compress s", "compress / train", "uplink B/round", "peak RSS MiB"]
+                   "downlink compress s", "other s/round", "compress / train", "uplink B/round", "peak RSS MiB (+ over start)"]
         rows, table = [], []
         for method in [m for m in args.methods.split(",") if m]:
             cfg = {**base_cfg, "method": method, "num-rounds": args.rounds, "run-name": f"rounds-{method}"}
@@ -279,12 +282,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "cuda_peak_mb": r["cuda_peak_mb"], "per_round": pr,
             }
             row["compress_over_train"] = row["compress_s_client"] / row["train_s_client"]
+            row["other_s_per_round"] = row["wall_s_per_round"] - r["clients"] * (
+                row["train_s_client"] + row["compress_s_client"]) - row["aggregate_s"]
+            row["rss_before_mb"] = r["rss_before_mb"]
             rows.append(row)
             table.append([method, f"{row['wall_s_per_round']:.3f}", f"{row['train_s_client'] * 1e3:.1f} ms",
                           f"{row['compress_s_client'] * 1e3:.1f} ms", f"{row['aggregate_s'] * 1e3:.1f} ms",
                           f"{row['downlink_compress_s'] * 1e3:.1f} ms" if method == "e3sfc" else "-",
+                          f"{row['other_s_per_round']:.3f}",
                           f"{row['compress_over_train']:.2f}", fmt_bytes(row["uplink_bytes_per_round"]),
-                          f"{row['peak_rss_mb']:.0f}"])
+                          f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})"])
             print(f"rounds: {method} done")
         print_table(headers, table)
         data["rounds"] = rows
@@ -292,14 +299,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                f"{args.rounds} rounds per method, medians over rounds; per-client columns are means over the "
                "round's clients (clients run one after another in one process, so a round's client time is "
                "10x these). Server aggregate = validation + decompressing every uplink + clip/average + (e3sfc) "
-               "downlink compression.", "", md_table(headers, table), ""]
+               "downlink compression. 'other' = wall - clients x (train + compress) - aggregate: per-client model "
+               "construction, partition slicing, downlink replay and digests, the server's test evaluation and "
+               "metrics.csv. Peak RSS is the whole process (torch alone is most of it); '+' is the growth over the "
+               "RSS when the run started. Wall time excludes finalisation (summary.json, plots).", "", md_table(headers, table), ""]
 
     # ---- part 2
     if "models" not in skip:
         shape = parse_ints(args.input_shape)
         headers = ["model", "weights", "train s/step (b=32)", "3SFC compress s", "LBFGS evals", "s/eval",
                    "3SFC decompress s", "3SFC bytes", "3SFC enc/dec ms", "Top-k 1% compress ms",
-                   "Top-k enc/dec ms", "dense enc/dec ms", "peak RSS MiB (compress)", "GPU peak MiB"]
+                   "Top-k enc/dec ms", "dense enc/dec ms", "peak RSS MiB in 3SFC compress (+ over start)", "GPU peak MiB"]
         rows, table = [], []
         for model in [m for m in args.models.split(",") if m]:
             job = {"kind": "model", "model": model, "input_shape": shape, "n_classes": 10, "device": args.device,
@@ -318,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "topk_encode_s": median([x["encode_s"] for x in tk]), "topk_decode_s": median([x["decode_s"] for x in tk]),
                 "dense_encode_s": d["encode_s"], "dense_decode_s": d["decode_s"],
                 "peak_rss_compress_mb": max(x["compress_peak_rss_mb"] for x in s),
+                "rss_before_compress_mb": s[0]["compress_rss_before_mb"], "import_rss_mb": r["import_rss_mb"],
                 "peak_rss_train_mb": r["train_peak_rss_mb"], "setup_peak_rss_mb": r["setup_peak_rss_mb"],
                 "cuda_peak_compress_mb": s[0]["compress_cuda_peak_mb"], "raw": r,
             }
@@ -330,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{row['topk_compress_s'] * 1e3:.1f}",
                 f"{row['topk_encode_s'] * 1e3:.2f}/{row['topk_decode_s'] * 1e3:.2f}",
                 f"{row['dense_encode_s'] * 1e3:.1f}/{row['dense_decode_s'] * 1e3:.1f}",
-                f"{row['peak_rss_compress_mb']:.0f}",
+                f"{row['peak_rss_compress_mb']:.0f} (+{row['peak_rss_compress_mb'] - row['rss_before_compress_mb']:.0f})",
                 f"{row['cuda_peak_compress_mb']:.0f}" if row["cuda_peak_compress_mb"] is not None else "-",
             ])
             print(f"models: {model} done in {time.perf_counter() - t0:.1f}s")
@@ -345,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- part 3
     if "clients" not in skip:
         headers = ["method", "clients", "wall s/round", "train s/client", "compress s/client", "server aggregate s",
-                   "uplink B/round", "downlink B/round", "peak RSS MiB"]
+                   "other s/round", "uplink B/round", "downlink B/round", "peak RSS MiB (+ over start)"]
         rows, table = [], []
         for method in [m for m in args.client_methods.split(",") if m]:
             for n in parse_ints(args.clients):
@@ -361,11 +372,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "uplink_bytes_per_round": pr[-1]["uplink_bytes"], "downlink_bytes_per_round": pr[-1]["downlink_bytes"],
                     "peak_rss_mb": r["peak_rss_mb"], "per_round": pr,
                 }
+                row["other_s_per_round"] = row["wall_s_per_round"] - n * (
+                    row["train_s_client"] + row["compress_s_client"]) - row["aggregate_s"]
+                row["rss_before_mb"] = r["rss_before_mb"]
                 rows.append(row)
                 table.append([method, n, f"{row['wall_s_per_round']:.2f}", f"{row['train_s_client'] * 1e3:.1f} ms",
                               f"{row['compress_s_client'] * 1e3:.1f} ms", f"{row['aggregate_s'] * 1e3:.0f} ms",
+                              f"{row['other_s_per_round']:.2f}",
                               fmt_bytes(row["uplink_bytes_per_round"]), fmt_bytes(row["downlink_bytes_per_round"]),
-                              f"{row['peak_rss_mb']:.0f}"])
+                              f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})"])
                 print(f"clients: {method} {n} done")
         print_table(headers, table)
         data["clients"] = rows

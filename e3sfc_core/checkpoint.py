@@ -8,6 +8,7 @@ crash leaves either the previous checkpoint or the new one, never half a file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -23,21 +24,29 @@ from .errors import E3SFCError
 _META_KEY = "__meta_json__"
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write ``tensors`` and JSON-able ``meta`` to ``path``."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, and rename it over
+    ``path``: readers (and a process killed mid-write) see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
-    arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically write ``tensors`` and JSON-able ``meta`` to ``path``."""
+    arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+    arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_write_bytes
 from .server import RoundRecord
 
 CSV_COLUMNS = [f.name for f in fields(RoundRecord)]
@@ -26,13 +28,14 @@ def format_round(rec: RoundRecord) -> str:
 
 
 def write_metrics(path: Path, records: list[RoundRecord]) -> None:
-    """Rewrite ``metrics.csv`` with every round so far (small; keeps resume simple)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for rec in records:
-            writer.writerow(asdict(rec))
+    """Rewrite ``metrics.csv`` with every round so far, atomically (a crash mid-write
+    leaves the previous file, never a truncated one)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for rec in records:
+        writer.writerow(asdict(rec))
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -81,7 +84,7 @@ def summarize(
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     """Write ``summary.json`` (pretty-printed, sorted keys)."""
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_bytes(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
 
 
 def plot_runs(runs: dict[str, list[dict[str, float]]], out: Path) -> None:

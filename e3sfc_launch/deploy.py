@@ -17,12 +17,9 @@ up; 2 bad arguments or configuration.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -37,6 +34,7 @@ from typing import Any
 
 from e3sfc_core.errors import ConfigError
 
+from .certs import SUPERLINK_SANS, Certs, generate_certs, san_for
 from .overrides import collect, to_flwr_run_config
 from .processes import Managed, flower_env, free_port, wait_http_ok, write_connection
 
@@ -44,8 +42,6 @@ log = logging.getLogger("e3sfc-deploy")
 
 CONNECTION = "e3sfc-deploy"
 LOOPBACK = "127.0.0.1"
-SUPERLINK_SANS = ("DNS:superlink", "DNS:localhost", "IP:127.0.0.1")
-CERT_DAYS = 365
 STARTUP_TIMEOUT = 90.0
 CLI_TIMEOUT = 120.0
 
@@ -53,229 +49,6 @@ CLI_TIMEOUT = 120.0
 def app_dir() -> Path:
     """The project directory (the Flower app: the folder with our pyproject.toml)."""
     return Path(__file__).resolve().parents[1]
-
-
-def certs_script() -> Path:
-    """``docker/certs.sh``: the one place the certificate recipe is written down (in a
-    wheel it may be shipped next to this module instead)."""
-    for path in (app_dir() / "docker" / "certs.sh", Path(__file__).resolve().parent / "certs.sh"):
-        if path.is_file():
-            return path
-    return app_dir() / "docker" / "certs.sh"
-
-
-# --------------------------------------------------------------------------- certificates
-
-
-@dataclass(frozen=True)
-class Certs:
-    """The files ``docker/certs.sh`` writes into one directory."""
-
-    root: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.root / "ca.crt"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.root / "server.pem"
-
-    @property
-    def server_key(self) -> Path:
-        return self.root / "server.key"
-
-    @property
-    def superexec_secret(self) -> Path:
-        return self.root / "superexec.secret"
-
-    def node_key(self, index: int) -> Path:
-        """Private key of SuperNode ``index`` (0-based; files are numbered from 1)."""
-        return self.root / f"supernode-{index + 1}"
-
-    def node_secret(self, index: int) -> Path:
-        """SuperExec authentication secret of SuperNode ``index`` and its ClientApp SuperExec."""
-        return self.root / f"supernode-{index + 1}.secret"
-
-    def node_pub(self, index: int) -> Path:
-        """Public key (OpenSSH line) of SuperNode ``index`` (0-based)."""
-        return self.root / f"supernode-{index + 1}.pub"
-
-    def missing(self, num_supernodes: int) -> list[Path]:
-        """Files a TLS + auth deployment of ``num_supernodes`` needs but that do not exist."""
-        need = [self.ca, self.server_cert, self.server_key, self.superexec_secret]
-        for i in range(num_supernodes):
-            need += [self.node_key(i), self.node_pub(i), self.node_secret(i)]
-        return [p for p in need if not p.is_file()]
-
-
-def san_for(address_host: str) -> str:
-    """A subjectAltName entry for a host name or IP address."""
-    try:
-        ipaddress.ip_address(address_host)
-    except ValueError:
-        return f"DNS:{address_host}"
-    return f"IP:{address_host}"
-
-
-def generate_certs(
-    out: Path, num_supernodes: int, extra_sans: Sequence[str] = (), backend: str = "auto"
-) -> Certs:
-    """Create (or complete) a certificate directory like ``docker/certs.sh`` does.
-
-    ``backend``: ``"script"`` runs ``docker/certs.sh`` (needs bash, openssl, ssh-keygen),
-    ``"python"`` uses the ``cryptography`` package (a dependency of flwr) to write the same
-    files, ``"auto"`` prefers the script. Existing files are kept.
-
-    Raises
-    ------
-    RuntimeError
-        If the script fails or the chosen backend is not available.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    script = certs_script()
-    can_script = script.is_file() and all(shutil.which(t) for t in ("bash", "openssl", "ssh-keygen"))
-    if backend == "script" or (backend == "auto" and can_script):
-        if not can_script:
-            raise RuntimeError(f"cannot run {script}: it needs bash, openssl and ssh-keygen")
-        res = subprocess.run(
-            ["bash", str(script), str(out), str(num_supernodes), *extra_sans],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if res.returncode != 0:
-            raise RuntimeError(f"{script} failed ({res.returncode}): {res.stderr.strip()}")
-    elif backend in ("auto", "python"):
-        _generate_certs_python(out, num_supernodes, extra_sans)
-    else:
-        raise RuntimeError(f"unknown certificate backend {backend!r}")
-    certs = Certs(out)
-    if missing := certs.missing(num_supernodes):
-        raise RuntimeError(f"certificate generation left out {', '.join(map(str, missing))}")
-    return certs
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
-def _generate_certs_python(out: Path, num_supernodes: int, extra_sans: Sequence[str]) -> None:
-    """The recipe of ``docker/certs.sh`` with ``cryptography`` (EC P-384 everywhere)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    pem, no_enc = serialization.Encoding.PEM, serialization.NoEncryption()
-    now = dt.datetime.now(dt.UTC)
-    certs = Certs(out)
-    ca_key_path = out / "ca.key"
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    if not (certs.ca.is_file() and ca_key_path.is_file()):
-        ca_key = ec.generate_private_key(ec.SECP384R1())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name("E-3SFC Flower CA"))
-            .issuer_name(name("E-3SFC Flower CA"))
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA384())
-        )
-        _write_private(ca_key_path, ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_enc))
-        certs.ca.write_bytes(ca_cert.public_bytes(pem))
-        certs.server_cert.unlink(missing_ok=True)
-    loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-        raise RuntimeError(f"{ca_key_path} is not an EC key (made by another tool?)")
-    ca_key = loaded
-    ca_cert = x509.load_pem_x509_certificate(certs.ca.read_bytes())
-
-    if not (certs.server_cert.is_file() and certs.server_key.is_file()):
-        sans: list[x509.GeneralName] = []
-        for entry in (*SUPERLINK_SANS, *extra_sans):
-            kind, _, value = entry.partition(":")
-            if kind == "IP":
-                sans.append(x509.IPAddress(ipaddress.ip_address(value)))
-            elif kind == "DNS":
-                sans.append(x509.DNSName(value))
-            else:
-                raise RuntimeError(f"unsupported subjectAltName {entry!r} (use DNS:name or IP:address)")
-        key = ec.generate_private_key(ec.SECP384R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name("superlink"))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .sign(ca_key, hashes.SHA384())
-        )
-        _write_private(certs.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_enc))
-        certs.server_cert.write_bytes(cert.public_bytes(pem))
-
-    for i in range(num_supernodes):
-        if not certs.node_secret(i).is_file():
-            _write_private(certs.node_secret(i), os.urandom(32).hex().encode())
-        if certs.node_key(i).is_file():
-            continue
-        node_key = ec.generate_private_key(ec.SECP384R1())  # = ssh-keygen -t ecdsa -b 384
-        _write_private(
-            certs.node_key(i), node_key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, no_enc)
-        )
-        public = node_key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        certs.node_pub(i).write_bytes(public + f" e3sfc-supernode-{i + 1}\n".encode())
-
-    if not certs.superexec_secret.is_file():
-        _write_private(certs.superexec_secret, os.urandom(32).hex().encode())
 
 
 # --------------------------------------------------------------------------- the topology

@@ -11,7 +11,6 @@ import itertools
 from collections.abc import Callable, Iterable
 
 import pytest
-import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -25,10 +24,7 @@ Tamper = Callable[[int, Message], Message]
 def _task_identity() -> Iterable[None]:
     """Messages can only be built inside a task; pretend we are one."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 class FakeGrid:

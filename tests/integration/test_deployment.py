@@ -8,7 +8,6 @@ test fails); the teardown then checks that none of its processes is left.
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import ssl
 import subprocess
@@ -25,30 +24,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from e3sfc_launch.deploy import Deployment, deployment, generate_certs, main
+from e3sfc_launch.certs import generate_certs
+from e3sfc_launch.deploy import Deployment, deployment, main
 from e3sfc_launch.overrides import collect
+
+from .procs import flower_processes_mentioning
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 NUM_SUPERNODES = 3
 RUN_TIMEOUT = 240.0
 REFUSAL_TIMEOUT = 45.0
-
-
-def _our_processes(marker: Path) -> list[str]:
-    """Command lines of live Flower processes whose environment mentions ``marker``."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(marker).encode() in env and ("flower" in cmd or "flwr" in cmd):
-            out.append(cmd)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +45,9 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploym
         yield dep, work
     # every process was stopped by PID when the context ended; nothing may linger
     deadline = time.monotonic() + 20
-    while _our_processes(home) and time.monotonic() < deadline:
+    while flower_processes_mentioning(home) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _our_processes(home) == []
+    assert flower_processes_mentioning(home) == []
 
 
 def test_topology_is_tls_with_node_auth(deployed: tuple[Deployment, Path]) -> None:
@@ -206,16 +192,16 @@ def test_sigterm_stops_every_process_it_started(tmp_path: Path) -> None:
         while not (work / "logs" / "superexec-supernode-1.log").exists() and time.monotonic() < deadline:
             assert launcher.poll() is None, (tmp_path / "deploy.log").read_text()
             time.sleep(0.3)
-        assert _our_processes(home), "the deployment did not come up"
+        assert flower_processes_mentioning(home), "the deployment did not come up"
         # Execute
         launcher.send_signal(signal.SIGTERM)
         rc = launcher.wait(timeout=60)
         # Assert
         assert rc == 128 + signal.SIGTERM
         deadline = time.monotonic() + 20
-        while _our_processes(home) and time.monotonic() < deadline:
+        while flower_processes_mentioning(home) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _our_processes(home) == []
+        assert flower_processes_mentioning(home) == []
     finally:
         if launcher.poll() is None:
             launcher.kill()

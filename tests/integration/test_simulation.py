@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .procs import flower_processes_mentioning
+
 pytestmark = pytest.mark.integration
 LAUNCH = [sys.executable, "-m", "e3sfc_launch.run"]
 
@@ -25,21 +27,6 @@ def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complet
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
-
-def _our_processes(flwr_home: Path) -> list[str]:
-    """Command lines of live processes that mention our private FLWR_HOME or port."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(flwr_home).encode() in env and "flower" in cmd:
-            out.append(cmd)
-    return out
 
 
 def test_run_streams_rounds_writes_outputs_and_leaves_nothing_running(tmp_path: Path) -> None:
@@ -70,7 +57,7 @@ def test_run_streams_rounds_writes_outputs_and_leaves_nothing_running(tmp_path: 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["total_uplink_bytes"] == sum(int(r["uplink_bytes"]) for r in rows)
     assert (run_dir / "accuracy.png").stat().st_size > 0
-    assert _our_processes(home) == []
+    assert flower_processes_mentioning(home) == []
 
 
 def test_bad_value_fails_before_anything_starts(tmp_path: Path) -> None:
@@ -95,4 +82,4 @@ def test_failed_run_exits_nonzero(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "finished:completed" not in proc.stdout
-    assert _our_processes(home) == []
+    assert flower_processes_mentioning(home) == []

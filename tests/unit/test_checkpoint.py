@@ -224,3 +224,25 @@ def test_client_state_tensors_round_trip_and_fitted() -> None:
     assert fitted.pending is None  # wrong size for a 4-weight model: dropped
     torch.testing.assert_close(fitted.residual, torch.ones(4))
     assert ClientState.from_tensors({}).pending_round == -1
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_atomic_write_interrupted_after_writing_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    # Prepare: the new bytes are in the temp file when the process "dies" (before rename)
+    from e3sfc_core.checkpoint import atomic_write_bytes
+
+    path = tmp_path / "metrics.csv"
+    atomic_write_bytes(path, b"old")
+
+    def die(fd: int) -> None:
+        raise error
+
+    monkeypatch.setattr("os.fsync", die)
+    # Execute
+    with pytest.raises(type(error)):
+        atomic_write_bytes(path, b"new and longer")
+    # Assert
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,14 +12,6 @@ from e3sfc_core.models import MODELS, build_model, group_norm
 SHAPES = [((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 100)]
 EXPECTED_NAMES = {"mlp", "convnet", "lenet5", "resnet18", "vgg11", "regnetx_200mf"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Batch-2 forwards gain little from intra-op threads, which stall badly on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -3,7 +3,6 @@ and a FedAvg oracle for the whole plain-Python loop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -34,13 +33,6 @@ SHAPE, CLASSES = (1, 8, 8), 10
 CPU = torch.device("cpu")
 DIGEST = b"\x11" * 8
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------- check_payload

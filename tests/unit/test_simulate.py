@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,6 @@ from e3sfc_core.protocol import Instruction, Reply
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.tensors import digest_flat, get_flat
 from e3sfc_core.training import evaluate
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(tmp: Path, **overrides: Any) -> ExperimentConfig:

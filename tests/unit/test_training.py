@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -15,14 +13,6 @@ from e3sfc_core.training import TrainStats, evaluate, resolve_device, train_loca
 CPU = torch.device("cpu")
 SETTINGS = {"epochs": 5, "lr": 0.05, "batch_size": 32, "device": CPU}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny batches gain nothing from intra-op threads, which stall badly on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
