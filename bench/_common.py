@@ -57,7 +57,7 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
         flwr_version = "not installed"
     cuda = torch.cuda.is_available()
     info: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "flwr": flwr_version,
@@ -98,7 +98,9 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+def write_results(
+    name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None
+) -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.md`` under ``bench/results`` (or ``out_dir``)."""
     out = out_dir or RESULTS
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for j, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -221,19 +223,40 @@ def collect_targets(
         updates, weights = [], []
         for pid in range(cfg.num_partitions):
             data = load_partition(
-                cfg.dataset, pid, cfg.num_partitions, alpha=alpha, seed=cfg.seed, data_root=root, download=cfg.download
+                cfg.dataset,
+                pid,
+                cfg.num_partitions,
+                alpha=alpha,
+                seed=cfg.seed,
+                data_root=root,
+                download=cfg.download,
             )
             set_flat(model, global_w)
             seed = (cfg.seed * 1_000_003 + r * 1009 + pid) % 2**62  # as client_round
             sync(device)
             stats = train_local(
-                model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed
+                model,
+                data,
+                epochs=cfg.local_epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                device=device,
+                seed=seed,
             )
             update = get_flat(model) - global_w
             updates.append(update)
             weights.append(float(stats.num_examples))
             if r in keep_rounds and pid in keep_clients:
-                targets.append(Target(r, pid, global_w.cpu().clone(), update.cpu().clone(), stats.seconds, stats.num_examples))
+                targets.append(
+                    Target(
+                        r,
+                        pid,
+                        global_w.cpu().clone(),
+                        update.cpu().clone(),
+                        stats.seconds,
+                        stats.num_examples,
+                    )
+                )
         mean, _ = clip_and_average(updates, weights, cfg.clip_norm_factor)
         set_flat(model, global_w)
         add_flat_(model, mean)
@@ -302,12 +325,20 @@ def run_federated(raw: dict[str, Any], base_dir: Path = REPO, *, finalize: bool 
     client_metrics: list[dict[str, Any]] = []
 
     def hook(server_round: int, instruction: Any, reply: Any) -> Any:
-        client_metrics.append({"round": server_round, "node": reply.node_id, "bytes": len(reply.payload),
-                               **{k: float(v) for k, v in reply.metrics.items()}})
+        client_metrics.append(
+            {
+                "round": server_round,
+                "node": reply.node_id,
+                "bytes": len(reply.payload),
+                **{k: float(v) for k, v in reply.metrics.items()},
+            }
+        )
         return reply
 
     start = time.perf_counter()
-    exp, summary = run_reference(cfg, base_dir, reply_hook=hook, stop_after=None if finalize else cfg.num_rounds)
+    exp, summary = run_reference(
+        cfg, base_dir, reply_hook=hook, stop_after=None if finalize else cfg.num_rounds
+    )
     wall = time.perf_counter() - start
     return {
         "summary": summary,

@@ -55,9 +55,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-DEFAULT_METHODS = (
-    "fedavg,topk,stc,signsgd,qsgd,3sfc,e3sfc,3sfc@synthetic-samples=1,e3sfc@synthetic-samples=1"
-)
+DEFAULT_METHODS = "fedavg,topk,stc,signsgd,qsgd,3sfc,e3sfc,3sfc@synthetic-samples=1,e3sfc@synthetic-samples=1"
 
 
 def plot(curves: dict[str, dict[str, Any]], out: Path, title: str) -> None:
@@ -72,11 +70,13 @@ def plot(curves: dict[str, dict[str, Any]], out: Path, title: str) -> None:
     for label, c in curves.items():
         acc = np.array(c["acc"])  # [seeds, rounds]
         m, s = acc.mean(0), acc.std(0)
-        for ax, x in zip(axes, (c["round"], c["total"], c["up"])):
+        for ax, x in zip(axes, (c["round"], c["total"], c["up"]), strict=True):
             line = ax.plot(x, m, label=label, lw=1.4)[0]
             ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.15, lw=0)
     axes[0].set(xlabel="round", ylabel="test accuracy", title="accuracy vs round")
-    axes[1].set(xlabel="cumulative bytes, uplink + downlink (log)", xscale="log", title="accuracy vs total bytes")
+    axes[1].set(
+        xlabel="cumulative bytes, uplink + downlink (log)", xscale="log", title="accuracy vs total bytes"
+    )
     axes[2].set(xlabel="cumulative uplink bytes (log)", xscale="log", title="accuracy vs uplink bytes")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
@@ -112,28 +112,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
         raise SystemExit(2)
     out_name = args.out_name or (
-        "accuracy_vs_bytes" if (args.dataset, args.model) == ("digits", "mlp")
+        "accuracy_vs_bytes"
+        if (args.dataset, args.model) == ("digits", "mlp")
         else f"accuracy_vs_bytes_{args.dataset}_{args.model}"
     )
     runs_dir = RESULTS / "runs" / out_name
     seeds = parse_ints(args.seeds)
     specs = [parse_method_spec(s) for s in args.methods.split(",") if s.strip()]
     common = {
-        "dataset": args.dataset, "model": args.model, "data-root": args.data_root,
-        "num-rounds": args.num_rounds, "num-partitions": args.num_partitions,
-        "dirichlet-alpha": args.dirichlet_alpha, "local-epochs": args.local_epochs,
-        "device": args.device, "output-dir": str(runs_dir), **parse_overrides(args.set),
+        "dataset": args.dataset,
+        "model": args.model,
+        "data-root": args.data_root,
+        "num-rounds": args.num_rounds,
+        "num-partitions": args.num_partitions,
+        "dirichlet-alpha": args.dirichlet_alpha,
+        "local-epochs": args.local_epochs,
+        "device": args.device,
+        "output-dir": str(runs_dir),
+        **parse_overrides(args.set),
     }
 
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in specs}
     for seed in seeds:
         for label, raw in specs:
-            cfg = {**common, **raw, "seed": seed, "run-name": f"{label.replace('@', '_').replace('=', '')}-s{seed}"}
+            cfg = {
+                **common,
+                **raw,
+                "seed": seed,
+                "run-name": f"{label.replace('@', '_').replace('=', '')}-s{seed}",
+            }
             res = run_federated(cfg, REPO)
             s = res["summary"]
             runs[label].append(res)
-            print(f"seed {seed} {label:32s} acc {s['final_accuracy']:.4f} up {fmt_bytes(s['total_uplink_bytes'])} "
-                  f"down {fmt_bytes(s['total_downlink_bytes'])} ({res['wall_seconds']:.1f}s)")
+            print(
+                f"seed {seed} {label:32s} acc {s['final_accuracy']:.4f} up "
+                f"{fmt_bytes(s['total_uplink_bytes'])} "
+                f"down {fmt_bytes(s['total_downlink_bytes'])} ({res['wall_seconds']:.1f}s)"
+            )
 
     fedavg_total = None
     if "fedavg" in runs:
@@ -147,60 +162,109 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         up = mean_std([s["total_uplink_bytes"] for s in sums])[0]
         down = mean_std([s["total_downlink_bytes"] for s in sums])[0]
         total = up + down
-        ratio = (fedavg_total / total) if fedavg_total else mean_std([s["compression_ratio"] for s in sums])[0]
+        ratio = (
+            (fedavg_total / total) if fedavg_total else mean_std([s["compression_ratio"] for s in sums])[0]
+        )
         ratio_up = (fedavg_up / up) if fedavg_total and up else float("nan")
-        cos = mean_std([
-            sum(r["mean_cosine"] for r in x["records"]) / len(x["records"]) for x in res
-        ])[0]
+        cos = mean_std([sum(r["mean_cosine"] for r in x["records"]) / len(x["records"]) for x in res])[0]
         wall = mean_std([x["wall_seconds"] for x in res])[0]
         row = {
-            "method": label, "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s, "best_accuracy_mean": best_m,
-            "total_uplink_bytes": up, "total_downlink_bytes": down, "total_bytes": total,
-            "compression_ratio_vs_fedavg": ratio, "uplink_ratio_vs_fedavg": ratio_up,
-            "mean_uplink_cosine": cos, "wall_seconds_mean": wall,
+            "method": label,
+            "final_accuracy_mean": acc_m,
+            "final_accuracy_std": acc_s,
+            "best_accuracy_mean": best_m,
+            "total_uplink_bytes": up,
+            "total_downlink_bytes": down,
+            "total_bytes": total,
+            "compression_ratio_vs_fedavg": ratio,
+            "uplink_ratio_vs_fedavg": ratio_up,
+            "mean_uplink_cosine": cos,
+            "wall_seconds_mean": wall,
             "final_accuracy_per_seed": [s["final_accuracy"] for s in sums],
         }
         rows.append(row)
-        table.append([
-            label, f"{acc_m:.2%} ± {acc_s:.2%}", f"{best_m:.2%}", fmt_bytes(up), fmt_bytes(down), fmt_bytes(total),
-            f"{ratio:.1f}x", f"{ratio_up:.0f}x" if ratio_up == ratio_up else "-", f"{cos:.3f}", f"{wall:.1f}",
-        ])
+        table.append(
+            [
+                label,
+                f"{acc_m:.2%} ± {acc_s:.2%}",
+                f"{best_m:.2%}",
+                fmt_bytes(up),
+                fmt_bytes(down),
+                fmt_bytes(total),
+                f"{ratio:.1f}x",
+                f"{ratio_up:.0f}x" if ratio_up == ratio_up else "-",
+                f"{cos:.3f}",
+                f"{wall:.1f}",
+            ]
+        )
         curves[label] = {
             "round": [r["round"] for r in res[0]["records"]],
             "acc": [[r["accuracy"] for r in x["records"]] for x in res],
             "total": [
-                sum(x["records"][i]["cum_uplink_bytes"] + x["records"][i]["cum_downlink_bytes"] for x in res) / len(res)
+                sum(x["records"][i]["cum_uplink_bytes"] + x["records"][i]["cum_downlink_bytes"] for x in res)
+                / len(res)
                 for i in range(len(res[0]["records"]))
             ],
-            "up": [sum(x["records"][i]["cum_uplink_bytes"] for x in res) / len(res) for i in range(len(res[0]["records"]))],
+            "up": [
+                sum(x["records"][i]["cum_uplink_bytes"] for x in res) / len(res)
+                for i in range(len(res[0]["records"]))
+            ],
         }
-    headers = ["method", "final acc (mean ± std)", "best acc", "uplink", "downlink", "total",
-               "total vs FedAvg" if fedavg_total else "total vs dense equivalent", "uplink vs FedAvg",
-               "mean uplink |cos|", "wall s/run"]
+    headers = [
+        "method",
+        "final acc (mean ± std)",
+        "best acc",
+        "uplink",
+        "downlink",
+        "total",
+        "total vs FedAvg" if fedavg_total else "total vs dense equivalent",
+        "uplink vs FedAvg",
+        "mean uplink |cos|",
+        "wall s/run",
+    ]
     print()
     print_table(headers, table)
 
     env = env_info(args.device)
-    setting = (f"{args.dataset}/{args.model}, {args.num_partitions} clients (all train every round), Dirichlet "
-               f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, {args.num_rounds} rounds, seeds {seeds}"
-               + (f", overrides {parse_overrides(args.set)}" if args.set else ""))
+    setting = (
+        f"{args.dataset}/{args.model}, {args.num_partitions} clients (all train every round), Dirichlet "
+        f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, {args.num_rounds} rounds, seeds {seeds}"
+        + (f", overrides {parse_overrides(args.set)}" if args.set else "")
+    )
     png = RESULTS / f"{out_name}.png"
     plot(curves, png, setting)
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    md = "\n".join([
-        f"# Accuracy vs bytes ({args.dataset}/{args.model})", "",
-        env_markdown(env), "",
-        f"Setting: {setting}. Defaults otherwise (3SFC n = 4, 40 LBFGS evaluations with early stop, Top-k/STC "
-        "ratio 0.01, QSGD 16 levels, norm clipping 3x median). `3sfc` is uplink-only (dense downlink); `e3sfc` "
-        "compresses both ways. Bytes are means over seeds of everything sent (headers included; downlink = full "
-        "weights to every client except in round 1, or the compressed downlink for e3sfc). 'vs FedAvg' = FedAvg's "
-        "bytes / the method's bytes" + ("." if fedavg_total else " (no FedAvg run here: the ratio is summary.json's "
-        "compression_ratio, vs the dense float32 equivalent of the same traffic).") + " Wall seconds are noisy: "
-        "the machine was shared.", "",
-        f"Command: `.venv/bin/python bench/accuracy_vs_bytes.py {cmd}`".replace("py `", "py`"), "",
-        md_table(headers, table), "",
-        f"![accuracy vs bytes]({png.name})",
-    ])
+    md = "\n".join(
+        [
+            f"# Accuracy vs bytes ({args.dataset}/{args.model})",
+            "",
+            env_markdown(env),
+            "",
+            f"Setting: {setting}. Defaults otherwise (3SFC n = 4, 40 LBFGS evaluations with early "
+            "stop, Top-k/STC "
+            "ratio 0.01, QSGD 16 levels, norm clipping 3x median). `3sfc` is uplink-only (dense "
+            "downlink); `e3sfc` "
+            "compresses both ways. Bytes are means over seeds of everything sent (headers included; "
+            "downlink = full "
+            "weights to every client except in round 1, or the compressed downlink for e3sfc). 'vs "
+            "FedAvg' = FedAvg's "
+            "bytes / the method's bytes"
+            + (
+                "."
+                if fedavg_total
+                else " (no FedAvg run here: the ratio is summary.json's "
+                "compression_ratio, vs the dense float32 equivalent of the same traffic)."
+            )
+            + " Wall seconds are noisy: "
+            "the machine was shared.",
+            "",
+            f"Command: `.venv/bin/python bench/accuracy_vs_bytes.py {cmd}`".replace("py `", "py`"),
+            "",
+            md_table(headers, table),
+            "",
+            f"![accuracy vs bytes]({png.name})",
+        ]
+    )
     data = {"env": env, "args": vars(args), "setting": setting, "results": rows, "curves": curves}
     j, m = write_results(out_name, data, md)
     print(f"wrote {j}, {m}, {png}")

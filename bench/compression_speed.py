@@ -6,7 +6,8 @@ Command (digits/MLP, CPU, ~1-2 minutes)::
 
 Quick smoke run::
 
-    .venv/bin/python bench/compression_speed.py --rounds 1 --clients 0,1 --samples 4 --repeats 2 --paper-examples 0
+    .venv/bin/python bench/compression_speed.py --rounds 1 --clients 0,1 --samples 4 \\
+        --repeats 2 --paper-examples 0
 
 Measured on real targets (client updates along a digits/MLP FedAvg run, as in
 ``bench/compressors.py``), every speed-up as before/after on the same targets:
@@ -33,7 +34,6 @@ Writes ``bench/results/<out-name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 import time
@@ -82,14 +82,18 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def compress_once(settings: CompressorSettings, spec: Any, model: torch.nn.Module, tgt: Any, n: int) -> dict[str, Any]:
+def compress_once(
+    settings: CompressorSettings, spec: Any, model: torch.nn.Module, tgt: Any, n: int
+) -> dict[str, Any]:
     comp = build_compressor("3sfc", settings, spec)
     meta = PayloadMeta(Direction.UPLINK, tgt.server_round, digest_flat(tgt.base))
     enc = compress_update(comp, tgt.update, model, meta, Budget(n))
     return {"seconds": enc.stats.seconds, "evals": enc.stats.evaluations, "cosine": enc.cosine}
 
 
-def closure_costs(model: torch.nn.Module, target: torch.Tensor, n: int, spec: Any, k: int) -> dict[str, float]:
+def closure_costs(
+    model: torch.nn.Module, target: torch.Tensor, n: int, spec: Any, k: int
+) -> dict[str, float]:
     """Seconds per evaluation of the core closure and of a torch.func version of it."""
     from torch.func import functional_call, grad, grad_and_value
 
@@ -141,8 +145,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--clients", default="0,1,2,3")
     p.add_argument("--samples", default="1,4", help="3SFC n values")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the threads comparison")
-    p.add_argument("--contention", type=int, default=1, help="busy-loop processes for the contended threads test (0: skip)")
-    p.add_argument("--paper-examples", type=int, default=6000, help="examples of the MNIST-sized client (0: skip E)")
+    p.add_argument(
+        "--contention",
+        type=int,
+        default=1,
+        help="busy-loop processes for the contended threads test (0: skip)",
+    )
+    p.add_argument(
+        "--paper-examples", type=int, default=6000, help="examples of the MNIST-sized client (0: skip E)"
+    )
     p.add_argument("--threads", type=int, default=1, help="threads for parts A, B, D, E")
     p.add_argument("--out-name", default="compression_speed")
     args = p.parse_args(argv)
@@ -159,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md: list[str] = []
 
     def settings_for(tgt: Any, over: dict[str, Any]) -> CompressorSettings:
-        return replace(cfg.compressor_settings(), seed=(cfg.seed * 7919 + tgt.partition_id + 1) % 2**31, **over)
+        return replace(
+            cfg.compressor_settings(), seed=(cfg.seed * 7919 + tgt.partition_id + 1) % 2**31, **over
+        )
 
     # ---- A + B: early stopping and candidate settings
     rows, table = [], []
@@ -182,25 +195,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cos = mean_std([r["cosine"] for r in rs])[0]
             sec = median([r["seconds"] for r in rs])
             ratio = median([r["seconds"] / r["train_s"] for r in rs])
-            row = {"n": n, "setting": label, "overrides": over, "seconds_median": sec,
-                   "evals_mean": mean_std([r["evals"] for r in rs])[0], "cosine_mean": cos,
-                   "cosine_fraction_of_200": cos / ref_cos, "speedup_vs_200": ref_s / sec,
-                   "compress_over_train_median": ratio, "per_target": rs}
+            row = {
+                "n": n,
+                "setting": label,
+                "overrides": over,
+                "seconds_median": sec,
+                "evals_mean": mean_std([r["evals"] for r in rs])[0],
+                "cosine_mean": cos,
+                "cosine_fraction_of_200": cos / ref_cos,
+                "speedup_vs_200": ref_s / sec,
+                "compress_over_train_median": ratio,
+                "per_target": rs,
+            }
             rows.append(row)
-            table.append([n, label, f"{row['evals_mean']:.1f}", f"{sec * 1e3:.1f}", f"{row['speedup_vs_200']:.1f}x",
-                          f"{cos:.3f}", f"{row['cosine_fraction_of_200']:.1%}", f"{ratio:.2f}"])
-    headers = ["n", "LBFGS setting", "evals (mean)", "compress ms (median)", "speed-up vs 200",
-               "|cos| mean", "of 200-eval |cos|", "compress / train (median)"]
+            table.append(
+                [
+                    n,
+                    label,
+                    f"{row['evals_mean']:.1f}",
+                    f"{sec * 1e3:.1f}",
+                    f"{row['speedup_vs_200']:.1f}x",
+                    f"{cos:.3f}",
+                    f"{row['cosine_fraction_of_200']:.1%}",
+                    f"{ratio:.2f}",
+                ]
+            )
+    headers = [
+        "n",
+        "LBFGS setting",
+        "evals (mean)",
+        "compress ms (median)",
+        "speed-up vs 200",
+        "|cos| mean",
+        "of 200-eval |cos|",
+        "compress / train (median)",
+    ]
     print_table(headers, table)
     data["early_stop"] = rows
-    md += ["## A+B. Early stopping (before/after) and candidate defaults", "",
-           "Rows 1-2 are before/after the early stop that ships. 'compress / train' is compression seconds over the "
-           "local-training seconds of the same client and round (goal: <= 2).", "", md_table(headers, table), ""]
+    md += [
+        "## A+B. Early stopping (before/after) and candidate defaults",
+        "",
+        "Rows 1-2 are before/after the early stop that ships. 'compress / train' is compression "
+        "seconds over the "
+        "local-training seconds of the same client and round (goal: <= 2).",
+        "",
+        md_table(headers, table),
+        "",
+    ]
 
     # ---- C: threads
     root = resolve_path(cfg.data_root, REPO)
-    part = load_partition(cfg.dataset, targets[0].partition_id, cfg.num_partitions, alpha=cfg.dirichlet_alpha,
-                          seed=cfg.seed, data_root=root)
+    part = load_partition(
+        cfg.dataset,
+        targets[0].partition_id,
+        cfg.num_partitions,
+        alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
+        data_root=root,
+    )
     tgt0 = targets[0]
     n_thr = 4 if 4 in samples else samples[-1]
 
@@ -208,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
         m = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed)
         set_flat(m, tgt0.base)
-        st = train_local(m, part, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=1)
+        st = train_local(
+            m, part, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=1
+        )
         set_flat(m, tgt0.base)
         m.eval()
         c = compress_once(settings_for(tgt0, {}), spec, m, tgt0, n_thr)
@@ -223,16 +277,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res[th].append(thread_trial(th))
         out = []
         for th, vals in res.items():
-            out.append({"condition": label, "threads": th, "train_s_median": median([v[0] for v in vals]),
-                        "compress_s_median": median([v[1] for v in vals]),
-                        "train_s_max": max(v[0] for v in vals), "compress_s_max": max(v[1] for v in vals)})
+            out.append(
+                {
+                    "condition": label,
+                    "threads": th,
+                    "train_s_median": median([v[0] for v in vals]),
+                    "compress_s_median": median([v[1] for v in vals]),
+                    "train_s_max": max(v[0] for v in vals),
+                    "compress_s_max": max(v[1] for v in vals),
+                }
+            )
         return out
 
     import os
 
     thr_rows = threads_block(f"as found (load {os.getloadavg()[0]:.1f})")
     if args.contention > 0:
-        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contention)]
+        spinners = [
+            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contention)
+        ]
         try:
             time.sleep(0.5)
             thr_rows += threads_block(f"+{args.contention} busy process(es)")
@@ -241,15 +304,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sp.terminate()
                 sp.wait(timeout=10)
     set_threads(args.threads)
-    thr_table = [[r["condition"], r["threads"], f"{r['train_s_median'] * 1e3:.1f} (max {r['train_s_max'] * 1e3:.0f})",
-                  f"{r['compress_s_median'] * 1e3:.1f} (max {r['compress_s_max'] * 1e3:.0f})"] for r in thr_rows]
-    thr_headers = ["machine", "torch threads", "local training ms (median)", f"3SFC n={n_thr} compress ms (median)"]
+    thr_table = [
+        [
+            r["condition"],
+            r["threads"],
+            f"{r['train_s_median'] * 1e3:.1f} (max {r['train_s_max'] * 1e3:.0f})",
+            f"{r['compress_s_median'] * 1e3:.1f} (max {r['compress_s_max'] * 1e3:.0f})",
+        ]
+        for r in thr_rows
+    ]
+    thr_headers = [
+        "machine",
+        "torch threads",
+        "local training ms (median)",
+        f"3SFC n={n_thr} compress ms (median)",
+    ]
     print_table(thr_headers, thr_table)
     data["threads"] = thr_rows
-    md += ["## C. torch threads", "",
-           f"One digits client (partition {tgt0.partition_id}, {len(part)} examples, 5 epochs) and the 3SFC compression "
-           f"of its round-{tgt0.server_round} update, {args.repeats} interleaved repeats per setting.", "",
-           md_table(thr_headers, thr_table), ""]
+    md += [
+        "## C. torch threads",
+        "",
+        f"One digits client (partition {tgt0.partition_id}, {len(part)} examples, 5 epochs) and the "
+        "3SFC compression "
+        f"of its round-{tgt0.server_round} update, {args.repeats} interleaved repeats per setting.",
+        "",
+        md_table(thr_headers, thr_table),
+        "",
+    ]
 
     # ---- D: per-evaluation cost
     d_rows, d_table = [], []
@@ -259,28 +340,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         costs = closure_costs(model, tgt0.update, n, spec, 100)
         a = [r for r in rows if r["n"] == n and r["overrides"] == {}][0]
         per_eval = a["seconds_median"] / max(1.0, a["evals_mean"])
-        row = {"n": n, "core_closure_s": costs["core"], "torch_func_s": costs["torch.func"],
-               "compress_s_per_eval": per_eval, "lbfgs_and_other_overhead_s": per_eval - costs["core"]}
+        row = {
+            "n": n,
+            "core_closure_s": costs["core"],
+            "torch_func_s": costs["torch.func"],
+            "compress_s_per_eval": per_eval,
+            "lbfgs_and_other_overhead_s": per_eval - costs["core"],
+        }
         d_rows.append(row)
-        d_table.append([n, f"{costs['core'] * 1e3:.3f}", f"{costs['torch.func'] * 1e3:.3f}",
-                        f"{costs['torch.func'] / costs['core']:.2f}x", f"{per_eval * 1e3:.3f}",
-                        f"{max(0.0, per_eval - costs['core']) / per_eval:.0%}"])
-    d_headers = ["n", "core closure ms/eval", "torch.func closure ms/eval", "torch.func / core",
-                 "compress ms / eval (default)", "LBFGS + other overhead"]
+        d_table.append(
+            [
+                n,
+                f"{costs['core'] * 1e3:.3f}",
+                f"{costs['torch.func'] * 1e3:.3f}",
+                f"{costs['torch.func'] / costs['core']:.2f}x",
+                f"{per_eval * 1e3:.3f}",
+                f"{max(0.0, per_eval - costs['core']) / per_eval:.0%}",
+            ]
+        )
+    d_headers = [
+        "n",
+        "core closure ms/eval",
+        "torch.func closure ms/eval",
+        "torch.func / core",
+        "compress ms / eval (default)",
+        "LBFGS + other overhead",
+    ]
     print_table(d_headers, d_table)
     data["per_eval"] = d_rows
-    md += ["## D. Cost of one LBFGS closure evaluation (digits MLP)", "",
-           "Best of 3 x 100 evaluations; 'overhead' = (default compression seconds / evaluations - closure seconds) / "
-           "per-evaluation seconds (LBFGS bookkeeping, keeping the best iterate, final scale and payload).", "",
-           md_table(d_headers, d_table), ""]
+    md += [
+        "## D. Cost of one LBFGS closure evaluation (digits MLP)",
+        "",
+        "Best of 3 x 100 evaluations; 'overhead' = (default compression seconds / evaluations - "
+        "closure seconds) / "
+        "per-evaluation seconds (LBFGS bookkeeping, keeping the best iterate, final scale and payload).",
+        "",
+        md_table(d_headers, d_table),
+        "",
+    ]
 
     # ---- E: paper scale
     if args.paper_examples > 0:
         shape, classes = (1, 28, 28), 10
         pspec = DatasetSpec("mnist-shaped", shape, classes)
         gen = torch.Generator().manual_seed(0)
-        pdata = TensorData(torch.randn((args.paper_examples, *shape), generator=gen),
-                           torch.randint(0, classes, (args.paper_examples,), generator=gen))
+        pdata = TensorData(
+            torch.randn((args.paper_examples, *shape), generator=gen),
+            torch.randint(0, classes, (args.paper_examples,), generator=gen),
+        )
         pm = build_model("mlp", shape, classes, 0)
         base = get_flat(pm)
         st = train_local(pm, pdata, epochs=5, lr=0.05, batch_size=32, device=device, seed=0)
@@ -296,25 +403,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label, over in CANDIDATES[:2]:
             for n in samples:
                 c = compress_once(replace(cfg.compressor_settings(), **over), pspec, pm, _T, n)
-                e_rows.append({"setting": label, "n": n, "compress_s": c["seconds"], "evals": c["evals"],
-                               "train_s": st.seconds, "ratio": c["seconds"] / st.seconds})
-                e_table.append([label, n, f"{st.seconds:.2f}", f"{c['seconds']:.3f}", c["evals"],
-                                f"{c['seconds'] / st.seconds:.3f}", "PASS" if c["seconds"] <= 2 * st.seconds else "FAIL"])
-        e_headers = ["LBFGS setting", "n", "local training s", "3SFC compress s", "evals", "compress / train", "<= 2x"]
+                e_rows.append(
+                    {
+                        "setting": label,
+                        "n": n,
+                        "compress_s": c["seconds"],
+                        "evals": c["evals"],
+                        "train_s": st.seconds,
+                        "ratio": c["seconds"] / st.seconds,
+                    }
+                )
+                e_table.append(
+                    [
+                        label,
+                        n,
+                        f"{st.seconds:.2f}",
+                        f"{c['seconds']:.3f}",
+                        c["evals"],
+                        f"{c['seconds'] / st.seconds:.3f}",
+                        "PASS" if c["seconds"] <= 2 * st.seconds else "FAIL",
+                    ]
+                )
+        e_headers = [
+            "LBFGS setting",
+            "n",
+            "local training s",
+            "3SFC compress s",
+            "evals",
+            "compress / train",
+            "<= 2x",
+        ]
         print_table(e_headers, e_table)
         data["paper_scale"] = e_rows
-        md += ["## E. Goal 2 at paper scale (MNIST-sized client, random data)", "",
-               f"MLP 784-200-200-10, {args.paper_examples} random 1x28x28 examples (MNIST's 60,000 over 10 clients), "
-               "5 local epochs, batch 32, vs 3SFC compression of that update. Random data: the timing is "
-               "representative, the cosine is not.", "", md_table(e_headers, e_table), ""]
+        md += [
+            "## E. Goal 2 at paper scale (MNIST-sized client, random data)",
+            "",
+            f"MLP 784-200-200-10, {args.paper_examples} random 1x28x28 examples (MNIST's 60,000 "
+            "over 10 clients), "
+            "5 local epochs, batch 32, vs 3SFC compression of that update. Random data: the timing is "
+            "representative, the cosine is not.",
+            "",
+            md_table(e_headers, e_table),
+            "",
+        ]
 
     env = env_info(device)
     data["env"] = env
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    head = ["# Making 3SFC compression fast (issue #5, item 4)", "", env_markdown(env), "",
-            f"Targets: {len(targets)} real client updates (digits/MLP FedAvg, rounds {args.rounds}, clients "
-            f"{args.clients}); threads {args.threads} unless stated.", "",
-            f"Command: `.venv/bin/python bench/compression_speed.py {cmd}`".replace("py `", "py`"), ""]
+    head = [
+        "# Making 3SFC compression fast (issue #5, item 4)",
+        "",
+        env_markdown(env),
+        "",
+        f"Targets: {len(targets)} real client updates (digits/MLP FedAvg, rounds {args.rounds}, clients "
+        f"{args.clients}); threads {args.threads} unless stated.",
+        "",
+        f"Command: `.venv/bin/python bench/compression_speed.py {cmd}`".replace("py `", "py`"),
+        "",
+    ]
     j, m = write_results(args.out_name, data, "\n".join(head + md))
     print(f"wrote {j}, {m}")
     return data

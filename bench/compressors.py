@@ -103,8 +103,14 @@ def ratio_for_k(k: int, numel: int) -> float:
 
 
 def run_one(
-    name: str, settings: CompressorSettings, spec: Any, target: torch.Tensor, model: torch.nn.Module,
-    meta: PayloadMeta, n: int, device: torch.device,
+    name: str,
+    settings: CompressorSettings,
+    spec: Any,
+    target: torch.Tensor,
+    model: torch.nn.Module,
+    meta: PayloadMeta,
+    n: int,
+    device: torch.device,
 ) -> dict[str, Any]:
     """compress -> encode -> decode -> decompress, as ``rounds.compress_update``, timed per step."""
     comp = build_compressor(name, settings, spec)
@@ -140,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-partitions", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", default="1,5,10", help="rounds whose updates are targets (FedAvg runs to the max)")
+    p.add_argument(
+        "--rounds", default="1,5,10", help="rounds whose updates are targets (FedAvg runs to the max)"
+    )
     p.add_argument("--clients", default="0,1,2,3", help="partitions whose updates are targets")
     p.add_argument("--samples", default="1,2,4,8", help="3SFC n values (Top-k matched to each)")
     p.add_argument("--eval-sweep", default="5,10,20,40,80", help="LBFGS max-evals values")
@@ -153,20 +161,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     set_threads(args.threads)
     device = resolve_device(args.device)
-    cfg = ExperimentConfig.from_run_config({
-        "method": "fedavg", "dataset": args.dataset, "model": args.model, "data-root": args.data_root,
-        "num-partitions": args.num_partitions, "local-epochs": args.local_epochs, "seed": args.seed,
-        "device": args.device,
-    })
+    cfg = ExperimentConfig.from_run_config(
+        {
+            "method": "fedavg",
+            "dataset": args.dataset,
+            "model": args.model,
+            "data-root": args.data_root,
+            "num-partitions": args.num_partitions,
+            "local-epochs": args.local_epochs,
+            "seed": args.seed,
+            "device": args.device,
+        }
+    )
     spec = get_spec(args.dataset)
     rounds, clients = parse_ints(args.rounds), parse_ints(args.clients)
-    samples, sweep, sweep_n = parse_ints(args.samples), parse_ints(args.eval_sweep), parse_ints(args.sweep_samples)
+    samples, sweep, sweep_n = (
+        parse_ints(args.samples),
+        parse_ints(args.eval_sweep),
+        parse_ints(args.sweep_samples),
+    )
     n_default = cfg.synthetic_samples
 
     t0 = time.perf_counter()
     targets, fedavg_log = collect_targets(cfg, rounds, clients, device, REPO)
-    print(f"collected {len(targets)} targets in {time.perf_counter() - t0:.1f}s "
-          f"(FedAvg accuracy after round {fedavg_log[-1]['round']}: {fedavg_log[-1]['accuracy']:.3f})")
+    print(
+        f"collected {len(targets)} targets in {time.perf_counter() - t0:.1f}s "
+        f"(FedAvg accuracy after round {fedavg_log[-1]['round']}: {fedavg_log[-1]['accuracy']:.3f})"
+    )
 
     model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
     numel = num_params(model)
@@ -191,20 +212,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sweep_settings: list[tuple[str, int, dict[str, Any]]] = []
     for n in sweep_n:
         for m in sweep:
-            sweep_settings.append((f"cap {m}", n, {"max_evals": m, "evals_per_step": min(10, m), "min_improvement": 0.0}))
+            sweep_settings.append(
+                (f"cap {m}", n, {"max_evals": m, "evals_per_step": min(10, m), "min_improvement": 0.0})
+            )
         sweep_settings.append(("default (40/10/1e-3)", n, {}))
         if not args.no_reference:
-            sweep_settings.append((f"cap {REFERENCE_EVALS} (authors)", n,
-                                   {"max_evals": REFERENCE_EVALS, "evals_per_step": 20, "min_improvement": 0.0}))
+            sweep_settings.append(
+                (
+                    f"cap {REFERENCE_EVALS} (authors)",
+                    n,
+                    {"max_evals": REFERENCE_EVALS, "evals_per_step": 20, "min_improvement": 0.0},
+                )
+            )
 
     results: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in methods}
-    sweep_results: dict[tuple[str, int], list[dict[str, Any]]] = {(lab, n): [] for lab, n, _ in sweep_settings}
+    sweep_results: dict[tuple[str, int], list[dict[str, Any]]] = {
+        (lab, n): [] for lab, n, _ in sweep_settings
+    }
     warm = True
     for i, tgt in enumerate(targets):
         set_flat(model, tgt.base.to(device))
         model.eval()
         meta = PayloadMeta(Direction.UPLINK, tgt.server_round, digest_flat(tgt.base))
-        base_settings = replace(cfg.compressor_settings(), seed=(cfg.seed * 7919 + tgt.partition_id + 1) % 2**31)
+        base_settings = replace(
+            cfg.compressor_settings(), seed=(cfg.seed * 7919 + tgt.partition_id + 1) % 2**31
+        )
         target = tgt.update.to(device)
         if warm:  # first call pays one-off lazy initialisation; keep it out of the timings
             run_one("3sfc", base_settings, spec, target, model, meta, 1, device)
@@ -216,9 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label, n, over in sweep_settings:
             row = run_one("3sfc", replace(base_settings, **over), spec, target, model, meta, n, device)
             sweep_results[(label, n)].append(row)
-        print(f"target {i + 1}/{len(targets)} (round {tgt.server_round}, client {tgt.partition_id}, "
-              f"train {tgt.train_seconds * 1e3:.1f} ms): 3sfc n={samples[0]} cos "
-              f"{results[f'3sfc n={samples[0]}'][-1]['cosine']:.3f}")
+        print(
+            f"target {i + 1}/{len(targets)} (round {tgt.server_round}, client {tgt.partition_id}, "
+            f"train {tgt.train_seconds * 1e3:.1f} ms): 3sfc n={samples[0]} cos "
+            f"{results[f'3sfc n={samples[0]}'][-1]['cosine']:.3f}"
+        )
 
     train_s = [t.train_seconds for t in targets]
     table_rows, json_rows = [], []
@@ -228,9 +262,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         comp_med = median([r["compress_s"] for r in rows])
         ratio_med = median([r["compress_s"] / r["train_s"] for r in rows])
         row = {
-            "method": label, "registry": name, "group": group, "n": n if name == "3sfc" else None,
-            "bytes": rows[0]["bytes"], "cosine_mean": cos_m, "cosine_std": cos_s,
-            "compress_s_median": comp_med, "roundtrip_s_median": median([r["roundtrip_s"] for r in rows]),
+            "method": label,
+            "registry": name,
+            "group": group,
+            "n": n if name == "3sfc" else None,
+            "bytes": rows[0]["bytes"],
+            "cosine_mean": cos_m,
+            "cosine_std": cos_s,
+            "compress_s_median": comp_med,
+            "roundtrip_s_median": median([r["roundtrip_s"] for r in rows]),
             "encode_s_median": median([r["encode_s"] for r in rows]),
             "decode_s_median": median([r["decode_s"] for r in rows]),
             "decompress_s_median": median([r["decompress_s"] for r in rows]),
@@ -239,13 +279,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "degenerate": sum(bool(r["degenerate"]) for r in rows),
         }
         json_rows.append(row)
-        table_rows.append([
-            label, row["bytes"], f"{(numel * 4 + 28) / row['bytes']:.0f}x",
-            f"{cos_m:.3f} ± {cos_s:.3f}", f"{comp_med * 1e3:.2f}", f"{row['roundtrip_s_median'] * 1e3:.2f}",
-            f"{ratio_med:.2f}", f"{row['evals_mean']:.0f}" if name == "3sfc" else "-",
-        ])
-    headers = ["method", "bytes/update", "vs dense", "|cos| mean ± std", "compress ms (median)",
-               "round trip ms (median)", "compress / train", "LBFGS evals"]
+        table_rows.append(
+            [
+                label,
+                row["bytes"],
+                f"{(numel * 4 + 28) / row['bytes']:.0f}x",
+                f"{cos_m:.3f} ± {cos_s:.3f}",
+                f"{comp_med * 1e3:.2f}",
+                f"{row['roundtrip_s_median'] * 1e3:.2f}",
+                f"{ratio_med:.2f}",
+                f"{row['evals_mean']:.0f}" if name == "3sfc" else "-",
+            ]
+        )
+    headers = [
+        "method",
+        "bytes/update",
+        "vs dense",
+        "|cos| mean ± std",
+        "compress ms (median)",
+        "round trip ms (median)",
+        "compress / train",
+        "LBFGS evals",
+    ]
     print()
     print_table(headers, table_rows)
 
@@ -260,16 +315,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c = by_label[f"stc@eq n={n} (k={ks})"]
         ratio = a["cosine_mean"] / b["cosine_mean"] if b["cosine_mean"] > 0 else math.inf
         # per-target ratio too: how often does 3SFC win on a single update
-        wins = sum(x["cosine"] > y["cosine"] for x, y in zip(results[a["method"]], results[b["method"]]))
+        wins = sum(
+            x["cosine"] > y["cosine"] for x, y in zip(results[a["method"]], results[b["method"]], strict=True)
+        )
         ok = ratio >= GOAL_COS_RATIO
         goal1 &= ok
-        eq_json.append({"n": n, "bytes_3sfc": a["bytes"], "bytes_topk": b["bytes"], "k_topk": kt, "bytes_stc": c["bytes"],
-                        "cos_3sfc": a["cosine_mean"], "cos_topk": b["cosine_mean"], "cos_stc": c["cosine_mean"],
-                        "ratio": ratio, "wins": wins, "targets": len(targets), "pass": ok})
-        eq_rows.append([n, a["bytes"], f"{b['bytes']} (k={kt})", f"{a['cosine_mean']:.3f}", f"{b['cosine_mean']:.3f}",
-                        f"{c['cosine_mean']:.3f}", f"{ratio:.2f}x", f"{wins}/{len(targets)}", "PASS" if ok else "FAIL"])
-    eq_headers = ["n", "3SFC bytes", "Top-k bytes", "3SFC |cos|", "Top-k |cos|", "STC@eq |cos|",
-                  "3SFC / Top-k", "3SFC wins (per target)", f">= {GOAL_COS_RATIO}x"]
+        eq_json.append(
+            {
+                "n": n,
+                "bytes_3sfc": a["bytes"],
+                "bytes_topk": b["bytes"],
+                "k_topk": kt,
+                "bytes_stc": c["bytes"],
+                "cos_3sfc": a["cosine_mean"],
+                "cos_topk": b["cosine_mean"],
+                "cos_stc": c["cosine_mean"],
+                "ratio": ratio,
+                "wins": wins,
+                "targets": len(targets),
+                "pass": ok,
+            }
+        )
+        eq_rows.append(
+            [
+                n,
+                a["bytes"],
+                f"{b['bytes']} (k={kt})",
+                f"{a['cosine_mean']:.3f}",
+                f"{b['cosine_mean']:.3f}",
+                f"{c['cosine_mean']:.3f}",
+                f"{ratio:.2f}x",
+                f"{wins}/{len(targets)}",
+                "PASS" if ok else "FAIL",
+            ]
+        )
+    eq_headers = [
+        "n",
+        "3SFC bytes",
+        "Top-k bytes",
+        "3SFC |cos|",
+        "Top-k |cos|",
+        "STC@eq |cos|",
+        "3SFC / Top-k",
+        "3SFC wins (per target)",
+        f">= {GOAL_COS_RATIO}x",
+    ]
     print()
     print_table(eq_headers, eq_rows)
 
@@ -284,17 +374,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ok = med <= GOAL_TIME_RATIO
         if n == n_default:
             goal2 = ok
-        time_json.append({"n": n, "compress_s_median": median([r["compress_s"] for r in rows]),
-                          "train_s_median": median(train_s), "ratio_median": med,
-                          "ratio_max": max(ratios), "roundtrip_ratio_median": median(rt),
-                          "share_within_goal": sum(x <= GOAL_TIME_RATIO for x in ratios) / len(ratios), "pass": ok})
-        time_rows.append([n, f"{time_json[-1]['compress_s_median'] * 1e3:.1f}", f"{median(train_s) * 1e3:.1f}",
-                          f"{med:.2f}", f"{median(rt):.2f}", f"{time_json[-1]['share_within_goal']:.0%}",
-                          "PASS" if ok else "FAIL"])
+        time_json.append(
+            {
+                "n": n,
+                "compress_s_median": median([r["compress_s"] for r in rows]),
+                "train_s_median": median(train_s),
+                "ratio_median": med,
+                "ratio_max": max(ratios),
+                "roundtrip_ratio_median": median(rt),
+                "share_within_goal": sum(x <= GOAL_TIME_RATIO for x in ratios) / len(ratios),
+                "pass": ok,
+            }
+        )
+        time_rows.append(
+            [
+                n,
+                f"{time_json[-1]['compress_s_median'] * 1e3:.1f}",
+                f"{median(train_s) * 1e3:.1f}",
+                f"{med:.2f}",
+                f"{median(rt):.2f}",
+                f"{time_json[-1]['share_within_goal']:.0%}",
+                "PASS" if ok else "FAIL",
+            ]
+        )
     if goal2 is None:
         goal2 = all(t["pass"] for t in time_json)
-    time_headers = ["n", "3SFC compress ms", "local train ms", "compress / train (median)",
-                    "round trip / train", "targets within 2x", f"<= {GOAL_TIME_RATIO}x"]
+    time_headers = [
+        "n",
+        "3SFC compress ms",
+        "local train ms",
+        "compress / train (median)",
+        "round trip / train",
+        "targets within 2x",
+        f"<= {GOAL_TIME_RATIO}x",
+    ]
     print()
     print_table(time_headers, time_rows)
 
@@ -302,21 +415,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sw_rows, sw_json = [], []
     for n in sweep_n:
         ref_key = (f"cap {REFERENCE_EVALS} (authors)", n)
-        ref = mean_std([r["cosine"] for r in sweep_results[ref_key]])[0] if ref_key in sweep_results else float("nan")
+        ref = (
+            mean_std([r["cosine"] for r in sweep_results[ref_key]])[0]
+            if ref_key in sweep_results
+            else float("nan")
+        )
         for label, nn, _ in sweep_settings:
             if nn != n:
                 continue
             rows = sweep_results[(label, n)]
             cm, cs = mean_std([r["cosine"] for r in rows])
             frac = cm / ref if ref and math.isfinite(ref) else float("nan")
-            sw_json.append({"n": n, "setting": label, "cosine_mean": cm, "cosine_std": cs,
-                            "fraction_of_reference": frac, "evals_mean": mean_std([r["evals"] for r in rows])[0],
-                            "compress_s_median": median([r["compress_s"] for r in rows])})
-            sw_rows.append([n, label, f"{sw_json[-1]['evals_mean']:.1f}", f"{cm:.3f} ± {cs:.3f}",
-                            f"{frac:.1%}" if math.isfinite(frac) else "-",
-                            f"{sw_json[-1]['compress_s_median'] * 1e3:.1f}"])
-    sw_headers = ["n", "LBFGS setting", "evals (mean)", "|cos| mean ± std", f"of {REFERENCE_EVALS}-eval |cos|",
-                  "compress ms (median)"]
+            sw_json.append(
+                {
+                    "n": n,
+                    "setting": label,
+                    "cosine_mean": cm,
+                    "cosine_std": cs,
+                    "fraction_of_reference": frac,
+                    "evals_mean": mean_std([r["evals"] for r in rows])[0],
+                    "compress_s_median": median([r["compress_s"] for r in rows]),
+                }
+            )
+            sw_rows.append(
+                [
+                    n,
+                    label,
+                    f"{sw_json[-1]['evals_mean']:.1f}",
+                    f"{cm:.3f} ± {cs:.3f}",
+                    f"{frac:.1%}" if math.isfinite(frac) else "-",
+                    f"{sw_json[-1]['compress_s_median'] * 1e3:.1f}",
+                ]
+            )
+    sw_headers = [
+        "n",
+        "LBFGS setting",
+        "evals (mean)",
+        "|cos| mean ± std",
+        f"of {REFERENCE_EVALS}-eval |cos|",
+        "compress ms (median)",
+    ]
     print()
     print_table(sw_headers, sw_rows)
 
@@ -326,37 +464,66 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\ngoal 1 (3SFC |cos| >= {GOAL_COS_RATIO}x Top-k at equal bytes, every n): {verdict1}")
     print(f"goal 2 (3SFC compress <= {GOAL_TIME_RATIO}x local training, n={n_default}, median): {verdict2}")
 
-    setting = (f"{args.dataset}/{args.model} ({numel:,} weights), {args.num_partitions} clients, Dirichlet "
-               f"{cfg.dirichlet_alpha}, {args.local_epochs} local epochs, batch {cfg.batch_size}, lr {cfg.lr}; targets: "
-               f"local updates of clients {clients} in FedAvg rounds {rounds} ({len(targets)} targets, no residual)")
+    setting = (
+        f"{args.dataset}/{args.model} ({numel:,} weights), {args.num_partitions} clients, Dirichlet "
+        f"{cfg.dirichlet_alpha}, {args.local_epochs} local epochs, batch {cfg.batch_size}, lr "
+        f"{cfg.lr}; targets: "
+        f"local updates of clients {clients} in FedAvg rounds {rounds} ({len(targets)} targets, no residual)"
+    )
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
     md = [
-        "# Compressors on real updates (issue #2)", "",
-        env_markdown(env), "",
-        f"Setting: {setting}.", "",
-        f"Command: `.venv/bin/python bench/compressors.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(), "",
-        "## Every method", "",
+        "# Compressors on real updates (issue #2)",
+        "",
+        env_markdown(env),
+        "",
+        f"Setting: {setting}.",
+        "",
+        f"Command: `.venv/bin/python bench/compressors.py {cmd}`".replace("py `", "py`"),
+        "",
+        "## Every method",
+        "",
         "Bytes are `len(encode(payload))`; |cos| is between the decoded, decompressed update and the target; "
-        "`compress / train` is the compression seconds over the local-training seconds of the same client and "
-        "round (median over targets). Round trip = compress + encode + decode + decompress.", "",
-        md_table(headers, table_rows), "",
-        "## 3SFC vs Top-k at equal bytes", "",
+        "`compress / train` is the compression seconds over the local-training seconds of the same "
+        "client and "
+        "round (median over targets). Round trip = compress + encode + decode + decompress.",
+        "",
+        md_table(headers, table_rows),
+        "",
+        "## 3SFC vs Top-k at equal bytes",
+        "",
         "Top-k keeps k = floor((bytes_3SFC - 32) / 8) float32 values with int32 indices (<= 3SFC's bytes, "
-        "within 8 bytes); STC@eq likewise.", "",
-        md_table(eq_headers, eq_rows), "",
-        f"**Goal 1, 3SFC |cos| >= {GOAL_COS_RATIO}x Top-k's at equal bytes (every n): {verdict1}.**", "",
-        "## Compression time vs local training time", "",
-        md_table(time_headers, time_rows), "",
+        "within 8 bytes); STC@eq likewise.",
+        "",
+        md_table(eq_headers, eq_rows),
+        "",
+        f"**Goal 1, 3SFC |cos| >= {GOAL_COS_RATIO}x Top-k's at equal bytes (every n): {verdict1}.**",
+        "",
+        "## Compression time vs local training time",
+        "",
+        md_table(time_headers, time_rows),
+        "",
         f"**Goal 2, 3SFC compression <= {GOAL_TIME_RATIO}x local training of the same round "
-        f"(default n={n_default}, median): {verdict2}.**", "",
-        "## |cos| vs LBFGS closure evaluations", "",
-        "`cap m`: max-evals m, evals-per-step min(10, m), min-improvement 0 (only the cap stops the search; LBFGS "
-        "may overshoot the cap by a few evaluations inside its last step). `default`: the shipped early stop.", "",
+        f"(default n={n_default}, median): {verdict2}.**",
+        "",
+        "## |cos| vs LBFGS closure evaluations",
+        "",
+        "`cap m`: max-evals m, evals-per-step min(10, m), min-improvement 0 (only the cap stops the "
+        "search; LBFGS may overshoot the cap by a few evaluations inside its last step). `default`: "
+        "the shipped early stop.",
+        "",
         md_table(sw_headers, sw_rows),
     ]
     data = {
-        "env": env, "args": vars(args), "setting": setting, "numel": numel,
-        "fedavg_trajectory": fedavg_log, "train_seconds": train_s,
-        "methods": json_rows, "equal_bytes": eq_json, "time_vs_train": time_json, "lbfgs_sweep": sw_json,
+        "env": env,
+        "args": vars(args),
+        "setting": setting,
+        "numel": numel,
+        "fedavg_trajectory": fedavg_log,
+        "train_seconds": train_s,
+        "methods": json_rows,
+        "equal_bytes": eq_json,
+        "time_vs_train": time_json,
+        "lbfgs_sweep": sw_json,
         "goals": {"cos_ratio_ge_1.3": goal1, "compress_le_2x_train": goal2},
         "per_target": results,
         "per_target_sweep": {f"{k[0]} n={k[1]}": v for k, v in sweep_results.items()},

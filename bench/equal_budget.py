@@ -97,8 +97,10 @@ def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str
     n_up = [r["n_uplink"] for r in recs]
     n_down = [r["n_downlink"] for r in recs]
     return {
-        "method": label, "knob": knob,
-        "final_accuracy_mean": acc_m, "final_accuracy_std": acc_s,
+        "method": label,
+        "knob": knob,
+        "final_accuracy_mean": acc_m,
+        "final_accuracy_std": acc_s,
         "final_accuracy_per_seed": accs,
         "rounds_completed": [s["rounds"] for s in sums],
         "stopped_early": [bool(s["stopped_early"]) for s in sums],
@@ -110,12 +112,17 @@ def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str
         "budget_spent": mean_std([s["budget"]["spent_total"] for s in sums])[0],
         "budget_planned_sum": mean_std(planned)[0],
         "overspent": max(s["budget"]["overspent"] for s in sums),
-        "n_uplink_per_round": n_up, "n_downlink_per_round": n_down,
+        "n_uplink_per_round": n_up,
+        "n_downlink_per_round": n_down,
         "planned_per_round": [r["planned"] for r in budget["rounds"]],
         "spent_per_round": [r["spent"] for r in budget["rounds"]],
-        "mean_uplink_cosine": mean_std([
-            sum(r["mean_cosine"] for r in x["records"]) / max(1, len(x["records"])) for x in res if x["records"]
-        ])[0],
+        "mean_uplink_cosine": mean_std(
+            [
+                sum(r["mean_cosine"] for r in x["records"]) / max(1, len(x["records"]))
+                for x in res
+                if x["records"]
+            ]
+        )[0],
     }
 
 
@@ -132,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budget-total-bytes", type=int, default=0, help="0: E-3SFC's default run's total")
     p.add_argument("--budget-multiplier", type=float, default=1.0)
     p.add_argument("--policies", default="constant,decay,adaptive")
-    p.add_argument("--skip-fixed", action="store_true", help="skip the fixed-size methods (fedavg, signsgd, qsgd, 3sfc)")
+    p.add_argument(
+        "--skip-fixed", action="store_true", help="skip the fixed-size methods (fedavg, signsgd, qsgd, 3sfc)"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=1)
@@ -146,15 +155,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
         raise SystemExit(2)
     out_name = args.out_name or (
-        "equal_budget" if (args.dataset, args.model) == ("digits", "mlp") else f"equal_budget_{args.dataset}_{args.model}"
+        "equal_budget"
+        if (args.dataset, args.model) == ("digits", "mlp")
+        else f"equal_budget_{args.dataset}_{args.model}"
     )
     runs_dir = RESULTS / "runs" / out_name
     seeds = parse_ints(args.seeds)
     common = {
-        "dataset": args.dataset, "model": args.model, "data-root": args.data_root,
-        "num-rounds": args.num_rounds, "num-partitions": args.num_partitions,
-        "dirichlet-alpha": args.dirichlet_alpha, "local-epochs": args.local_epochs,
-        "device": args.device, "output-dir": str(runs_dir), **parse_overrides(args.set),
+        "dataset": args.dataset,
+        "model": args.model,
+        "data-root": args.data_root,
+        "num-rounds": args.num_rounds,
+        "num-partitions": args.num_partitions,
+        "dirichlet-alpha": args.dirichlet_alpha,
+        "local-epochs": args.local_epochs,
+        "device": args.device,
+        "output-dir": str(runs_dir),
+        **parse_overrides(args.set),
     }
     base_cfg = ExperimentConfig.from_run_config({**common, "method": "e3sfc"})
     spec = get_spec(args.dataset)
@@ -169,9 +186,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res = run_federated({**common, **raw, "seed": seed, "run-name": name}, REPO)
             s = res["summary"]
             acc = s["final_accuracy"]
-            print(f"seed {seed} {label:34s} rounds {s['rounds']:3d} acc {acc if acc is None else round(acc, 4)} "
-                  f"bytes {fmt_bytes(s['total_bytes'])}{' (stopped early)' if s['stopped_early'] else ''} "
-                  f"({res['wall_seconds']:.1f}s)")
+            print(
+                f"seed {seed} {label:34s} rounds {s['rounds']:3d} acc "
+                f"{acc if acc is None else round(acc, 4)} "
+                f"bytes {fmt_bytes(s['total_bytes'])}{' (stopped early)' if s['stopped_early'] else ''} "
+                f"({res['wall_seconds']:.1f}s)"
+            )
             out.append(res)
         return out
 
@@ -180,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_def = base_cfg.synthetic_samples
     ref = run_all(f"e3sfc n={n_def} (reference, no budget)", {"method": "e3sfc"})
     rows.append(summarize_runs(f"e3sfc n={n_def} (reference, no budget)", f"n={n_def}", ref))
-    budget = args.budget_total_bytes or int(math.floor(ref[0]["summary"]["total_bytes"] * args.budget_multiplier))
+    budget = args.budget_total_bytes or int(
+        math.floor(ref[0]["summary"]["total_bytes"] * args.budget_multiplier)
+    )
     C, R = args.num_partitions, args.num_rounds
     per_payload = budget // (C * (2 * R - 1))
     print(f"budget {budget:,} bytes -> at most {per_payload:,} bytes per payload (C={C}, R={R})")
@@ -190,45 +212,85 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_fit = largest(lambda n: size_of("3sfc", common, numel, n) <= per_payload, 1, 4096)
     if n_fit is not None:
         smax = max(n_fit, base_cfg.synthetic_samples_max)
-        knobs.append((f"e3sfc n={n_fit} (budget, constant)", f"n={n_fit}",
-                      {"method": "e3sfc", "synthetic-samples": n_fit, "synthetic-samples-max": n_fit, **b}))
+        knobs.append(
+            (
+                f"e3sfc n={n_fit} (budget, constant)",
+                f"n={n_fit}",
+                {"method": "e3sfc", "synthetic-samples": n_fit, "synthetic-samples-max": n_fit, **b},
+            )
+        )
     else:
         smax = base_cfg.synthetic_samples_max
     for policy in [x for x in args.policies.split(",") if x]:
-        knobs.append((f"e3sfc scheduler {policy}", f"n in [1, {smax}]",
-                      {"method": "e3sfc", "budget-policy": policy, "synthetic-samples-max": smax, **b}))
-    for method, fixed in (("topk", 32), ("stc", 36)):
-        k = largest(lambda kk: size_of(method, {**common, "topk-ratio": kk / numel}, numel) <= per_payload, 1, numel)
+        knobs.append(
+            (
+                f"e3sfc scheduler {policy}",
+                f"n in [1, {smax}]",
+                {"method": "e3sfc", "budget-policy": policy, "synthetic-samples-max": smax, **b},
+            )
+        )
+    for method in ("topk", "stc"):
+        k = largest(
+            lambda kk, m=method: size_of(m, {**common, "topk-ratio": kk / numel}, numel) <= per_payload,
+            1,
+            numel,
+        )
         if k is None:
             continue
         ratio = k / numel
         assert topk_count(ratio, numel) == k
-        knobs.append((f"{method} k={k}", f"ratio={ratio:.5f} (k={k})",
-                      {"method": method, "topk-ratio": ratio, **b}))
+        knobs.append(
+            (f"{method} k={k}", f"ratio={ratio:.5f} (k={k})", {"method": method, "topk-ratio": ratio, **b})
+        )
     if not args.skip_fixed:
         for method in ("signsgd", "qsgd", "fedavg"):
             size = size_of(method, common, numel)
             knobs.append((f"{method} (fixed size)", f"{size:,} B/payload", {"method": method, **b}))
-        knobs.append(("3sfc uplink-only, dense downlink", f"n={n_def}",
-                      {"method": "3sfc", "budget-total-bytes": budget, "downlink": "dense"}))
+        knobs.append(
+            (
+                "3sfc uplink-only, dense downlink",
+                f"n={n_def}",
+                {"method": "3sfc", "budget-total-bytes": budget, "downlink": "dense"},
+            )
+        )
 
     for label, knob, raw in knobs:
         rows.append(summarize_runs(label, knob, run_all(label, raw)))
 
-    headers = ["method", "knob", "final acc (mean ± std)", "rounds", "spent", "uplink", "downlink",
-               "planned (sum)", "spent / budget", "mean uplink |cos|"]
+    headers = [
+        "method",
+        "knob",
+        "final acc (mean ± std)",
+        "rounds",
+        "spent",
+        "uplink",
+        "downlink",
+        "planned (sum)",
+        "spent / budget",
+        "mean uplink |cos|",
+    ]
     table = []
     for r in rows:
         rounds = sorted(set(r["rounds_completed"]))
-        acc = "- (no round fits)" if not math.isfinite(r["final_accuracy_mean"]) else (
-            f"{r['final_accuracy_mean']:.2%} ± {r['final_accuracy_std']:.2%}")
-        table.append([
-            r["method"], r["knob"], acc, "/".join(map(str, rounds)) + (" (stopped)" if any(r["stopped_early"]) else ""),
-            fmt_bytes(r["budget_spent"]), fmt_bytes(r["uplink_bytes"]), fmt_bytes(r["downlink_bytes"]),
-            fmt_bytes(r["budget_planned_sum"]) if r["budget_total"] else "-",
-            f"{r['budget_spent'] / budget:.1%}",
-            f"{r['mean_uplink_cosine']:.3f}" if math.isfinite(r["mean_uplink_cosine"]) else "-",
-        ])
+        acc = (
+            "- (no round fits)"
+            if not math.isfinite(r["final_accuracy_mean"])
+            else (f"{r['final_accuracy_mean']:.2%} ± {r['final_accuracy_std']:.2%}")
+        )
+        table.append(
+            [
+                r["method"],
+                r["knob"],
+                acc,
+                "/".join(map(str, rounds)) + (" (stopped)" if any(r["stopped_early"]) else ""),
+                fmt_bytes(r["budget_spent"]),
+                fmt_bytes(r["uplink_bytes"]),
+                fmt_bytes(r["downlink_bytes"]),
+                fmt_bytes(r["budget_planned_sum"]) if r["budget_total"] else "-",
+                f"{r['budget_spent'] / budget:.1%}",
+                f"{r['mean_uplink_cosine']:.3f}" if math.isfinite(r["mean_uplink_cosine"]) else "-",
+            ]
+        )
     print()
     print_table(headers, table)
 
@@ -238,36 +300,68 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         up, down = r["n_uplink_per_round"], r["n_downlink_per_round"]
         sched_rows.append(r)
-        sched_table.append([
-            r["method"], " ".join(map(str, up)), " ".join(map(str, down)),
-            " ".join(f"{x / 1e3:.1f}" if x is not None else "-" for x in r["planned_per_round"][:12])
-            + (" ..." if len(r["planned_per_round"]) > 12 else ""),
-            " ".join(f"{x / 1e3:.1f}" for x in r["spent_per_round"][:12]) + (" ..." if len(r["spent_per_round"]) > 12 else ""),
-            r["overspent"],
-        ])
-    sched_headers = ["run (seed 0)", "n uplink per round", "n downlink per round", "planned kB (first rounds)",
-                     "spent kB (first rounds)", "overspent B"]
+        sched_table.append(
+            [
+                r["method"],
+                " ".join(map(str, up)),
+                " ".join(map(str, down)),
+                " ".join(f"{x / 1e3:.1f}" if x is not None else "-" for x in r["planned_per_round"][:12])
+                + (" ..." if len(r["planned_per_round"]) > 12 else ""),
+                " ".join(f"{x / 1e3:.1f}" for x in r["spent_per_round"][:12])
+                + (" ..." if len(r["spent_per_round"]) > 12 else ""),
+                r["overspent"],
+            ]
+        )
+    sched_headers = [
+        "run (seed 0)",
+        "n uplink per round",
+        "n downlink per round",
+        "planned kB (first rounds)",
+        "spent kB (first rounds)",
+        "overspent B",
+    ]
 
     env = env_info(args.device)
-    setting = (f"{args.dataset}/{args.model} ({numel:,} weights), {C} clients (all train every round), Dirichlet "
-               f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, up to {R} rounds, seeds {seeds}")
+    setting = (
+        f"{args.dataset}/{args.model} ({numel:,} weights), {C} clients (all train every round), Dirichlet "
+        f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, up to {R} rounds, seeds {seeds}"
+    )
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    md = "\n".join([
-        f"# Equal total byte budget ({args.dataset}/{args.model})", "",
-        env_markdown(env), "",
-        f"Setting: {setting}. Budget B = {budget:,} bytes (= E-3SFC's default run x {args.budget_multiplier:g}); "
-        f"knobs sized for at most {per_payload:,} bytes per payload (B / (C (2R - 1))). Every budgeted run uses "
-        "`budget-total-bytes = B` and `downlink = compressed` (its own compressor both ways) except the uplink-only "
-        "3SFC row. QSGD's levels do not change its size in our encoding (1 byte per weight), so QSGD, signSGD and "
-        "FedAvg run at their fixed size until the budget is spent. 'planned (sum)' is the sum of the scheduler's "
-        "per-round allowances from summary.json['budget'].", "",
-        f"Command: `.venv/bin/python bench/equal_budget.py {cmd}`".replace("py `", "py`"), "",
-        md_table(headers, table), "",
-        "## Scheduler: samples per round, planned vs spent (seed 0)", "",
-        md_table(sched_headers, sched_table),
-    ])
-    data = {"env": env, "args": vars(args), "setting": setting, "budget_total_bytes": budget,
-            "max_bytes_per_payload": per_payload, "results": rows}
+    md = "\n".join(
+        [
+            f"# Equal total byte budget ({args.dataset}/{args.model})",
+            "",
+            env_markdown(env),
+            "",
+            f"Setting: {setting}. Budget B = {budget:,} bytes (= E-3SFC's default run x "
+            f"{args.budget_multiplier:g}); "
+            f"knobs sized for at most {per_payload:,} bytes per payload (B / (C (2R - 1))). Every "
+            "budgeted run uses "
+            "`budget-total-bytes = B` and `downlink = compressed` (its own compressor both ways) "
+            "except the uplink-only "
+            "3SFC row. QSGD's levels do not change its size in our encoding (1 byte per weight), so "
+            "QSGD, signSGD and "
+            "FedAvg run at their fixed size until the budget is spent. 'planned (sum)' is the sum "
+            "of the scheduler's "
+            "per-round allowances from summary.json['budget'].",
+            "",
+            f"Command: `.venv/bin/python bench/equal_budget.py {cmd}`".replace("py `", "py`"),
+            "",
+            md_table(headers, table),
+            "",
+            "## Scheduler: samples per round, planned vs spent (seed 0)",
+            "",
+            md_table(sched_headers, sched_table),
+        ]
+    )
+    data = {
+        "env": env,
+        "args": vars(args),
+        "setting": setting,
+        "budget_total_bytes": budget,
+        "max_bytes_per_payload": per_payload,
+        "results": rows,
+    }
     j, m = write_results(out_name, data, md)
     print(f"wrote {j}, {m}")
     return data

@@ -124,7 +124,6 @@ class Phase:
 def worker_rounds(job: dict[str, Any]) -> dict[str, Any]:
     """Part 1 and part 3: one federated run, time split per round."""
     import torch
-
     from _common import run_federated
 
     device = torch.device("cuda" if job["device"] == "cuda" else "cpu")
@@ -136,17 +135,30 @@ def worker_rounds(job: dict[str, Any]) -> dict[str, Any]:
         mine = [c for c in cms if c["round"] == rec["round"]]
         train = sum(c["train-seconds"] for c in mine) / len(mine)
         comp = sum(c["compress-seconds"] for c in mine) / len(mine)
-        per_round.append({
-            "round": rec["round"], "train_s_client_mean": train, "compress_s_client_mean": comp,
-            "train_s_sum": sum(c["train-seconds"] for c in mine), "compress_s_sum": sum(c["compress-seconds"] for c in mine),
-            "aggregate_s": rec["aggregate_seconds"], "downlink_compress_s": max(0.0, rec["compress_seconds"] - comp),
-            "uplink_bytes": rec["uplink_bytes"], "downlink_bytes": rec["downlink_bytes"],
-        })
+        per_round.append(
+            {
+                "round": rec["round"],
+                "train_s_client_mean": train,
+                "compress_s_client_mean": comp,
+                "train_s_sum": sum(c["train-seconds"] for c in mine),
+                "compress_s_sum": sum(c["compress-seconds"] for c in mine),
+                "aggregate_s": rec["aggregate_seconds"],
+                "downlink_compress_s": max(0.0, rec["compress_seconds"] - comp),
+                "uplink_bytes": rec["uplink_bytes"],
+                "downlink_bytes": rec["downlink_bytes"],
+            }
+        )
     return {
-        "per_round": per_round, "wall_s": res["wall_seconds"], "rounds": len(recs),
+        "per_round": per_round,
+        "wall_s": res["wall_seconds"],
+        "rounds": len(recs),
         "final_accuracy": recs[-1]["accuracy"] if recs else None,
-        "peak_rss_mb": ph.peak, "rss_mb": ph.rss, "rss_before_mb": ph.before, "peak_reset": ph.reset,
-        "cuda_peak_mb": ph.cuda_peak, "clients": len({c["node"] for c in cms}),
+        "peak_rss_mb": ph.peak,
+        "rss_mb": ph.rss,
+        "rss_before_mb": ph.before,
+        "peak_reset": ph.reset,
+        "cuda_peak_mb": ph.cuda_peak,
+        "clients": len({c["node"] for c in cms}),
     }
 
 
@@ -169,8 +181,10 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
     with Phase(device) as ph:
         model = build_model(job["model"], shape, classes, 0).to(device)
         gen = torch.Generator().manual_seed(0)
-        data = TensorData(torch.randn((job["train_samples"], *shape), generator=gen),
-                          torch.randint(0, classes, (job["train_samples"],), generator=gen))
+        data = TensorData(
+            torch.randn((job["train_samples"], *shape), generator=gen),
+            torch.randint(0, classes, (job["train_samples"],), generator=gen),
+        )
         base = get_flat(model)
     out.update(numel=num_params(model), setup_peak_rss_mb=ph.peak, import_rss_mb=ph.before)
     with Phase(device) as ph:
@@ -179,8 +193,13 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
     target = get_flat(model) - base
     set_flat(model, base)
     model.eval()
-    out.update(train_s=stats.seconds, train_steps=steps, train_s_per_step=stats.seconds / steps,
-               train_peak_rss_mb=ph.peak, train_cuda_peak_mb=ph.cuda_peak)
+    out.update(
+        train_s=stats.seconds,
+        train_steps=steps,
+        train_s_per_step=stats.seconds / steps,
+        train_peak_rss_mb=ph.peak,
+        train_cuda_peak_mb=ph.cuda_peak,
+    )
     meta = PayloadMeta(Direction.UPLINK, 1, digest_flat(base))
 
     def roundtrip(name: str, settings: CompressorSettings, n: int) -> dict[str, Any]:
@@ -195,11 +214,20 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
         with Phase(device) as ph2:
             with Timer(device) as tx:
                 rec = comp.decompress(dec, model)
-        return {"compress_s": tc.seconds, "evals": st.evaluations, "bytes": len(blob), "encode_s": te.seconds,
-                "decode_s": td.seconds, "decompress_s": tx.seconds, "cosine": abs(cosine(rec, target)),
-                "compress_peak_rss_mb": ph.peak, "compress_rss_before_mb": ph.before,
-                "compress_cuda_peak_mb": ph.cuda_peak,
-                "decompress_peak_rss_mb": ph2.peak, "decompress_cuda_peak_mb": ph2.cuda_peak}
+        return {
+            "compress_s": tc.seconds,
+            "evals": st.evaluations,
+            "bytes": len(blob),
+            "encode_s": te.seconds,
+            "decode_s": td.seconds,
+            "decompress_s": tx.seconds,
+            "cosine": abs(cosine(rec, target)),
+            "compress_peak_rss_mb": ph.peak,
+            "compress_rss_before_mb": ph.before,
+            "compress_cuda_peak_mb": ph.cuda_peak,
+            "decompress_peak_rss_mb": ph2.peak,
+            "decompress_cuda_peak_mb": ph2.cuda_peak,
+        }
 
     settings = CompressorSettings(seed=1)
     repeats = job["big_repeats"] if out["numel"] > BIG_MODEL else job["repeats"]
@@ -219,12 +247,15 @@ def spawn(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job in a fresh interpreter (clean peak memory), return its JSON."""
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(job)],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {job} failed:\n{proc.stderr[-4000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -256,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("RESULT " + json.dumps(result))
         return result
 
+    set_threads(args.threads)  # the workers set it too; this makes env_info report it
     out_name = args.out_name or ("speed" if args.device == "cpu" else f"speed_{args.device}")
     skip = set(args.skip.split(","))
     runs_dir = RESULTS / "runs" / out_name
@@ -265,135 +297,262 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- part 1
     if "rounds" not in skip:
-        headers = ["method", "wall s/round", "train s/client", "compress s/client", "server aggregate s",
-                   "downlink compress s", "other s/round", "compress / train", "uplink B/round", "peak RSS MiB (+ over start)"]
+        headers = [
+            "method",
+            "wall s/round",
+            "train s/client",
+            "compress s/client",
+            "server aggregate s",
+            "downlink compress s",
+            "other s/round",
+            "compress / train",
+            "uplink B/round",
+            "peak RSS MiB (+ over start)",
+        ]
         rows, table = [], []
         for method in [m for m in args.methods.split(",") if m]:
             cfg = {**base_cfg, "method": method, "num-rounds": args.rounds, "run-name": f"rounds-{method}"}
             r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
             pr = r["per_round"]
             row = {
-                "method": method, "wall_s_per_round": r["wall_s"] / r["rounds"],
+                "method": method,
+                "wall_s_per_round": r["wall_s"] / r["rounds"],
                 "train_s_client": median([x["train_s_client_mean"] for x in pr]),
                 "compress_s_client": median([x["compress_s_client_mean"] for x in pr]),
                 "aggregate_s": median([x["aggregate_s"] for x in pr]),
                 "downlink_compress_s": median([x["downlink_compress_s"] for x in pr]),
-                "uplink_bytes_per_round": pr[-1]["uplink_bytes"], "peak_rss_mb": r["peak_rss_mb"],
-                "cuda_peak_mb": r["cuda_peak_mb"], "per_round": pr,
+                "uplink_bytes_per_round": pr[-1]["uplink_bytes"],
+                "peak_rss_mb": r["peak_rss_mb"],
+                "cuda_peak_mb": r["cuda_peak_mb"],
+                "per_round": pr,
             }
             row["compress_over_train"] = row["compress_s_client"] / row["train_s_client"]
-            row["other_s_per_round"] = row["wall_s_per_round"] - r["clients"] * (
-                row["train_s_client"] + row["compress_s_client"]) - row["aggregate_s"]
+            row["other_s_per_round"] = (
+                row["wall_s_per_round"]
+                - r["clients"] * (row["train_s_client"] + row["compress_s_client"])
+                - row["aggregate_s"]
+            )
             row["rss_before_mb"] = r["rss_before_mb"]
             rows.append(row)
-            table.append([method, f"{row['wall_s_per_round']:.3f}", f"{row['train_s_client'] * 1e3:.1f} ms",
-                          f"{row['compress_s_client'] * 1e3:.1f} ms", f"{row['aggregate_s'] * 1e3:.1f} ms",
-                          f"{row['downlink_compress_s'] * 1e3:.1f} ms" if method == "e3sfc" else "-",
-                          f"{row['other_s_per_round']:.3f}",
-                          f"{row['compress_over_train']:.2f}", fmt_bytes(row["uplink_bytes_per_round"]),
-                          f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})"])
+            table.append(
+                [
+                    method,
+                    f"{row['wall_s_per_round']:.3f}",
+                    f"{row['train_s_client'] * 1e3:.1f} ms",
+                    f"{row['compress_s_client'] * 1e3:.1f} ms",
+                    f"{row['aggregate_s'] * 1e3:.1f} ms",
+                    f"{row['downlink_compress_s'] * 1e3:.1f} ms" if method == "e3sfc" else "-",
+                    f"{row['other_s_per_round']:.3f}",
+                    f"{row['compress_over_train']:.2f}",
+                    fmt_bytes(row["uplink_bytes_per_round"]),
+                    f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})",
+                ]
+            )
             print(f"rounds: {method} done")
         print_table(headers, table)
         data["rounds"] = rows
-        md += ["## 1. Seconds per round (digits/MLP, 10 clients)", "",
-               f"{args.rounds} rounds per method, medians over rounds; per-client columns are means over the "
-               "round's clients (clients run one after another in one process, so a round's client time is "
-               "10x these). Server aggregate = validation + decompressing every uplink + clip/average + (e3sfc) "
-               "downlink compression. 'other' = wall - clients x (train + compress) - aggregate: per-client model "
-               "construction, partition slicing, downlink replay and digests, the server's test evaluation and "
-               "metrics.csv. Peak RSS is the whole process (torch alone is most of it); '+' is the growth over the "
-               "RSS when the run started. Wall time excludes finalisation (summary.json, plots).", "", md_table(headers, table), ""]
+        md += [
+            "## 1. Seconds per round (digits/MLP, 10 clients)",
+            "",
+            f"{args.rounds} rounds per method, medians over rounds; per-client columns are means over the "
+            "round's clients (clients run one after another in one process, so a round's client time is "
+            "10x these). Server aggregate = validation + decompressing every uplink + clip/average + (e3sfc) "
+            "downlink compression. 'other' = wall - clients x (train + compress) - aggregate: "
+            "per-client model "
+            "construction, partition slicing, downlink replay and digests, the server's test evaluation and "
+            "metrics.csv. Peak RSS is the whole process (torch alone is most of it); '+' is the "
+            "growth over the "
+            "RSS when the run started. Wall time excludes finalisation (summary.json, plots).",
+            "",
+            md_table(headers, table),
+            "",
+        ]
 
     # ---- part 2
     if "models" not in skip:
         shape = parse_ints(args.input_shape)
-        headers = ["model", "weights", "train s/step (b=32)", "3SFC compress s", "LBFGS evals", "s/eval",
-                   "3SFC decompress s", "3SFC bytes", "3SFC enc/dec ms", "Top-k 1% compress ms",
-                   "Top-k enc/dec ms", "dense enc/dec ms", "peak RSS MiB in 3SFC compress (+ over start)", "GPU peak MiB"]
+        headers = [
+            "model",
+            "weights",
+            "train s/step (b=32)",
+            "3SFC compress s",
+            "LBFGS evals",
+            "s/eval",
+            "3SFC decompress s",
+            "3SFC bytes",
+            "3SFC enc/dec ms",
+            "Top-k 1% compress ms",
+            "Top-k enc/dec ms",
+            "dense enc/dec ms",
+            "peak RSS MiB in 3SFC compress (+ over start)",
+            "GPU peak MiB",
+        ]
         rows, table = [], []
         for model in [m for m in args.models.split(",") if m]:
-            job = {"kind": "model", "model": model, "input_shape": shape, "n_classes": 10, "device": args.device,
-                   "threads": args.threads, "train_samples": args.train_samples, "repeats": args.repeats,
-                   "big_repeats": args.big_repeats}
+            job = {
+                "kind": "model",
+                "model": model,
+                "input_shape": shape,
+                "n_classes": 10,
+                "device": args.device,
+                "threads": args.threads,
+                "train_samples": args.train_samples,
+                "repeats": args.repeats,
+                "big_repeats": args.big_repeats,
+            }
             t0 = time.perf_counter()
             r = spawn(job)
             s, tk, d = r["3sfc"], r["topk"], r["fedavg"]
             row = {
-                "model": model, "numel": r["numel"], "train_s_per_step": r["train_s_per_step"],
-                "sfc_compress_s": median([x["compress_s"] for x in s]), "sfc_evals": median([x["evals"] for x in s]),
-                "sfc_decompress_s": median([x["decompress_s"] for x in s]), "sfc_bytes": s[0]["bytes"],
-                "sfc_encode_s": median([x["encode_s"] for x in s]), "sfc_decode_s": median([x["decode_s"] for x in s]),
+                "model": model,
+                "numel": r["numel"],
+                "train_s_per_step": r["train_s_per_step"],
+                "sfc_compress_s": median([x["compress_s"] for x in s]),
+                "sfc_evals": median([x["evals"] for x in s]),
+                "sfc_decompress_s": median([x["decompress_s"] for x in s]),
+                "sfc_bytes": s[0]["bytes"],
+                "sfc_encode_s": median([x["encode_s"] for x in s]),
+                "sfc_decode_s": median([x["decode_s"] for x in s]),
                 "sfc_cosine": median([x["cosine"] for x in s]),
                 "topk_compress_s": median([x["compress_s"] for x in tk]),
-                "topk_encode_s": median([x["encode_s"] for x in tk]), "topk_decode_s": median([x["decode_s"] for x in tk]),
-                "dense_encode_s": d["encode_s"], "dense_decode_s": d["decode_s"],
+                "topk_encode_s": median([x["encode_s"] for x in tk]),
+                "topk_decode_s": median([x["decode_s"] for x in tk]),
+                "dense_encode_s": d["encode_s"],
+                "dense_decode_s": d["decode_s"],
                 "peak_rss_compress_mb": max(x["compress_peak_rss_mb"] for x in s),
-                "rss_before_compress_mb": s[0]["compress_rss_before_mb"], "import_rss_mb": r["import_rss_mb"],
-                "peak_rss_train_mb": r["train_peak_rss_mb"], "setup_peak_rss_mb": r["setup_peak_rss_mb"],
-                "cuda_peak_compress_mb": s[0]["compress_cuda_peak_mb"], "raw": r,
+                "rss_before_compress_mb": s[0]["compress_rss_before_mb"],
+                "import_rss_mb": r["import_rss_mb"],
+                "peak_rss_train_mb": r["train_peak_rss_mb"],
+                "setup_peak_rss_mb": r["setup_peak_rss_mb"],
+                "cuda_peak_compress_mb": s[0]["compress_cuda_peak_mb"],
+                "raw": r,
             }
             row["sfc_s_per_eval"] = row["sfc_compress_s"] / max(1, row["sfc_evals"])
             rows.append(row)
-            table.append([
-                model, f"{row['numel']:,}", f"{row['train_s_per_step'] * 1e3:.1f} ms", f"{row['sfc_compress_s']:.3f}",
-                f"{row['sfc_evals']:.0f}", f"{row['sfc_s_per_eval'] * 1e3:.1f} ms", f"{row['sfc_decompress_s'] * 1e3:.1f} ms",
-                row["sfc_bytes"], f"{row['sfc_encode_s'] * 1e3:.2f}/{row['sfc_decode_s'] * 1e3:.2f}",
-                f"{row['topk_compress_s'] * 1e3:.1f}",
-                f"{row['topk_encode_s'] * 1e3:.2f}/{row['topk_decode_s'] * 1e3:.2f}",
-                f"{row['dense_encode_s'] * 1e3:.1f}/{row['dense_decode_s'] * 1e3:.1f}",
-                f"{row['peak_rss_compress_mb']:.0f} (+{row['peak_rss_compress_mb'] - row['rss_before_compress_mb']:.0f})",
-                f"{row['cuda_peak_compress_mb']:.0f}" if row["cuda_peak_compress_mb"] is not None else "-",
-            ])
+            table.append(
+                [
+                    model,
+                    f"{row['numel']:,}",
+                    f"{row['train_s_per_step'] * 1e3:.1f} ms",
+                    f"{row['sfc_compress_s']:.3f}",
+                    f"{row['sfc_evals']:.0f}",
+                    f"{row['sfc_s_per_eval'] * 1e3:.1f} ms",
+                    f"{row['sfc_decompress_s'] * 1e3:.1f} ms",
+                    row["sfc_bytes"],
+                    f"{row['sfc_encode_s'] * 1e3:.2f}/{row['sfc_decode_s'] * 1e3:.2f}",
+                    f"{row['topk_compress_s'] * 1e3:.1f}",
+                    f"{row['topk_encode_s'] * 1e3:.2f}/{row['topk_decode_s'] * 1e3:.2f}",
+                    f"{row['dense_encode_s'] * 1e3:.1f}/{row['dense_decode_s'] * 1e3:.1f}",
+                    f"{row['peak_rss_compress_mb']:.0f} "
+                    f"(+{row['peak_rss_compress_mb'] - row['rss_before_compress_mb']:.0f})",
+                    f"{row['cuda_peak_compress_mb']:.0f}"
+                    if row["cuda_peak_compress_mb"] is not None
+                    else "-",
+                ]
+            )
             print(f"models: {model} done in {time.perf_counter() - t0:.1f}s")
         print_table(headers, table)
         data["models"] = rows
-        md += [f"## 2. Growth with model size (random data {tuple(shape)}, 10 classes)", "",
-               f"Target: the local update of one epoch over {args.train_samples} random examples. 3SFC n = 1 with the "
-               "shipped LBFGS settings (max 40 evaluations, early stop); its cosine on these random-data targets is "
-               "not meaningful, its time per evaluation is. 'enc/dec' = encode / decode of one payload. Peak RSS is "
-               "the whole process (Python + torch + model) during compression.", "", md_table(headers, table), ""]
+        md += [
+            f"## 2. Growth with model size (random data {tuple(shape)}, 10 classes)",
+            "",
+            f"Target: the local update of one epoch over {args.train_samples} random examples. 3SFC "
+            "n = 1 with the "
+            "shipped LBFGS settings (max 40 evaluations, early stop); its cosine on these "
+            "random-data targets is "
+            "not meaningful, its time per evaluation is. 'enc/dec' = encode / decode of one "
+            "payload. Peak RSS is "
+            "the whole process (Python + torch + model) during compression.",
+            "",
+            md_table(headers, table),
+            "",
+        ]
 
     # ---- part 3
     if "clients" not in skip:
-        headers = ["method", "clients", "wall s/round", "train s/client", "compress s/client", "server aggregate s",
-                   "other s/round", "uplink B/round", "downlink B/round", "peak RSS MiB (+ over start)"]
+        headers = [
+            "method",
+            "clients",
+            "wall s/round",
+            "train s/client",
+            "compress s/client",
+            "server aggregate s",
+            "other s/round",
+            "uplink B/round",
+            "downlink B/round",
+            "peak RSS MiB (+ over start)",
+        ]
         rows, table = [], []
         for method in [m for m in args.client_methods.split(",") if m]:
             for n in parse_ints(args.clients):
-                cfg = {**base_cfg, "method": method, "num-rounds": args.client_rounds, "num-partitions": n,
-                       "run-name": f"clients-{method}-{n}"}
+                cfg = {
+                    **base_cfg,
+                    "method": method,
+                    "num-rounds": args.client_rounds,
+                    "num-partitions": n,
+                    "run-name": f"clients-{method}-{n}",
+                }
                 r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
                 pr = r["per_round"]
                 row = {
-                    "method": method, "clients": n, "wall_s_per_round": r["wall_s"] / r["rounds"],
+                    "method": method,
+                    "clients": n,
+                    "wall_s_per_round": r["wall_s"] / r["rounds"],
                     "train_s_client": median([x["train_s_client_mean"] for x in pr]),
                     "compress_s_client": median([x["compress_s_client_mean"] for x in pr]),
                     "aggregate_s": median([x["aggregate_s"] for x in pr]),
-                    "uplink_bytes_per_round": pr[-1]["uplink_bytes"], "downlink_bytes_per_round": pr[-1]["downlink_bytes"],
-                    "peak_rss_mb": r["peak_rss_mb"], "per_round": pr,
+                    "uplink_bytes_per_round": pr[-1]["uplink_bytes"],
+                    "downlink_bytes_per_round": pr[-1]["downlink_bytes"],
+                    "peak_rss_mb": r["peak_rss_mb"],
+                    "per_round": pr,
                 }
-                row["other_s_per_round"] = row["wall_s_per_round"] - n * (
-                    row["train_s_client"] + row["compress_s_client"]) - row["aggregate_s"]
+                row["other_s_per_round"] = (
+                    row["wall_s_per_round"]
+                    - n * (row["train_s_client"] + row["compress_s_client"])
+                    - row["aggregate_s"]
+                )
                 row["rss_before_mb"] = r["rss_before_mb"]
                 rows.append(row)
-                table.append([method, n, f"{row['wall_s_per_round']:.2f}", f"{row['train_s_client'] * 1e3:.1f} ms",
-                              f"{row['compress_s_client'] * 1e3:.1f} ms", f"{row['aggregate_s'] * 1e3:.0f} ms",
-                              f"{row['other_s_per_round']:.2f}",
-                              fmt_bytes(row["uplink_bytes_per_round"]), fmt_bytes(row["downlink_bytes_per_round"]),
-                              f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})"])
+                table.append(
+                    [
+                        method,
+                        n,
+                        f"{row['wall_s_per_round']:.2f}",
+                        f"{row['train_s_client'] * 1e3:.1f} ms",
+                        f"{row['compress_s_client'] * 1e3:.1f} ms",
+                        f"{row['aggregate_s'] * 1e3:.0f} ms",
+                        f"{row['other_s_per_round']:.2f}",
+                        fmt_bytes(row["uplink_bytes_per_round"]),
+                        fmt_bytes(row["downlink_bytes_per_round"]),
+                        f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})",
+                    ]
+                )
                 print(f"clients: {method} {n} done")
         print_table(headers, table)
         data["clients"] = rows
-        md += [f"## 3. Growth with the number of clients (digits/MLP, {args.client_rounds} rounds)", "",
-               "All clients train every round (fraction-train 1), one after another in one process; digits has "
-               "1,437 training images, so 100 clients hold ~14 each (training time per client shrinks, compression "
-               "time does not).", "", md_table(headers, table), ""]
+        md += [
+            f"## 3. Growth with the number of clients (digits/MLP, {args.client_rounds} rounds)",
+            "",
+            "All clients train every round (fraction-train 1), one after another in one process; digits has "
+            "1,437 training images, so 100 clients hold ~14 each (training time per client shrinks, "
+            "compression "
+            "time does not).",
+            "",
+            md_table(headers, table),
+            "",
+        ]
 
     env = env_info(args.device)
     data["env"] = env
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    header = ["# Speed and memory (issue #5, item 3)", "", env_markdown(env), "",
-              f"Command: `.venv/bin/python bench/speed.py {cmd}`".replace("py `", "py`"), ""]
+    header = [
+        "# Speed and memory (issue #5, item 3)",
+        "",
+        env_markdown(env),
+        "",
+        f"Command: `.venv/bin/python bench/speed.py {cmd}`".replace("py `", "py`"),
+        "",
+    ]
     j, m = write_results(out_name, data, "\n".join(header + md))
     print(f"wrote {j}, {m}")
     return data

@@ -22,7 +22,7 @@ from .payload import Direction
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
 from .rounds import apply_downlink, compress_update
 from .tensors import digest_flat, get_flat, num_params, set_flat
-from .training import train_local
+from .training import apply_threads, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def client_round(
     A client that cannot reach the server's model digest answers ``desync`` (and
     forgets its weights, so the next round starts from a full re-sync).
     """
+    apply_threads(cfg.num_threads)
     compressor = client_compressor(cfg, spec, partition_id)
     model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
     model.eval()

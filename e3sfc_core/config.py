@@ -33,7 +33,9 @@ class ExperimentConfig(BaseModel):
     ``downlink="auto"`` compresses the downlink for ``e3sfc`` only (the paper's
     double-way method); ``"compressed"`` does it for any method, ``"dense"`` never.
     ``clip_norm_factor`` clips every decompressed client update to that multiple of the
-    round's median update norm (0 turns clipping off).
+    round's median update norm (0 turns clipping off). ``num_threads`` sets torch's CPU
+    threads in every process of the run (0 keeps torch's default); on small or shared
+    machines 1 is much faster (bench/results/compression_speed.md).
     """
 
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
@@ -71,6 +73,7 @@ class ExperimentConfig(BaseModel):
     resume: bool = False
     round_timeout: float = Field(600.0, gt=0.0)
     num_partitions: int = Field(10, ge=1)
+    num_threads: int = Field(0, ge=0, le=1024)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

@@ -21,7 +21,7 @@ from .payload import HEADER_SIZE
 from .protocol import Instruction, Reply
 from .reporting import format_round, plot_runs, read_metrics, summarize, write_metrics, write_summary
 from .server import FederatedServer, RoundRecord
-from .training import evaluate, resolve_device
+from .training import apply_threads, evaluate, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Experiment:
     def __init__(self, cfg: ExperimentConfig, base_dir: Path | None = None) -> None:
         self.cfg = cfg
         base = base_dir or Path.cwd()
+        apply_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device)
         _, self.test, self.spec = load_dataset(cfg.dataset, resolve_path(cfg.data_root, base), cfg.download)
         self.server = FederatedServer(cfg, self.spec, self.device)

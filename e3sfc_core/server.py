@@ -283,8 +283,11 @@ class FederatedServer:
         """Move the global model by the aggregate (or by its compressed downlink)."""
         if self.cfg.compress_downlink:
             expected = max(1, len(self._plan))
+            # Sized for the round that will send it; the last round's payload is never
+            # sent (it only defines the final model), so it is sized like this round's.
+            sent_in = min(server_round + 1, self.cfg.num_rounds)
             self.n_down = self.scheduler.choose_samples(
-                server_round + 1, payload_count=expected, size_of=self.uplink_size, share=0.5
+                sent_in, payload_count=expected, size_of=self.uplink_size, share=0.5
             )
             meta = PayloadMeta(Direction.DOWNLINK, server_round, self.digest)
             enc = compress_update(

@@ -131,3 +131,9 @@ def evaluate(
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
         correct += (logits.argmax(dim=1) == yb).sum()
     return float(loss_sum) / n, int(correct) / n
+
+
+def apply_threads(num_threads: int) -> None:
+    """Set torch's CPU threads for this process (0 leaves torch's default)."""
+    if num_threads > 0 and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
