@@ -203,6 +203,8 @@ class BudgetScheduler:
     # traffic recorded before any round was planned (e.g. an initial broadcast).
     _rounds: dict[int, dict[str, Any]] = field(init=False, repr=False)
     _current_round: int = field(init=False, repr=False, default=0)
+    # bytes of the cheapest possible round, kept in reserve for every later round
+    _round_floor: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
@@ -224,6 +226,15 @@ class BudgetScheduler:
         self._last_feedback = {}
         self._rounds = {}
         self._current_round = 0
+        self._round_floor = 0
+
+    def reserve_round_floor(self, nbytes: int) -> None:
+        """Keep ``nbytes`` (the cheapest possible round) for each round after the one
+        being planned, so that generous early rounds cannot starve the last ones.
+
+        Set by the caller, which knows the payload sizes; not part of the saved state
+        (the caller sets it again after a restore)."""
+        self._round_floor = _nonneg_int("nbytes", nbytes)
 
     # ------------------------------------------------------------------ queries
 
@@ -300,7 +311,9 @@ class BudgetScheduler:
         remaining = self.remaining()
         assert remaining is not None
         allowance = POLICIES[self.policy](self, r, remaining, self._next_factor())
-        return max(0.0, min(float(remaining), allowance))
+        later_rounds = max(0, self.num_rounds - r)
+        reserve_cap = max(float(self._round_floor), float(remaining - self._round_floor * later_rounds))
+        return max(0.0, min(float(remaining), allowance, reserve_cap))
 
     def choose_samples(
         self,

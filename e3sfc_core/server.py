@@ -163,8 +163,10 @@ class FederatedServer:
         BudgetExhausted
             When even the smallest round no longer fits in the byte budget.
         """
-        self.scheduler.plan_round(server_round)
         chosen = self.sample(server_round, node_ids)
+        down_floor = self.uplink_size(1) if self.cfg.compress_downlink else len(self.full_weights())
+        self.scheduler.reserve_round_floor(len(chosen) * (self.uplink_size(1) + down_floor))
+        self.scheduler.plan_round(server_round)
         downs = {n: self.downlink_for(n) for n in chosen}
         down_bytes = sum(len(p) for d, _ in downs.values() for p in d)
         n_up = self.scheduler.choose_samples(

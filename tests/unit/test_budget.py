@@ -350,3 +350,28 @@ def test_property_hard_total_never_exceeded(
         assert rep["spent_total"] <= total
         assert rep["remaining"] == total - rep["spent_total"]
         assert sum(row["spent"] for row in rep["rounds"]) == rep["spent_total"]
+
+
+def _rounds_completed(reserve: bool) -> int:
+    """Adaptive policy fed low cosines (so it keeps buying samples): how many of 20
+    rounds can be paid for, with or without a per-round floor kept in reserve."""
+    size_of = lambda n: 40 + 300 * n  # noqa: E731
+    sched = BudgetScheduler(policy="adaptive", total_bytes=200_000, num_rounds=20, n_max=16)
+    floor = 2 * 10 * size_of(1)
+    if reserve:
+        sched.reserve_round_floor(floor)
+    for r in range(1, 21):
+        sched.plan_round(r)
+        n = sched.choose_samples(r, payload_count=20, size_of=size_of, share=1.0)
+        cost = 20 * size_of(n)
+        if not sched.can_afford(cost):
+            return r - 1
+        sched.spend("uplink", cost, server_round=r)
+        sched.observe("uplink", BudgetFeedback(cosine=0.1, residual_ratio=0.99))
+    return 20
+
+
+def test_round_floor_reserve_keeps_every_round_affordable() -> None:
+    # Without the reserve the eager policy starves the last rounds; with it, all 20 run
+    assert _rounds_completed(reserve=False) < 20
+    assert _rounds_completed(reserve=True) == 20
