@@ -151,8 +151,8 @@ class FederatedServer:
 
     # -------------------------------------------------------------------------- round
 
-    def uplink_size(self, n_samples: int) -> int:
-        """Exact bytes of one uplink payload with ``n_samples``."""
+    def payload_size(self, n_samples: int) -> int:
+        """Exact bytes of one payload (uplink or compressed downlink) with ``n_samples``."""
         return self.compressor.encoded_size(self.numel, Budget(n_samples))
 
     def plan_round(self, server_round: int, node_ids: Sequence[int]) -> dict[int, Instruction]:
@@ -164,15 +164,15 @@ class FederatedServer:
             When even the smallest round no longer fits in the byte budget.
         """
         chosen = self.sample(server_round, node_ids)
-        down_floor = self.uplink_size(1) if self.cfg.compress_downlink else len(self.full_weights())
-        self.scheduler.reserve_round_floor(len(chosen) * (self.uplink_size(1) + down_floor))
+        down_floor = self.payload_size(1) if self.cfg.compress_downlink else len(self.full_weights())
+        self.scheduler.reserve_round_floor(len(chosen) * (self.payload_size(1) + down_floor))
         self.scheduler.plan_round(server_round)
         downs = {n: self.downlink_for(n) for n in chosen}
         down_bytes = sum(len(p) for d, _ in downs.values() for p in d)
         n_up = self.scheduler.choose_samples(
-            server_round, payload_count=len(chosen), size_of=self.uplink_size, share=1.0, reserved=down_bytes
+            server_round, payload_count=len(chosen), size_of=self.payload_size, share=1.0, reserved=down_bytes
         )
-        up_size = self.uplink_size(n_up)
+        up_size = self.payload_size(n_up)
         needed = down_bytes + len(chosen) * up_size
         if not self.scheduler.can_afford(needed):
             raise BudgetExhausted(
@@ -209,7 +209,7 @@ class FederatedServer:
             base_digest=self.digest,
             codec=self.compressor.codec,
             numel=self.numel,
-            max_bytes=self.uplink_size(rec.n_uplink),
+            max_bytes=self.payload_size(rec.n_uplink),
             max_samples=rec.n_uplink,
         )
         updates, weights, cosines, comp, train = [], [], [], [], []
@@ -289,7 +289,7 @@ class FederatedServer:
             # sent (it only defines the final model), so it is sized like this round's.
             sent_in = min(server_round + 1, self.cfg.num_rounds)
             self.n_down = self.scheduler.choose_samples(
-                sent_in, payload_count=expected, size_of=self.uplink_size, share=0.5
+                sent_in, payload_count=expected, size_of=self.payload_size, share=0.5
             )
             meta = PayloadMeta(Direction.DOWNLINK, server_round, self.digest)
             enc = compress_update(

@@ -81,7 +81,7 @@ def test_metrics_rows_and_cumulative_bytes(
         per_round = [int(r[f"{direction}_bytes"]) for r in rows]
         cum = [int(r[f"cum_{direction}_bytes"]) for r in rows]
         assert cum == [sum(per_round[: i + 1]) for i in range(len(rows))]
-    uplink = exp.server.uplink_size(cfg.synthetic_samples)  # no budget: n = synthetic-samples
+    uplink = exp.server.payload_size(cfg.synthetic_samples)  # no budget: n = synthetic-samples
     assert all(int(r["n_uplink"]) == cfg.synthetic_samples for r in rows)
     assert all(int(r["uplink_bytes"]) == 4 * uplink for r in rows)  # 4 clients
     assert all(r["skipped"] == "False" and int(r["accepted"]) == 4 for r in rows)
