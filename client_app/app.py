@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 
 from e3sfc_core.client import ClientState, client_round, load_client_state, save_client_state
 from e3sfc_core.config import ExperimentConfig
-from e3sfc_core.datasets import load_dataset, load_partition
+from e3sfc_core.datasets import get_spec, load_partition
 from e3sfc_core.payload import STATE_RESIDUAL
 from e3sfc_core.training import resolve_device
 from server_app.records import instruction_from, reply_content
@@ -36,12 +36,12 @@ def train(msg: Message, context: Context) -> Message:
     state_dir = node.get("state-dir")
     state_file = Path(str(state_dir)) / f"client-{partition_id}.npz" if state_dir else None
     instruction = instruction_from(msg)
-    _, _, spec = load_dataset(cfg.dataset, data_root, cfg.download)
+    spec = get_spec(cfg.dataset)
     data = load_partition(
         cfg.dataset,
         partition_id,
         num_partitions,
-        alpha=float("inf") if cfg.iid else cfg.dirichlet_alpha,
+        alpha=cfg.partition_alpha,
         seed=cfg.seed,
         data_root=data_root,
         download=cfg.download,

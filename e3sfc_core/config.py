@@ -87,6 +87,11 @@ class ExperimentConfig(BaseModel):
         return self.downlink == "compressed" or (self.downlink == "auto" and self.method == "e3sfc")
 
     @property
+    def partition_alpha(self) -> float:
+        """Dirichlet concentration for partitioning (infinity means IID)."""
+        return float("inf") if self.iid else self.dirichlet_alpha
+
+    @property
     def compressor_name(self) -> str:
         """Registry key of the compressor: e3sfc is 3SFC on both links."""
         return "3sfc" if self.method == "e3sfc" else self.method

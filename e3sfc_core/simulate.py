@@ -49,7 +49,6 @@ def run_reference(
         pid: load_client_state(f) if (f := state_file(pid)) is not None else ClientState()
         for pid in range(cfg.num_partitions)
     }
-    alpha = float("inf") if cfg.iid else cfg.dirichlet_alpha
     for server_round in exp.rounds:
         plan = exp.plan(server_round, list(states))
         if plan is None:
@@ -60,7 +59,7 @@ def run_reference(
                 cfg.dataset,
                 node,
                 cfg.num_partitions,
-                alpha=alpha,
+                alpha=cfg.partition_alpha,
                 seed=cfg.seed,
                 data_root=root,
                 download=cfg.download,
