@@ -15,14 +15,17 @@ module is imported as ``_common`` (the script's folder is first on ``sys.path``)
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,24 @@ def env_markdown(info: dict[str, Any]) -> str:
 def _load(info: dict[str, Any]) -> str:
     la = info.get("loadavg_1m_5m_15m")
     return "/".join(f"{v:.1f}" for v in la) if la else "?"
+
+
+def command_markdown(script: str, argv: Sequence[str] | None) -> str:
+    """The report's ``Command: `.venv/bin/python bench/<script> ...` `` line (``argv``
+    as given to ``main``, else the process's arguments)."""
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
+    return f"Command: `.venv/bin/python bench/{script} {cmd}`".replace("py `", "py`")
+
+
+def report_head(
+    title: str, env: dict[str, Any], script: str, argv: Sequence[str] | None, *paragraphs: str
+) -> list[str]:
+    """Opening lines of a markdown report: ``# title``, the environment header, the
+    ``paragraphs`` (setting, targets...) and the command line, each followed by a blank line."""
+    lines = [f"# {title}", "", env_markdown(env), ""]
+    for par in paragraphs:
+        lines += [par, ""]
+    return lines + [command_markdown(script, argv), ""]
 
 
 def set_threads(threads: int) -> None:
@@ -176,7 +197,85 @@ def parse_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+# ------------------------------------------------------------------ compression
+
+
+def client_settings(cfg: Any, partition_id: int, **overrides: Any) -> Any:
+    """``cfg``'s compressor settings with client ``partition_id``'s seed, as
+    ``e3sfc_core.client.client_compressor`` seeds them, then ``overrides`` applied."""
+    from dataclasses import replace
+
+    seed = (cfg.seed * 7919 + partition_id + 1) % 2**31
+    return replace(cfg.compressor_settings(), seed=seed, **overrides)
+
+
+def uplink_meta(target: Any) -> Any:
+    """The uplink ``PayloadMeta`` of a target (anything with ``server_round`` and ``base``)."""
+    from e3sfc_core.compressor import PayloadMeta
+    from e3sfc_core.payload import Direction
+    from e3sfc_core.tensors import digest_flat
+
+    return PayloadMeta(Direction.UPLINK, target.server_round, digest_flat(target.base))
+
+
+def timed_roundtrip(
+    comp: Any,
+    target: torch.Tensor,
+    model: torch.nn.Module,
+    meta: Any,
+    n: int,
+    device: torch.device,
+    around: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, Any]:
+    """compress -> encode -> decode -> decompress, as ``rounds.compress_update``, each step
+    timed with :class:`Timer`. ``around()`` is a context manager entered around the
+    compress and the decompress timers (e.g. a peak-memory probe); those two are returned
+    as ``compress_ctx``/``decompress_ctx`` next to the payload ``blob``, the compressor's
+    ``stats``, the decompressed ``transmitted`` update and the ``Timer`` of every step
+    (``total``, ``compress``, ``encode``, ``decode``, ``decompress``)."""
+    from e3sfc_core.compressor import Budget
+    from e3sfc_core.payload import decode, encode
+
+    with Timer(device) as t_total:
+        with around() as ctx_c, Timer(device) as t_c:
+            payload, stats = comp.compress(target, model, meta, Budget(n))
+        with Timer(device) as t_e:
+            blob = encode(payload)
+        with Timer(device) as t_d:
+            decoded = decode(blob)
+        with around() as ctx_x, Timer(device) as t_x:
+            transmitted = comp.decompress(decoded, model).to(target.device)
+    return {
+        "blob": blob,
+        "stats": stats,
+        "transmitted": transmitted,
+        "total": t_total,
+        "compress": t_c,
+        "encode": t_e,
+        "decode": t_d,
+        "decompress": t_x,
+        "compress_ctx": ctx_c,
+        "decompress_ctx": ctx_x,
+    }
+
+
 # --------------------------------------------------------------------- real targets
+
+
+def client_data(cfg: Any, partition_id: int, root: Path) -> Any:
+    """Training data of client ``partition_id`` under ``cfg``, as ``run_reference`` loads it
+    (``root`` is the resolved data root)."""
+    from e3sfc_core.datasets import load_partition
+
+    return load_partition(
+        cfg.dataset,
+        partition_id,
+        cfg.num_partitions,
+        alpha=cfg.partition_alpha,
+        seed=cfg.seed,
+        data_root=root,
+        download=cfg.download,
+    )
 
 
 @dataclass
@@ -204,7 +303,7 @@ def collect_targets(
 
     Returns the targets and a per-round log (global test accuracy after the round).
     """
-    from e3sfc_core.datasets import load_dataset, load_partition
+    from e3sfc_core.datasets import load_dataset
     from e3sfc_core.experiment import resolve_path
     from e3sfc_core.models import build_model
     from e3sfc_core.rounds import clip_and_average
@@ -213,7 +312,6 @@ def collect_targets(
 
     root = resolve_path(cfg.data_root, base_dir)
     _, test, spec = load_dataset(cfg.dataset, root, cfg.download)
-    alpha = float("inf") if cfg.iid else cfg.dirichlet_alpha
     model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
     global_w = get_flat(model)
     keep_rounds, keep_clients = set(rounds), set(clients)
@@ -222,15 +320,7 @@ def collect_targets(
     for r in range(1, max(rounds) + 1):
         updates, weights = [], []
         for pid in range(cfg.num_partitions):
-            data = load_partition(
-                cfg.dataset,
-                pid,
-                cfg.num_partitions,
-                alpha=alpha,
-                seed=cfg.seed,
-                data_root=root,
-                download=cfg.download,
-            )
+            data = client_data(cfg, pid, root)
             set_flat(model, global_w)
             seed = (cfg.seed * 1_000_003 + r * 1009 + pid) % 2**62  # as client_round
             sync(device)
@@ -284,6 +374,64 @@ class Timer:
 
 
 # ----------------------------------------------------------------- federated runs
+
+
+def add_setting_args(p: argparse.ArgumentParser, *, federated: bool = True) -> None:
+    """The data/model/partition options of the scripts (digits/MLP, 10 clients, 5 local
+    epochs); ``federated`` adds ``--num-rounds``, ``--dirichlet-alpha`` and ``--seeds``."""
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--data-root", default="data")
+    if federated:
+        p.add_argument("--num-rounds", type=int, default=30)
+    p.add_argument("--num-partitions", type=int, default=10)
+    if federated:
+        p.add_argument("--dirichlet-alpha", type=float, default=1.0)
+    p.add_argument("--local-epochs", type=int, default=5)
+    if federated:
+        p.add_argument("--seeds", default="0,1,2")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--set``, ``--device``, ``--threads`` and ``--out-name`` of the federated scripts."""
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--out-name", default="")
+
+
+def federated_setup(args: argparse.Namespace, script: str) -> tuple[str, dict[str, Any]]:
+    """Exit with status 2 unless ``args.dataset`` loads; return the out-name (``--out-name``,
+    else ``script`` for digits/MLP and ``<script>_<dataset>_<model>`` otherwise) and the
+    kebab-case config every run shares (``--set`` included; per-run outputs go to
+    ``bench/results/runs/<out-name>/``)."""
+    missing = dataset_available(args.dataset, args.data_root)
+    if missing:
+        print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
+        raise SystemExit(2)
+    out_name = args.out_name or (
+        script if (args.dataset, args.model) == ("digits", "mlp") else f"{script}_{args.dataset}_{args.model}"
+    )
+    common = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "data-root": args.data_root,
+        "num-rounds": args.num_rounds,
+        "num-partitions": args.num_partitions,
+        "dirichlet-alpha": args.dirichlet_alpha,
+        "local-epochs": args.local_epochs,
+        "device": args.device,
+        "output-dir": str(RESULTS / "runs" / out_name),
+        **parse_overrides(args.set),
+    }
+    return out_name, common
+
+
+def mean_uplink_cosine(runs: Sequence[dict[str, Any]]) -> float:
+    """Mean over runs (of :func:`run_federated`) of each run's mean uplink |cosine| over
+    its rounds; runs without a round are left out (NaN if none has one)."""
+    per_run = [sum(r["mean_cosine"] for r in x["records"]) / len(x["records"]) for x in runs if x["records"]]
+    return mean_std(per_run)[0]
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -40,16 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
     RESULTS,
-    dataset_available,
+    add_run_options,
+    add_setting_args,
     env_info,
-    env_markdown,
+    federated_setup,
     fmt_bytes,
     md_table,
     mean_std,
+    mean_uplink_cosine,
     parse_ints,
     parse_method_spec,
     parse_overrides,
     print_table,
+    report_head,
     run_federated,
     set_threads,
     write_results,
@@ -90,47 +93,16 @@ def plot(curves: dict[str, dict[str, Any]], out: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--model", default="mlp")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--num-rounds", type=int, default=30)
-    p.add_argument("--num-partitions", type=int, default=10)
-    p.add_argument("--dirichlet-alpha", type=float, default=1.0)
-    p.add_argument("--local-epochs", type=int, default=5)
-    p.add_argument("--seeds", default="0,1,2")
+    add_setting_args(p)
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of method[@key=value...]")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--out-name", default="")
+    add_run_options(p)
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     set_threads(args.threads)
-    missing = dataset_available(args.dataset, args.data_root)
-    if missing:
-        print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
-        raise SystemExit(2)
-    out_name = args.out_name or (
-        "accuracy_vs_bytes"
-        if (args.dataset, args.model) == ("digits", "mlp")
-        else f"accuracy_vs_bytes_{args.dataset}_{args.model}"
-    )
-    runs_dir = RESULTS / "runs" / out_name
+    out_name, common = federated_setup(args, "accuracy_vs_bytes")
     seeds = parse_ints(args.seeds)
     specs = [parse_method_spec(s) for s in args.methods.split(",") if s.strip()]
-    common = {
-        "dataset": args.dataset,
-        "model": args.model,
-        "data-root": args.data_root,
-        "num-rounds": args.num_rounds,
-        "num-partitions": args.num_partitions,
-        "dirichlet-alpha": args.dirichlet_alpha,
-        "local-epochs": args.local_epochs,
-        "device": args.device,
-        "output-dir": str(runs_dir),
-        **parse_overrides(args.set),
-    }
 
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in specs}
     for seed in seeds:
@@ -166,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (fedavg_total / total) if fedavg_total else mean_std([s["compression_ratio"] for s in sums])[0]
         )
         ratio_up = (fedavg_up / up) if fedavg_total and up else float("nan")
-        cos = mean_std([sum(r["mean_cosine"] for r in x["records"]) / len(x["records"]) for x in res])[0]
+        cos = mean_uplink_cosine(res)
         wall = mean_std([x["wall_seconds"] for x in res])[0]
         row = {
             "method": label,
@@ -233,13 +205,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     png = RESULTS / f"{out_name}.png"
     plot(curves, png, setting)
-    cmd = " ".join(argv if argv is not None else sys.argv[1:])
     md = "\n".join(
-        [
-            f"# Accuracy vs bytes ({args.dataset}/{args.model})",
-            "",
-            env_markdown(env),
-            "",
+        report_head(
+            f"Accuracy vs bytes ({args.dataset}/{args.model})",
+            env,
+            "accuracy_vs_bytes.py",
+            argv,
             f"Setting: {setting}. Defaults otherwise (3SFC n = 4, 40 LBFGS evaluations with early "
             "stop, Top-k/STC "
             "ratio 0.01, QSGD 16 levels, norm clipping 3x median). `3sfc` is uplink-only (dense "
@@ -257,9 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             + " Wall seconds are noisy: "
             "the machine was shared.",
-            "",
-            f"Command: `.venv/bin/python bench/accuracy_vs_bytes.py {cmd}`".replace("py `", "py`"),
-            "",
+        )
+        + [
             md_table(headers, table),
             "",
             f"![accuracy vs bytes]({png.name})",

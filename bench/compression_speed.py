@@ -47,27 +47,29 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
+    client_data,
+    client_settings,
     collect_targets,
     env_info,
-    env_markdown,
     md_table,
     mean_std,
     median,
     parse_ints,
     print_table,
+    report_head,
     set_threads,
+    uplink_meta,
     write_results,
 )
 
-from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build_compressor  # noqa: E402
+from e3sfc_core.compressor import Budget, CompressorSettings, build_compressor  # noqa: E402
 from e3sfc_core.config import ExperimentConfig  # noqa: E402
-from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec, load_partition  # noqa: E402
+from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec  # noqa: E402
 from e3sfc_core.decompressor import synthetic_gradient  # noqa: E402
 from e3sfc_core.experiment import resolve_path  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
-from e3sfc_core.payload import Direction  # noqa: E402
 from e3sfc_core.rounds import compress_update  # noqa: E402
-from e3sfc_core.tensors import digest_flat, get_flat, set_flat  # noqa: E402
+from e3sfc_core.tensors import get_flat, set_flat  # noqa: E402
 from e3sfc_core.training import train_local  # noqa: E402
 
 AUTHORS = {"max_evals": 200, "evals_per_step": 20, "min_improvement": 0.0}
@@ -86,8 +88,7 @@ def compress_once(
     settings: CompressorSettings, spec: Any, model: torch.nn.Module, tgt: Any, n: int
 ) -> dict[str, Any]:
     comp = build_compressor("3sfc", settings, spec)
-    meta = PayloadMeta(Direction.UPLINK, tgt.server_round, digest_flat(tgt.base))
-    enc = compress_update(comp, tgt.update, model, meta, Budget(n))
+    enc = compress_update(comp, tgt.update, model, uplink_meta(tgt), Budget(n))
     return {"seconds": enc.stats.seconds, "evals": enc.stats.evaluations, "cosine": enc.cosine}
 
 
@@ -169,23 +170,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {"args": vars(args)}
     md: list[str] = []
 
-    def settings_for(tgt: Any, over: dict[str, Any]) -> CompressorSettings:
-        return replace(
-            cfg.compressor_settings(), seed=(cfg.seed * 7919 + tgt.partition_id + 1) % 2**31, **over
-        )
-
     # ---- A + B: early stopping and candidate settings
     rows, table = [], []
     set_flat(model, targets[0].base)
     model.eval()
-    compress_once(settings_for(targets[0], {}), spec, model, targets[0], 1)  # warm-up
+    compress_once(client_settings(cfg, targets[0].partition_id), spec, model, targets[0], 1)  # warm-up
     for n in samples:
         per: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in CANDIDATES}
         for tgt in targets:
             set_flat(model, tgt.base)
             model.eval()
             for label, over in CANDIDATES:
-                r = compress_once(settings_for(tgt, over), spec, model, tgt, n)
+                r = compress_once(client_settings(cfg, tgt.partition_id, **over), spec, model, tgt, n)
                 r["train_s"] = tgt.train_seconds
                 per[label].append(r)
         ref_cos = mean_std([r["cosine"] for r in per[CANDIDATES[0][0]]])[0]
@@ -244,15 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
 
     # ---- C: threads
-    root = resolve_path(cfg.data_root, REPO)
-    part = load_partition(
-        cfg.dataset,
-        targets[0].partition_id,
-        cfg.num_partitions,
-        alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
-        data_root=root,
-    )
+    part = client_data(cfg, targets[0].partition_id, resolve_path(cfg.data_root, REPO))
     tgt0 = targets[0]
     n_thr = 4 if 4 in samples else samples[-1]
 
@@ -265,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         set_flat(m, tgt0.base)
         m.eval()
-        c = compress_once(settings_for(tgt0, {}), spec, m, tgt0, n_thr)
+        c = compress_once(client_settings(cfg, tgt0.partition_id), spec, m, tgt0, n_thr)
         return st.seconds, c["seconds"]
 
     def threads_block(label: str) -> list[dict[str, Any]]:
@@ -449,18 +437,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     env = env_info(device)
     data["env"] = env
-    cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    head = [
-        "# Making 3SFC compression fast (issue #5, item 4)",
-        "",
-        env_markdown(env),
-        "",
+    head = report_head(
+        "Making 3SFC compression fast (issue #5, item 4)",
+        env,
+        "compression_speed.py",
+        argv,
         f"Targets: {len(targets)} real client updates (digits/MLP FedAvg, rounds {args.rounds}, clients "
         f"{args.clients}); threads {args.threads} unless stated.",
-        "",
-        f"Command: `.venv/bin/python bench/compression_speed.py {cmd}`".replace("py `", "py`"),
-        "",
-    ]
+    )
     j, m = write_results(args.out_name, data, "\n".join(head + md))
     print(f"wrote {j}, {m}")
     return data

@@ -53,16 +53,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
-    Timer,
+    add_setting_args,
+    client_settings,
     collect_targets,
     env_info,
-    env_markdown,
     md_table,
     mean_std,
     median,
     parse_ints,
     print_table,
+    report_head,
     set_threads,
+    timed_roundtrip,
+    uplink_meta,
     write_results,
 )
 
@@ -71,8 +74,7 @@ from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build
 from e3sfc_core.config import ExperimentConfig  # noqa: E402
 from e3sfc_core.datasets import get_spec  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
-from e3sfc_core.payload import Direction, decode, encode  # noqa: E402
-from e3sfc_core.tensors import cosine, digest_flat, num_params, set_flat  # noqa: E402
+from e3sfc_core.tensors import cosine, num_params, set_flat  # noqa: E402
 from e3sfc_core.training import resolve_device  # noqa: E402
 
 GOAL_COS_RATIO = 1.3
@@ -114,37 +116,26 @@ def run_one(
 ) -> dict[str, Any]:
     """compress -> encode -> decode -> decompress, as ``rounds.compress_update``, timed per step."""
     comp = build_compressor(name, settings, spec)
-    with Timer(device) as t_total:
-        with Timer(device) as t_c:
-            payload, stats = comp.compress(target, model, meta, Budget(n))
-        with Timer(device) as t_e:
-            data = encode(payload)
-        with Timer(device) as t_d:
-            decoded = decode(data)
-        with Timer(device) as t_x:
-            transmitted = comp.decompress(decoded, model).to(target.device)
-    assert len(data) == comp.encoded_size(target.numel(), Budget(n)), name
+    rt = timed_roundtrip(comp, target, model, meta, n, device)
+    stats = rt["stats"]
+    assert len(rt["blob"]) == comp.encoded_size(target.numel(), Budget(n)), name
     return {
-        "bytes": len(data),
-        "cosine": abs(cosine(transmitted, target)),
+        "bytes": len(rt["blob"]),
+        "cosine": abs(cosine(rt["transmitted"], target)),
         "compress_s": stats.seconds,
-        "encode_s": t_e.seconds,
-        "decode_s": t_d.seconds,
-        "decompress_s": t_x.seconds,
-        "roundtrip_s": t_total.seconds,
+        "encode_s": rt["encode"].seconds,
+        "decode_s": rt["decode"].seconds,
+        "decompress_s": rt["decompress"].seconds,
+        "roundtrip_s": rt["total"].seconds,
         "evals": stats.evaluations,
         "degenerate": stats.degenerate,
-        "wall_compress_s": t_c.seconds,
+        "wall_compress_s": rt["compress"].seconds,
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--model", default="mlp")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--num-partitions", type=int, default=10)
-    p.add_argument("--local-epochs", type=int, default=5)
+    add_setting_args(p, federated=False)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--rounds", default="1,5,10", help="rounds whose updates are targets (FedAvg runs to the max)"
@@ -233,10 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i, tgt in enumerate(targets):
         set_flat(model, tgt.base.to(device))
         model.eval()
-        meta = PayloadMeta(Direction.UPLINK, tgt.server_round, digest_flat(tgt.base))
-        base_settings = replace(
-            cfg.compressor_settings(), seed=(cfg.seed * 7919 + tgt.partition_id + 1) % 2**31
-        )
+        meta = uplink_meta(tgt)
+        base_settings = client_settings(cfg, tgt.partition_id)
         target = tgt.update.to(device)
         if warm:  # first call pays one-off lazy initialisation; keep it out of the timings
             run_one("3sfc", base_settings, spec, target, model, meta, 1, device)
@@ -470,16 +459,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{cfg.lr}; targets: "
         f"local updates of clients {clients} in FedAvg rounds {rounds} ({len(targets)} targets, no residual)"
     )
-    cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    md = [
-        "# Compressors on real updates (issue #2)",
-        "",
-        env_markdown(env),
-        "",
-        f"Setting: {setting}.",
-        "",
-        f"Command: `.venv/bin/python bench/compressors.py {cmd}`".replace("py `", "py`"),
-        "",
+    md = report_head(
+        "Compressors on real updates (issue #2)", env, "compressors.py", argv, f"Setting: {setting}."
+    ) + [
         "## Every method",
         "",
         "Bytes are `len(encode(payload))`; |cos| is between the decoded, decompressed update and the target; "

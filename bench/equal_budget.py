@@ -45,16 +45,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
-    RESULTS,
-    dataset_available,
+    add_run_options,
+    add_setting_args,
     env_info,
-    env_markdown,
+    federated_setup,
     fmt_bytes,
     md_table,
     mean_std,
+    mean_uplink_cosine,
     parse_ints,
-    parse_overrides,
     print_table,
+    report_head,
     run_federated,
     set_threads,
     write_results,
@@ -116,63 +117,26 @@ def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str
         "n_downlink_per_round": n_down,
         "planned_per_round": [r["planned"] for r in budget["rounds"]],
         "spent_per_round": [r["spent"] for r in budget["rounds"]],
-        "mean_uplink_cosine": mean_std(
-            [
-                sum(r["mean_cosine"] for r in x["records"]) / max(1, len(x["records"]))
-                for x in res
-                if x["records"]
-            ]
-        )[0],
+        "mean_uplink_cosine": mean_uplink_cosine(res),
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--model", default="mlp")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--num-rounds", type=int, default=30)
-    p.add_argument("--num-partitions", type=int, default=10)
-    p.add_argument("--dirichlet-alpha", type=float, default=1.0)
-    p.add_argument("--local-epochs", type=int, default=5)
-    p.add_argument("--seeds", default="0,1,2")
+    add_setting_args(p)
     p.add_argument("--budget-total-bytes", type=int, default=0, help="0: E-3SFC's default run's total")
     p.add_argument("--budget-multiplier", type=float, default=1.0)
     p.add_argument("--policies", default="constant,decay,adaptive")
     p.add_argument(
         "--skip-fixed", action="store_true", help="skip the fixed-size methods (fedavg, signsgd, qsgd, 3sfc)"
     )
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-name", default="")
+    add_run_options(p)
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     set_threads(args.threads)
-    missing = dataset_available(args.dataset, args.data_root)
-    if missing:
-        print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
-        raise SystemExit(2)
-    out_name = args.out_name or (
-        "equal_budget"
-        if (args.dataset, args.model) == ("digits", "mlp")
-        else f"equal_budget_{args.dataset}_{args.model}"
-    )
-    runs_dir = RESULTS / "runs" / out_name
+    out_name, common = federated_setup(args, "equal_budget")
     seeds = parse_ints(args.seeds)
-    common = {
-        "dataset": args.dataset,
-        "model": args.model,
-        "data-root": args.data_root,
-        "num-rounds": args.num_rounds,
-        "num-partitions": args.num_partitions,
-        "dirichlet-alpha": args.dirichlet_alpha,
-        "local-epochs": args.local_epochs,
-        "device": args.device,
-        "output-dir": str(runs_dir),
-        **parse_overrides(args.set),
-    }
     base_cfg = ExperimentConfig.from_run_config({**common, "method": "e3sfc"})
     spec = get_spec(args.dataset)
     numel = num_params(build_model(args.model, tuple(spec.input_shape), spec.n_classes, 0))
@@ -326,13 +290,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.dataset}/{args.model} ({numel:,} weights), {C} clients (all train every round), Dirichlet "
         f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, up to {R} rounds, seeds {seeds}"
     )
-    cmd = " ".join(argv if argv is not None else sys.argv[1:])
     md = "\n".join(
-        [
-            f"# Equal total byte budget ({args.dataset}/{args.model})",
-            "",
-            env_markdown(env),
-            "",
+        report_head(
+            f"Equal total byte budget ({args.dataset}/{args.model})",
+            env,
+            "equal_budget.py",
+            argv,
             f"Setting: {setting}. Budget B = {budget:,} bytes (= E-3SFC's default run x "
             f"{args.budget_multiplier:g}); "
             f"knobs sized for at most {per_payload:,} bytes per payload (B / (C (2R - 1))). Every "
@@ -344,9 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "FedAvg run at their fixed size until the budget is spent. 'planned (sum)' is the sum "
             "of the scheduler's "
             "per-round allowances from summary.json['budget'].",
-            "",
-            f"Command: `.venv/bin/python bench/equal_budget.py {cmd}`".replace("py `", "py`"),
-            "",
+        )
+        + [
             md_table(headers, table),
             "",
             "## Scheduler: samples per round, planned vs spent (seed 0)",

@@ -50,15 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     REPO,
     RESULTS,
-    Timer,
     env_info,
-    env_markdown,
     fmt_bytes,
     md_table,
     median,
     parse_ints,
     print_table,
+    report_head,
     set_threads,
+    timed_roundtrip,
     write_results,
 )
 
@@ -92,6 +92,11 @@ def rss_mb() -> tuple[float, float]:
     if peak != peak:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return cur, peak
+
+
+def rss_cell(peak_mb: float, before_mb: float) -> str:
+    """``"<peak> (+<growth over before>)"`` in MiB, for the tables' peak-RSS columns."""
+    return f"{peak_mb:.0f} (+{peak_mb - before_mb:.0f})"
 
 
 class Phase:
@@ -166,10 +171,10 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
     """Part 2: train / compress / decompress / encode / decode times of one model."""
     import torch
 
-    from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build_compressor
+    from e3sfc_core.compressor import CompressorSettings, PayloadMeta, build_compressor
     from e3sfc_core.datasets import DatasetSpec, TensorData
     from e3sfc_core.models import build_model
-    from e3sfc_core.payload import Direction, decode, encode
+    from e3sfc_core.payload import Direction
     from e3sfc_core.tensors import cosine, digest_flat, get_flat, num_params, set_flat
     from e3sfc_core.training import train_local
 
@@ -204,24 +209,16 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
 
     def roundtrip(name: str, settings: CompressorSettings, n: int) -> dict[str, Any]:
         comp = build_compressor(name, settings, spec)
-        with Phase(device) as ph:
-            with Timer(device) as tc:
-                payload, st = comp.compress(target, model, meta, Budget(n))
-        with Timer(device) as te:
-            blob = encode(payload)
-        with Timer(device) as td:
-            dec = decode(blob)
-        with Phase(device) as ph2:
-            with Timer(device) as tx:
-                rec = comp.decompress(dec, model)
+        rt = timed_roundtrip(comp, target, model, meta, n, device, around=lambda: Phase(device))
+        ph, ph2 = rt["compress_ctx"], rt["decompress_ctx"]
         return {
-            "compress_s": tc.seconds,
-            "evals": st.evaluations,
-            "bytes": len(blob),
-            "encode_s": te.seconds,
-            "decode_s": td.seconds,
-            "decompress_s": tx.seconds,
-            "cosine": abs(cosine(rec, target)),
+            "compress_s": rt["compress"].seconds,
+            "evals": rt["stats"].evaluations,
+            "bytes": len(rt["blob"]),
+            "encode_s": rt["encode"].seconds,
+            "decode_s": rt["decode"].seconds,
+            "decompress_s": rt["decompress"].seconds,
+            "cosine": abs(cosine(rt["transmitted"], target)),
             "compress_peak_rss_mb": ph.peak,
             "compress_rss_before_mb": ph.before,
             "compress_cuda_peak_mb": ph.cuda_peak,
@@ -241,6 +238,30 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------- driver
+
+
+def rounds_row(method: str, r: dict[str, Any], clients: int) -> dict[str, Any]:
+    """The columns parts 1 and 3 share, from one ``worker_rounds`` result: medians over
+    rounds of the per-client and server seconds, and 'other' = wall per round -
+    ``clients`` x (train + compress per client) - server aggregate."""
+    pr = r["per_round"]
+    row = {
+        "method": method,
+        "wall_s_per_round": r["wall_s"] / r["rounds"],
+        "train_s_client": median([x["train_s_client_mean"] for x in pr]),
+        "compress_s_client": median([x["compress_s_client_mean"] for x in pr]),
+        "aggregate_s": median([x["aggregate_s"] for x in pr]),
+        "uplink_bytes_per_round": pr[-1]["uplink_bytes"],
+        "peak_rss_mb": r["peak_rss_mb"],
+        "rss_before_mb": r["rss_before_mb"],
+        "per_round": pr,
+    }
+    row["other_s_per_round"] = (
+        row["wall_s_per_round"]
+        - clients * (row["train_s_client"] + row["compress_s_client"])
+        - row["aggregate_s"]
+    )
+    return row
 
 
 def spawn(job: dict[str, Any]) -> dict[str, Any]:
@@ -313,26 +334,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method in [m for m in args.methods.split(",") if m]:
             cfg = {**base_cfg, "method": method, "num-rounds": args.rounds, "run-name": f"rounds-{method}"}
             r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
-            pr = r["per_round"]
-            row = {
-                "method": method,
-                "wall_s_per_round": r["wall_s"] / r["rounds"],
-                "train_s_client": median([x["train_s_client_mean"] for x in pr]),
-                "compress_s_client": median([x["compress_s_client_mean"] for x in pr]),
-                "aggregate_s": median([x["aggregate_s"] for x in pr]),
-                "downlink_compress_s": median([x["downlink_compress_s"] for x in pr]),
-                "uplink_bytes_per_round": pr[-1]["uplink_bytes"],
-                "peak_rss_mb": r["peak_rss_mb"],
-                "cuda_peak_mb": r["cuda_peak_mb"],
-                "per_round": pr,
-            }
+            row = rounds_row(method, r, r["clients"])
+            row["downlink_compress_s"] = median([x["downlink_compress_s"] for x in r["per_round"]])
+            row["cuda_peak_mb"] = r["cuda_peak_mb"]
             row["compress_over_train"] = row["compress_s_client"] / row["train_s_client"]
-            row["other_s_per_round"] = (
-                row["wall_s_per_round"]
-                - r["clients"] * (row["train_s_client"] + row["compress_s_client"])
-                - row["aggregate_s"]
-            )
-            row["rss_before_mb"] = r["rss_before_mb"]
             rows.append(row)
             table.append(
                 [
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{row['other_s_per_round']:.3f}",
                     f"{row['compress_over_train']:.2f}",
                     fmt_bytes(row["uplink_bytes_per_round"]),
-                    f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})",
+                    rss_cell(row["peak_rss_mb"], row["rss_before_mb"]),
                 ]
             )
             print(f"rounds: {method} done")
@@ -443,8 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{row['topk_compress_s'] * 1e3:.1f}",
                     f"{row['topk_encode_s'] * 1e3:.2f}/{row['topk_decode_s'] * 1e3:.2f}",
                     f"{row['dense_encode_s'] * 1e3:.1f}/{row['dense_decode_s'] * 1e3:.1f}",
-                    f"{row['peak_rss_compress_mb']:.0f} "
-                    f"(+{row['peak_rss_compress_mb'] - row['rss_before_compress_mb']:.0f})",
+                    rss_cell(row["peak_rss_compress_mb"], row["rss_before_compress_mb"]),
                     f"{row['cuda_peak_compress_mb']:.0f}"
                     if row["cuda_peak_compress_mb"] is not None
                     else "-",
@@ -493,25 +497,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "run-name": f"clients-{method}-{n}",
                 }
                 r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
-                pr = r["per_round"]
-                row = {
-                    "method": method,
-                    "clients": n,
-                    "wall_s_per_round": r["wall_s"] / r["rounds"],
-                    "train_s_client": median([x["train_s_client_mean"] for x in pr]),
-                    "compress_s_client": median([x["compress_s_client_mean"] for x in pr]),
-                    "aggregate_s": median([x["aggregate_s"] for x in pr]),
-                    "uplink_bytes_per_round": pr[-1]["uplink_bytes"],
-                    "downlink_bytes_per_round": pr[-1]["downlink_bytes"],
-                    "peak_rss_mb": r["peak_rss_mb"],
-                    "per_round": pr,
-                }
-                row["other_s_per_round"] = (
-                    row["wall_s_per_round"]
-                    - n * (row["train_s_client"] + row["compress_s_client"])
-                    - row["aggregate_s"]
-                )
-                row["rss_before_mb"] = r["rss_before_mb"]
+                row = rounds_row(method, r, n)
+                row["clients"] = n
+                row["downlink_bytes_per_round"] = r["per_round"][-1]["downlink_bytes"]
                 rows.append(row)
                 table.append(
                     [
@@ -524,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"{row['other_s_per_round']:.2f}",
                         fmt_bytes(row["uplink_bytes_per_round"]),
                         fmt_bytes(row["downlink_bytes_per_round"]),
-                        f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_mb'] - r['rss_before_mb']:.0f})",
+                        rss_cell(row["peak_rss_mb"], row["rss_before_mb"]),
                     ]
                 )
                 print(f"clients: {method} {n} done")
@@ -544,15 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     env = env_info(args.device)
     data["env"] = env
-    cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    header = [
-        "# Speed and memory (issue #5, item 3)",
-        "",
-        env_markdown(env),
-        "",
-        f"Command: `.venv/bin/python bench/speed.py {cmd}`".replace("py `", "py`"),
-        "",
-    ]
+    header = report_head("Speed and memory (issue #5, item 3)", env, "speed.py", argv)
     j, m = write_results(out_name, data, "\n".join(header + md))
     print(f"wrote {j}, {m}")
     return data

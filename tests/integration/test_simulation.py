@@ -28,7 +28,6 @@ def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complet
     )
 
 
-
 def test_run_streams_rounds_writes_outputs_and_leaves_nothing_running(tmp_path: Path) -> None:
     # Prepare
     home = tmp_path / "flwr-home"

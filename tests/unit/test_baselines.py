@@ -102,7 +102,7 @@ def test_registry_and_attributes() -> None:
         assert c.name == m and c.codec == CODECS[m] and c.uses_error_feedback is EF[m]
     assert set(METHODS) <= set(COMPRESSORS) and baselines.BASELINES == METHODS
     classes = (FedAvgCompressor, TopKCompressor, STCCompressor, SignCompressor, QSGDCompressor)
-    for m, cls in zip(METHODS, classes):
+    for m, cls in zip(METHODS, classes, strict=True):
         assert type(make(m)) is cls
 
 
@@ -286,9 +286,7 @@ def test_error_feedback_accounting(method: str) -> None:
         residual = tgt - sent
         sent_sum += sent.double()
         target_sum += g.double()
-    np.testing.assert_allclose(
-        (sent_sum + residual.double()).numpy(), target_sum.numpy(), rtol=0, atol=1e-4
-    )
+    np.testing.assert_allclose((sent_sum + residual.double()).numpy(), target_sum.numpy(), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -174,9 +174,7 @@ def test_more_partitions_than_samples_is_a_config_error() -> None:
 
 def test_load_partition_slices_the_training_set(tmp_path: Path) -> None:
     train, _, _ = load_dataset("digits", tmp_path)
-    parts = [
-        load_partition("digits", i, 5, alpha=0.5, seed=3, data_root=tmp_path) for i in range(5)
-    ]
+    parts = [load_partition("digits", i, 5, alpha=0.5, seed=3, data_root=tmp_path) for i in range(5)]
     assert sum(len(p) for p in parts) == len(train)
     expected = partition_indices(train.y.numpy(), 5, 0.5, seed=3)
     for part, idx in zip(parts, expected, strict=True):

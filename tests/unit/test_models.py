@@ -13,7 +13,6 @@ SHAPES = [((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 100)]
 EXPECTED_NAMES = {"mlp", "convnet", "lenet5", "resnet18", "vgg11", "regnetx_200mf"}
 
 
-
 def _params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     pa, pb = list(a.parameters()), list(b.parameters())
     return len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
@@ -25,9 +24,7 @@ def test_registry_has_the_documented_names() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
 @pytest.mark.parametrize(("shape", "n_classes"), SHAPES)
-def test_builds_runs_and_has_no_buffers(
-    name: str, shape: tuple[int, int, int], n_classes: int
-) -> None:
+def test_builds_runs_and_has_no_buffers(name: str, shape: tuple[int, int, int], n_classes: int) -> None:
     model = build_model(name, shape, n_classes, seed=0)
     assert list(model.buffers()) == []
     assert model.training  # returned as constructed; callers switch modes

@@ -35,7 +35,6 @@ SHAPE, CLASSES = (1, 8, 8), 10
 CPU = torch.device("cpu")
 
 
-
 @dataclass(frozen=True)
 class Setup:
     model: nn.Module  # at the base weights, eval mode

@@ -14,7 +14,6 @@ CPU = torch.device("cpu")
 SETTINGS = {"epochs": 5, "lr": 0.05, "batch_size": 32, "device": CPU}
 
 
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[TensorData, TensorData]:
     train, test, _ = load_dataset("digits", "unused")
