@@ -265,17 +265,9 @@ def timed_roundtrip(
 def client_data(cfg: Any, partition_id: int, root: Path) -> Any:
     """Training data of client ``partition_id`` under ``cfg``, as ``run_reference`` loads it
     (``root`` is the resolved data root)."""
-    from e3sfc_core.datasets import load_partition
+    from e3sfc_core.client import client_data as core_client_data
 
-    return load_partition(
-        cfg.dataset,
-        partition_id,
-        cfg.num_partitions,
-        alpha=cfg.partition_alpha,
-        seed=cfg.seed,
-        data_root=root,
-        download=cfg.download,
-    )
+    return core_client_data(cfg, partition_id, cfg.num_partitions, root)
 
 
 @dataclass

@@ -7,9 +7,9 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from e3sfc_core.client import ClientState, client_round, load_client_state, save_client_state
+from e3sfc_core.client import ClientState, client_data, client_round, load_client_state, save_client_state
 from e3sfc_core.config import ExperimentConfig
-from e3sfc_core.datasets import get_spec, load_partition
+from e3sfc_core.datasets import get_spec
 from e3sfc_core.payload import STATE_RESIDUAL
 from e3sfc_core.training import resolve_device
 from server_app.records import instruction_from, reply_content
@@ -37,15 +37,7 @@ def train(msg: Message, context: Context) -> Message:
     state_file = Path(str(state_dir)) / f"client-{partition_id}.npz" if state_dir else None
     instruction = instruction_from(msg)
     spec = get_spec(cfg.dataset)
-    data = load_partition(
-        cfg.dataset,
-        partition_id,
-        num_partitions,
-        alpha=cfg.partition_alpha,
-        seed=cfg.seed,
-        data_root=data_root,
-        download=cfg.download,
-    )
+    data = client_data(cfg, partition_id, num_partitions, data_root)
     reply, new_state = client_round(
         cfg,
         spec,

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compressor import Budget, Compressor, PayloadMeta, build_compressor
 from .config import ExperimentConfig
-from .datasets import DatasetSpec, TensorData
+from .datasets import DatasetSpec, TensorData, load_partition
 from .errors import DesyncError, PayloadError
 from .models import build_model
 from .payload import Direction
@@ -87,6 +87,22 @@ class ClientState:
         return ClientState(
             ok(self.weights), ok(self.residual), ok(self.pending), self.pending_round, ok(self.previous)
         )
+
+
+def client_data(
+    cfg: ExperimentConfig, partition_id: int, num_partitions: int, data_root: str | Path
+) -> TensorData:
+    """The training data of one client: partition ``partition_id`` of ``num_partitions``
+    under the run's partitioning (seeded, so every process computes the same split)."""
+    return load_partition(
+        cfg.dataset,
+        partition_id,
+        num_partitions,
+        alpha=cfg.partition_alpha,
+        seed=cfg.seed,
+        data_root=data_root,
+        download=cfg.download,
+    )
 
 
 def client_compressor(cfg: ExperimentConfig, spec: DatasetSpec, partition_id: int) -> Compressor:

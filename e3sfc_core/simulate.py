@@ -14,9 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .client import ClientState, client_round, load_client_state, save_client_state
+from .client import ClientState, client_data, client_round, load_client_state, save_client_state
 from .config import ExperimentConfig
-from .datasets import load_partition
 from .experiment import Experiment, resolve_path
 from .protocol import Instruction, Reply
 
@@ -55,15 +54,7 @@ def run_reference(
             break
         replies = []
         for node, instruction in plan.items():
-            data = load_partition(
-                cfg.dataset,
-                node,
-                cfg.num_partitions,
-                alpha=cfg.partition_alpha,
-                seed=cfg.seed,
-                data_root=root,
-                download=cfg.download,
-            )
+            data = client_data(cfg, node, cfg.num_partitions, root)
             reply, new_state = client_round(
                 cfg,
                 exp.spec,

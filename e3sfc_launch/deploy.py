@@ -32,10 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from e3sfc_core.errors import ConfigError
-
 from .certs import SUPERLINK_SANS, Certs, generate_certs, san_for
-from .overrides import collect, to_flwr_run_config
+from .overrides import cli_overrides, to_flwr_run_config
 from .processes import Managed, flower_env, free_port, wait_http_ok, write_connection
 
 log = logging.getLogger("e3sfc-deploy")
@@ -475,12 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         print("e3sfc-deploy: --num-supernodes must be at least 1", file=sys.stderr)
         return 2
     base = Path.cwd()
-    try:
-        overrides = collect(args.config, args.pairs, base)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"e3sfc-deploy: {exc}", file=sys.stderr)
+    overrides = cli_overrides("e3sfc-deploy", args.config, args.pairs, base, args.num_supernodes)
+    if overrides is None:
         return 2
-    overrides.setdefault("num-partitions", args.num_supernodes)
     if args.insecure:
         log.warning(
             "--insecure: TLS and SuperNode authentication are OFF; traffic is unencrypted and any "

@@ -7,12 +7,14 @@ user launched from (Flower runs the app from its own install directory).
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.errors import ConfigError
 
 PATH_KEYS = ("output-dir", "data-root")
 
@@ -62,3 +64,17 @@ def to_flwr_run_config(overrides: dict[str, Any]) -> str:
             text = repr(value)
         parts.append(f"{key}={text}")
     return " ".join(parts)
+
+
+def cli_overrides(
+    prog: str, config_file: Path | None, pairs: Sequence[str], base_dir: Path, num_partitions: int
+) -> dict[str, Any] | None:
+    """:func:`collect` for a command-line tool: prints the problem and returns ``None``
+    (exit code 2) instead of raising; ``num-partitions`` defaults to the node count."""
+    try:
+        overrides = collect(config_file, pairs, base_dir)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    overrides.setdefault("num-partitions", num_partitions)
+    return overrides

@@ -14,9 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from e3sfc_core.errors import ConfigError
-
-from .overrides import collect, to_flwr_run_config
+from .overrides import cli_overrides, to_flwr_run_config
 from .processes import Managed, flower_env, free_port, wait_http_ok, write_connection
 
 CONNECTION = "e3sfc-local"
@@ -54,12 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = Path.cwd()
-    try:
-        overrides = collect(args.config, args.pairs, base)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"e3sfc-run: {exc}", file=sys.stderr)
+    overrides = cli_overrides("e3sfc-run", args.config, args.pairs, base, args.num_supernodes)
+    if overrides is None:
         return 2
-    overrides.setdefault("num-partitions", args.num_supernodes)
     home = args.flwr_home.resolve()
     env = flower_env(home, base)
     port = free_port()
