@@ -22,3 +22,9 @@ def test_config_table_lists_every_key_with_its_default() -> None:
         shown = {True: "true", False: "false"}.get(value, value) if isinstance(value, bool) else value
         expected = f'"{shown}"' if isinstance(value, str) else str(shown)
         assert rows[key] == expected, f"{key}: README says {rows[key]}, default is {expected}"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    command = README.split("Run the tests", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    assert command in ci.splitlines()
