@@ -122,6 +122,10 @@ class E3SFCStrategy(Strategy):
         for server_round in self.exp.rounds:
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
             if not messages:
+                if not self.exp.stopped_early:  # not the budget: nobody to train
+                    wait = self.exp.cfg.round_timeout
+                    self.exp.stopped_early = f"no SuperNode connected within {wait:.0f} s"
+                    logger.warning("stopping before round %d: %s", server_round, self.exp.stopped_early)
                 break
             _arrays, metrics = self.aggregate_train(server_round, self._send_and_receive(grid, messages))
             if metrics is not None:
