@@ -62,24 +62,12 @@ from _common import (  # noqa: E402
 )
 
 from e3sfc_core.baselines import topk_count  # noqa: E402
+from e3sfc_core.budget import largest_fitting  # noqa: E402
 from e3sfc_core.compressor import Budget, build_compressor  # noqa: E402
 from e3sfc_core.config import ExperimentConfig  # noqa: E402
 from e3sfc_core.datasets import get_spec  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.tensors import num_params  # noqa: E402
-
-
-def largest(fits: Any, lo: int, hi: int) -> int | None:
-    """Largest integer in [lo, hi] with ``fits`` (monotone), or None."""
-    if not fits(lo):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def size_of(method: str, raw: dict[str, Any], numel: int, n: int = 1) -> int:
@@ -173,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     b = {"budget-total-bytes": budget, "downlink": "compressed"}
     knobs: list[tuple[str, str, dict[str, Any]]] = []
-    n_fit = largest(lambda n: size_of("3sfc", common, numel, n) <= per_payload, 1, 4096)
+    n_fit = largest_fitting(lambda n: size_of("3sfc", common, numel, n) <= per_payload, 1, 4096)
     if n_fit is not None:
         smax = max(n_fit, base_cfg.synthetic_samples_max)
         knobs.append(
@@ -194,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         )
     for method in ("topk", "stc"):
-        k = largest(
+        k = largest_fitting(
             lambda kk, m=method: size_of(m, {**common, "topk-ratio": kk / numel}, numel) <= per_payload,
             1,
             numel,

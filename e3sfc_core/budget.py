@@ -172,6 +172,20 @@ def _check_round(server_round: Any) -> int:
     return r
 
 
+def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """Largest integer in ``[lo, hi]`` for which the monotone ``fits`` holds (binary
+    search), or ``None`` when even ``lo`` does not fit."""
+    if not fits(lo):
+        return None
+    while lo < hi:  # invariant: fits(lo)
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 @dataclass
 class BudgetScheduler:
     """Plans per-round byte allowances under a hard total and records what was spent.
@@ -346,18 +360,12 @@ class BudgetScheduler:
         def fits(n: int) -> bool:
             return reserved + payload_count * int(size_of(n)) <= cap
 
-        if not fits(self.n_min):
+        n = largest_fitting(fits, self.n_min, self.n_max)
+        if n is None:
             logger.debug("round %d: n_min=%d does not fit %.0f bytes", r, self.n_min, cap)
             return self.n_min
-        lo, hi = self.n_min, self.n_max  # invariant: fits(lo)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        logger.debug("round %d: n=%d for %d payloads within %.0f bytes", r, lo, payload_count, cap)
-        return lo
+        logger.debug("round %d: n=%d for %d payloads within %.0f bytes", r, n, payload_count, cap)
+        return n
 
     # ------------------------------------------------------------------ updates
 

@@ -9,7 +9,6 @@ escapes the residual: ``target == transmitted + residual`` holds exactly.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,10 +134,7 @@ def exact_decompress(compressor: Compressor, payload: Payload, model: nn.Module)
     """
     cpu_model = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
     with _one_thread():
-        update = compressor.decompress(payload, cpu_model)
-    if not torch.isfinite(update).all():
-        raise PayloadRejected("decompressed update contains NaN or Inf")
-    return update.cpu()
+        return decompress_checked(compressor, payload, cpu_model).cpu()
 
 
 def decompress_checked(compressor: Compressor, payload: Payload, model: nn.Module) -> torch.Tensor:
@@ -218,8 +214,3 @@ def apply_downlink(
             f"the server's is {target_digest.hex()}"
         )
     return applied
-
-
-def is_finite_number(x: float) -> bool:
-    """True for a real, finite float (metrics from the network are checked with it)."""
-    return isinstance(x, (int, float)) and math.isfinite(x)
