@@ -300,7 +300,7 @@ def collect_targets(
     from e3sfc_core.models import build_model
     from e3sfc_core.rounds import clip_and_average
     from e3sfc_core.tensors import add_flat_, get_flat, set_flat
-    from e3sfc_core.training import evaluate, train_local
+    from e3sfc_core.training import evaluate
 
     root = resolve_path(cfg.data_root, base_dir)
     _, test, spec = load_dataset(cfg.dataset, root, cfg.download)
@@ -314,17 +314,8 @@ def collect_targets(
         for pid in range(cfg.num_partitions):
             data = client_data(cfg, pid, root)
             set_flat(model, global_w)
-            seed = (cfg.seed * 1_000_003 + r * 1009 + pid) % 2**62  # as client_round
             sync(device)
-            stats = train_local(
-                model,
-                data,
-                epochs=cfg.local_epochs,
-                lr=cfg.lr,
-                batch_size=cfg.batch_size,
-                device=device,
-                seed=seed,
-            )
+            stats = train_as_client(model, data, cfg, r, pid, device)
             update = get_flat(model) - global_w
             updates.append(update)
             weights.append(float(stats.num_examples))
@@ -346,6 +337,44 @@ def collect_targets(
         _, acc = evaluate(model, test, device=device)
         log.append({"round": r, "accuracy": acc})
     return targets, log
+
+
+def train_as_client(
+    model: torch.nn.Module, data: Any, cfg: Any, server_round: int, partition_id: int, device: torch.device
+) -> Any:
+    """Local training exactly as ``client_round`` does it: ``cfg``'s epochs, learning rate
+    and batch size, and its shuffling seed for this round and partition."""
+    from e3sfc_core.training import train_local
+
+    seed = int((cfg.seed * 1_000_003 + server_round * 1009 + partition_id) % 2**62)
+    return train_local(
+        model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed
+    )
+
+
+def retime_training(cfg: Any, target: Target, device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of re-running ``target``'s local training (same data, weights and
+    seed), so that a compression/training ratio compares timings taken side by side on a
+    machine whose load changes."""
+    from e3sfc_core.experiment import resolve_path
+    from e3sfc_core.models import build_model
+    from e3sfc_core.tensors import set_flat
+
+    data = client_data(cfg, target.partition_id, resolve_path(cfg.data_root, REPO))
+    spec_model = build_model(cfg.model, tuple(data.x.shape[1:]), _n_classes(cfg), cfg.seed).to(device)
+    times = []
+    for _ in range(repeats):
+        set_flat(spec_model, target.base.to(device))
+        with Timer(device) as t:
+            train_as_client(spec_model, data, cfg, target.server_round, target.partition_id, device)
+        times.append(t.seconds)
+    return median(times)
+
+
+def _n_classes(cfg: Any) -> int:
+    from e3sfc_core.datasets import get_spec
+
+    return int(get_spec(cfg.dataset).n_classes)
 
 
 class Timer:

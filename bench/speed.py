@@ -23,8 +23,8 @@ Three parts, each setting in its own subprocess so that peak memory is per setti
    round also include evaluation, partition loading and writing metrics.csv.
 2. **Model size** (``--models`` on ``--input-shape`` 3,32,32 random data, 10 classes):
    one local epoch of ``--train-samples`` random examples (batch 32), then that real local
-   update is the target of 3SFC (n = 1, shipped LBFGS settings) and Top-k 1 %: seconds to
-   compress, per LBFGS evaluation, to decompress, and to encode / decode one payload.
+   update is the target of 3SFC (n = 1, shipped search settings) and Top-k 1 %: seconds to
+   compress, per closure evaluation, to decompress, and to encode / decode one payload.
    3SFC runs ``--repeats`` times (``--big-repeats`` for models over 5M weights).
 3. **Number of clients** (digits, e3sfc and fedavg, ``--clients`` 10..100 simulated
    clients, ``--client-rounds`` rounds): seconds per round, per client, on the server.
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "weights",
             "train s/step (b=32)",
             "3SFC compress s",
-            "LBFGS evals",
+            "evals",
             "s/eval",
             "3SFC decompress s",
             "3SFC bytes",
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "",
             f"Target: the local update of one epoch over {args.train_samples} random examples. 3SFC "
             "n = 1 with the "
-            "shipped LBFGS settings (max 40 evaluations, early stop); its cosine on these "
+            "shipped search settings (at most 20 evaluations, stall rule); its cosine on these "
             "random-data targets is "
             "not meaningful, its time per evaluation is. 'enc/dec' = encode / decode of one "
             "payload. Peak RSS is "

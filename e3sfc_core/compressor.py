@@ -77,17 +77,20 @@ class CompressorSettings:
     Tuning notes: ``topk_ratio`` is the kept fraction for Top-k and STC (0.01 keeps 1%);
     ``qsgd_levels`` is QSGD's ``s`` (more levels, less variance, same 1 byte per weight
     in our encoding); ``float16`` halves float bodies at a small precision cost that
-    error feedback absorbs; ``max_evals`` caps LBFGS closure evaluations per 3SFC
-    compression and ``evals_per_step``/``min_improvement`` stop it early once the cosine
-    stalls (most of the final cosine is reached within ~20 evaluations).
+    error feedback absorbs; ``max_evals`` caps the closure evaluations of one 3SFC
+    search (each a double backward: they are the whole cost), which stops early when the
+    best |cos| improves by less than ``min_improvement`` over ``stall_window``
+    evaluations; ``init_scale`` is the std of the synthetic inputs' starting values
+    (the datasets are normalised to unit std; small starts converge faster).
     """
 
     topk_ratio: float = 0.01
     qsgd_levels: int = 16
     float16: bool = False
-    max_evals: int = 40
-    evals_per_step: int = 10
+    max_evals: int = 20
+    stall_window: int = 5
     min_improvement: float = 1e-3
+    init_scale: float = 0.25
     seed: int = 0
 
 

@@ -53,9 +53,10 @@ class ExperimentConfig(BaseModel):
     iid: bool = False
     synthetic_samples: int = Field(4, ge=1, le=4096)
     synthetic_samples_max: int = Field(16, ge=1, le=4096)
-    max_evals: int = Field(40, ge=1, le=10_000)
-    evals_per_step: int = Field(10, ge=1, le=1000)
+    max_evals: int = Field(20, ge=1, le=10_000)
+    stall_window: int = Field(5, ge=1, le=10_000)
     min_improvement: float = Field(1e-3, ge=0.0)
+    init_scale: float = Field(0.25, gt=0.0, le=100.0)
     float16: bool = False
     downlink: Literal["auto", "compressed", "dense"] = "auto"
     budget_policy: Literal["constant", "decay", "adaptive"] = "constant"
@@ -103,8 +104,9 @@ class ExperimentConfig(BaseModel):
             qsgd_levels=self.qsgd_levels,
             float16=self.float16,
             max_evals=self.max_evals,
-            evals_per_step=self.evals_per_step,
+            stall_window=self.stall_window,
             min_improvement=self.min_improvement,
+            init_scale=self.init_scale,
             seed=self.seed,
         )
 

@@ -12,15 +12,22 @@ from torch import nn
 
 
 def synthetic_gradient(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, create_graph: bool = False
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    create_graph: bool = False,
+    params: list[nn.Parameter] | None = None,
 ) -> torch.Tensor:
     """Flat gradient of ``CE(model(inputs), labels)`` w.r.t. the weights.
 
     ``labels`` are soft targets used as they are (no softmax), as in the paper. With
     ``create_graph=True`` the result stays differentiable w.r.t. inputs and labels, which
-    is what the compressor optimises (a double backward).
+    is what the compressor optimises (a double backward). ``params`` is
+    ``list(model.parameters())``, passed by callers that evaluate this many times.
     """
-    params = [p for p in model.parameters()]
+    if params is None:
+        params = list(model.parameters())
     loss = F.cross_entropy(model(inputs), labels)
     grads = torch.autograd.grad(loss, params, create_graph=create_graph)
     return torch.cat([g.reshape(-1) for g in grads])
