@@ -62,3 +62,11 @@ def test_sync_readme_replaces_a_stale_block(tmp_path: Path) -> None:
         "intro\n<!-- copied from results/r.md -->\n### Title\n\nnew 2\n\n"
         "![plot](results/r.png)\n\n## Next\nkept\n"
     )
+
+
+def test_readme_flower_table_is_the_result_file() -> None:
+    result = Path(__file__).resolve().parents[2] / "bench" / "results" / "flower_digits.md"
+    rows = [line for line in result.read_text().splitlines() if line.startswith("|")]
+    assert len(rows) > 2
+    missing = [row for row in rows if row not in README.splitlines()]
+    assert not missing, f"README's Flower table differs from {result.name}: {missing}"
