@@ -356,25 +356,21 @@ def retime_training(cfg: Any, target: Target, device: torch.device, repeats: int
     """Median seconds of re-running ``target``'s local training (same data, weights and
     seed), so that a compression/training ratio compares timings taken side by side on a
     machine whose load changes."""
+    from e3sfc_core.datasets import get_spec
     from e3sfc_core.experiment import resolve_path
     from e3sfc_core.models import build_model
     from e3sfc_core.tensors import set_flat
 
     data = client_data(cfg, target.partition_id, resolve_path(cfg.data_root, REPO))
-    spec_model = build_model(cfg.model, tuple(data.x.shape[1:]), _n_classes(cfg), cfg.seed).to(device)
+    spec = get_spec(cfg.dataset)
+    model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
     times = []
     for _ in range(repeats):
-        set_flat(spec_model, target.base.to(device))
+        set_flat(model, target.base.to(device))
         with Timer(device) as t:
-            train_as_client(spec_model, data, cfg, target.server_round, target.partition_id, device)
+            train_as_client(model, data, cfg, target.server_round, target.partition_id, device)
         times.append(t.seconds)
     return median(times)
-
-
-def _n_classes(cfg: Any) -> int:
-    from e3sfc_core.datasets import get_spec
-
-    return int(get_spec(cfg.dataset).n_classes)
 
 
 class Timer:

@@ -81,6 +81,14 @@ from e3sfc_core.tensors import get_flat, set_flat  # noqa: E402
 from e3sfc_core.training import train_local  # noqa: E402
 
 
+def previous_cosine(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, t_norm: torch.Tensor
+) -> torch.Tensor:
+    """cos(g(X, Y), t) as the previous search computed it (``g.norm()``, epsilon)."""
+    g = synthetic_gradient(model, x, y, create_graph=True)
+    return torch.dot(g, target) / (g.norm() * t_norm + 1e-12)
+
+
 class TorchLBFGSCompressor(SyntheticFeatureCompressor):
     """The previous 3SFC search (``torch.optim.LBFGS``, lr 1, history 10, no line search,
     ``evals_per_step`` evaluations per step, stop when a step improves |cos| by less than
@@ -105,8 +113,7 @@ class TorchLBFGSCompressor(SyntheticFeatureCompressor):
             nonlocal evals
             evals += 1
             opt.zero_grad()
-            g = synthetic_gradient(model, x, y, create_graph=True)
-            cos = torch.dot(g, target) / (g.norm() * t_norm + 1e-12)
+            cos = previous_cosine(model, x, y, target, t_norm)
             loss = 1.0 - cos.abs()
             value = float(cos.detach().abs())
             if math.isfinite(value) and value > best["cos"]:
@@ -170,16 +177,15 @@ def closure_costs(
     tn = target.norm()
 
     unlimited = CompressorSettings(max_evals=10**9, min_improvement=0.0)
-    objective_fn = _CosineObjective(model, target, x.shape, y.shape, unlimited)
     z0 = torch.cat([x.detach().reshape(-1), y.detach().reshape(-1)]).double().numpy()
+    objective_fn = _CosineObjective(model, target, x.shape, y.shape, unlimited, z0)
 
     def shipped() -> None:  # the shipped objective itself, NumPy conversions included
         objective_fn(z0)
 
     def previous() -> None:  # the previous closure: g.norm(), loss.backward() into the weights too
         x.grad = y.grad = None
-        g = synthetic_gradient(model, x, y, create_graph=True)
-        cos = torch.dot(g, target) / (g.norm() * tn + 1e-12)
+        cos = previous_cosine(model, x, y, target, tn)
         float(cos.detach().abs())
         (1.0 - cos.abs()).backward()
 

@@ -118,10 +118,9 @@ class SyntheticFeatureCompressor:
         gen = torch.Generator().manual_seed(_seed(s.seed, meta))
         x0 = torch.randn((n, *self.input_shape), generator=gen) * s.init_scale
         y0 = torch.randn((n, self.n_classes), generator=gen)
-        objective = _CosineObjective(model, target, x0.shape, y0.shape, s)
         start = torch.cat([x0.reshape(-1), y0.reshape(-1)]).double().numpy()
-        objective.keep(start, -1.0)
-        if float(target.norm()) > 0.0:
+        objective = _CosineObjective(model, target, x0.shape, y0.shape, s, start)
+        if float(objective.t_norm) > 0.0:
             try:
                 minimize(
                     objective,
@@ -155,6 +154,7 @@ class _CosineObjective:
         x_shape: torch.Size,
         y_shape: torch.Size,
         settings: CompressorSettings,
+        start: np.ndarray,
     ) -> None:
         self.model, self.target, self.settings = model, target, settings
         self.params = list(model.parameters())  # walking the modules costs on every call
@@ -163,15 +163,12 @@ class _CosineObjective:
         self.nx = math.prod(x_shape)
         self.evals = 0
         self.best_cos = -1.0
-        self.best_z = np.zeros(0)
+        self.best_z = start.copy()  # what is sent if no evaluation succeeds
         self.history: list[float] = []  # best |cos| after each evaluation
 
     def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat search vector as (inputs, labels) views."""
         return z[: self.nx].view(self.x_shape), z[self.nx :].view(self.y_shape)
-
-    def keep(self, z: np.ndarray, cos: float) -> None:
-        self.best_cos, self.best_z = cos, z.copy()
 
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         s = self.settings
@@ -190,7 +187,7 @@ class _CosineObjective:
         if not math.isfinite(value):
             raise _StopSearch  # diverged: the best iterate so far is kept
         if value > self.best_cos:
-            self.keep(z, value)
+            self.best_cos, self.best_z = value, z.copy()
         self.history.append(self.best_cos)
         w = s.stall_window
         if len(self.history) > w and self.history[-1] - self.history[-1 - w] < s.min_improvement:
