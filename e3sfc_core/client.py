@@ -16,11 +16,12 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .compressor import Budget, Compressor, PayloadMeta, build_compressor
 from .config import ExperimentConfig
 from .datasets import DatasetSpec, TensorData, load_partition
+from .decompressor import parameter_sizes
 from .errors import DesyncError, PayloadError
 from .models import build_model
 from .payload import Direction
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
-from .rounds import apply_downlink, compress_update
+from .rounds import apply_downlink, bounded_residual, compress_update
 from .tensors import digest_flat, get_flat, num_params, set_flat
 from .training import apply_threads, train_local
 
@@ -105,10 +106,14 @@ def client_data(
     )
 
 
-def client_compressor(cfg: ExperimentConfig, spec: DatasetSpec, partition_id: int) -> Compressor:
+def client_compressor(
+    cfg: ExperimentConfig, spec: DatasetSpec, partition_id: int, layer_count: int = 0
+) -> Compressor:
     """The method's compressor with a per-client seed, so that clients' random choices
     (3SFC initialisation, QSGD rounding) are independent and their noise averages out."""
-    settings = replace(cfg.compressor_settings(), seed=(cfg.seed * 7919 + partition_id + 1) % 2**31)
+    settings = replace(
+        cfg.compressor_settings(layer_count), seed=(cfg.seed * 7919 + partition_id + 1) % 2**31
+    )
     return build_compressor(cfg.compressor_name, settings, spec)
 
 
@@ -129,8 +134,8 @@ def client_round(
     forgets its weights, so the next round starts from a full re-sync).
     """
     apply_threads(cfg.num_threads)
-    compressor = client_compressor(cfg, spec, partition_id)
     model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
+    compressor = client_compressor(cfg, spec, partition_id, len(parameter_sizes(model)))
     model.eval()
     state = state.fitted(num_params(model))
     if state.weights is not None:
@@ -153,6 +158,7 @@ def client_round(
     set_flat(model, base)
     model.eval()
     meta = PayloadMeta(Direction.UPLINK, instruction.server_round, digest_flat(base))
+    residual = bounded_residual(residual, update, cfg.residual_cap)
     enc = compress_update(compressor, update + residual, model, meta, Budget(instruction.n_samples))
     reply = Reply(
         node_id=node_id,

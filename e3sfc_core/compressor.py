@@ -82,6 +82,9 @@ class CompressorSettings:
     best |cos| improves by less than ``min_improvement`` over ``stall_window``
     evaluations; ``init_scale`` is the std of the synthetic inputs' starting values
     (the datasets are normalised to unit std; small starts converge faster).
+    ``scale_mode`` is 3SFC's scaling: ``"global"`` (the paper: one least-squares scale) or
+    ``"layer"`` (one per parameter tensor; ``layer_count``, the model's number of
+    parameter tensors, sizes those payloads).
     """
 
     topk_ratio: float = 0.01
@@ -92,6 +95,8 @@ class CompressorSettings:
     min_improvement: float = 1e-3
     init_scale: float = 0.25
     seed: int = 0
+    scale_mode: str = "global"
+    layer_count: int = 0
 
 
 CompressorFactory = Callable[[CompressorSettings, tuple[int, ...], int], Compressor]

@@ -57,13 +57,15 @@ class ExperimentConfig(BaseModel):
     stall_window: int = Field(5, ge=1, le=10_000)
     min_improvement: float = Field(1e-3, ge=0.0)
     init_scale: float = Field(0.25, gt=0.0, le=100.0)
+    scale_mode: Literal["layer", "global"] = "layer"
+    residual_cap: float = Field(0.0, ge=0.0)
     float16: bool = False
     downlink: Literal["auto", "compressed", "dense"] = "auto"
     budget_policy: Literal["constant", "decay", "adaptive"] = "constant"
     budget_total_bytes: int = Field(0, ge=0)
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
     qsgd_levels: int = Field(16, ge=1, le=127)
-    clip_norm_factor: float = Field(3.0, ge=0.0)
+    clip_norm_factor: float = Field(0.0, ge=0.0)
     seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_root: str = "data"
@@ -97,8 +99,9 @@ class ExperimentConfig(BaseModel):
         """Registry key of the compressor: e3sfc is 3SFC on both links."""
         return "3sfc" if self.method == "e3sfc" else self.method
 
-    def compressor_settings(self) -> CompressorSettings:
-        """The subset of knobs the compressors read."""
+    def compressor_settings(self, layer_count: int = 0) -> CompressorSettings:
+        """The subset of knobs the compressors read (``layer_count``: the model's number of
+        parameter tensors, which sizes 3SFC payloads with per-layer scales)."""
         return CompressorSettings(
             topk_ratio=self.topk_ratio,
             qsgd_levels=self.qsgd_levels,
@@ -108,6 +111,8 @@ class ExperimentConfig(BaseModel):
             min_improvement=self.min_improvement,
             init_scale=self.init_scale,
             seed=self.seed,
+            scale_mode=self.scale_mode,
+            layer_count=layer_count,
         )
 
     def to_run_config(self) -> dict[str, Any]:

@@ -33,16 +33,36 @@ def synthetic_gradient(
     return torch.cat([g.reshape(-1) for g in grads])
 
 
+def parameter_sizes(model: nn.Module) -> list[int]:
+    """Sizes of the model's parameter tensors in flat-vector order (one per layer scale)."""
+    return [p.numel() for p in model.parameters()]
+
+
+def apply_layer_scales(g: torch.Tensor, layer_scales: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``g`` with each parameter tensor's block multiplied by its own scale."""
+    factors = torch.repeat_interleave(
+        layer_scales.to(g.device, g.dtype), torch.tensor(sizes, device=g.device)
+    )
+    return g * factors
+
+
 def synthesize_update(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, scale: float
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    layer_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decompress: ``scale * synthetic_gradient`` at the model's current weights."""
+    """Decompress: ``scale * synthetic_gradient`` at the model's current weights, each
+    parameter tensor's block also multiplied by its ``layer_scales`` entry when given."""
     was_training = model.training
     model.eval()  # no train-time randomness: the receiver must get the same numbers
     try:
         device = next(model.parameters()).device
         with torch.enable_grad():
             g = synthetic_gradient(model, inputs.to(device), labels.to(device))
+        if layer_scales is not None:
+            g = apply_layer_scales(g, layer_scales, parameter_sizes(model))
         return (g * scale).detach()
     finally:
         model.train(was_training)

@@ -1,4 +1,4 @@
-"""Versioned, pickle-free wire format for every compressed update (format v1).
+"""Versioned, pickle-free wire format for every compressed update (format v2).
 
 Everything that crosses the network for a model update is ``encode(payload)``; its
 ``len()`` is the byte count we report. ``decode`` trusts nothing: it checks every size
@@ -10,7 +10,7 @@ Layout (little-endian; integers unsigned unless noted). Common header, 28 bytes:
 offset size field
 ====== ==== ==================================================================
 0      4    magic ``b"E3SF"``
-4      1    format version (1)
+4      1    format version (2; version 1 payloads still decode, see below)
 5      1    direction: 0 uplink (client to server), 1 downlink
 6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights
 7      1    float dtype of the body's float arrays: 1 float32, 2 float16
@@ -23,12 +23,20 @@ offset size field
 Bodies (``F`` = the header's float dtype):
 
 * dense, weights: ``F[numel]`` (an update, or absolute weights for a full re-sync)
-* synthetic: ``f32 scale, u16 n, u16 n_classes, u8 ndim, 3 zero bytes, u32 dims[ndim],
-  F inputs[n * prod(dims)], F labels[n * n_classes]``
+* synthetic: ``f32 scale, u16 n, u16 n_classes, u8 ndim, 1 zero byte, u16 n_layer_scales,
+  u32 dims[ndim], f32 layer_scales[n_layer_scales], F inputs[n * prod(dims)],
+  F labels[n * n_classes]``. The update is ``scale * g`` when ``n_layer_scales`` is 0, else
+  ``scale * layer_scales[l] * g_l`` for each parameter tensor ``l`` of the model (the
+  receiver checks that the count matches its model).
 * top-k: ``u32 k, u32 indices[k] (strictly increasing, < numel), F values[k]``
 * STC: ``u32 k, f32 magnitude, u32 indices[k] (strictly increasing), sign bits[ceil(k/8)]``
 * sign: ``f32 scale, sign bits[ceil(numel/8)]``
 * QSGD: ``f32 norm, u8 levels (1..127), i8 q[numel] with |q| <= levels``
+
+Version history: v1 (the first release) had 3 zero bytes where v2 has ``1 zero byte,
+u16 n_layer_scales``, so a v1 synthetic payload is a v2 payload with no layer scales;
+every other codec is byte-identical in v1 and v2 apart from the version byte. Both
+versions decode; ``encode`` writes v2.
 
 Sign bits are packed little-endian within each byte (bit set = negative); unused bits of
 the last byte must be zero. All floats must be finite.
@@ -50,7 +58,8 @@ from .errors import PayloadError, UnsupportedVersion
 from .tensors import DIGEST_SIZE
 
 MAGIC = b"E3SF"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HEADER = struct.Struct("<4sBBBBI8sII")
 HEADER_SIZE = HEADER.size  # 28
 MAX_NUMEL = 2**31 - 1
@@ -58,6 +67,7 @@ MAX_SAMPLES = 65535
 MAX_INPUT_NUMEL = 2**24
 MAX_NDIM = 4
 MAX_QSGD_LEVELS = 127
+MAX_LAYER_SCALES = 65535
 
 # Wire-contract names shared by the Flower apps (plain strings: no flwr import here).
 RECORD_UPLINK = "e3sfc.uplink"
@@ -109,11 +119,13 @@ class DenseBody:
 
 @dataclass(frozen=True)
 class SyntheticBody:
-    """3SFC: the receiver recomputes ``scale * grad CE(model(inputs), labels)``."""
+    """3SFC: the receiver recomputes ``scale * grad CE(model(inputs), labels)``, each
+    parameter tensor's block further multiplied by its ``layer_scales`` entry when given."""
 
     scale: float
     inputs: torch.Tensor  # [n, *input_shape]
     labels: torch.Tensor  # [n, n_classes]
+    layer_scales: torch.Tensor | None = None  # float32 [number of parameter tensors]
 
 
 @dataclass(frozen=True)
@@ -224,8 +236,15 @@ def _encode_body(p: Payload) -> bytes:
             raise PayloadError(f"labels shape {tuple(b.labels.shape)} does not match {n} inputs")
         if not 1 <= math.prod(dims) <= MAX_INPUT_NUMEL:
             raise PayloadError(f"synthetic input dims {dims} out of range")
-        head = _finite_f32(b.scale, "scale") + struct.pack("<HHB3x", n, b.labels.shape[1], len(dims))
+        layers = b.layer_scales
+        n_layers = 0 if layers is None else layers.numel()
+        if layers is not None and not 1 <= n_layers <= MAX_LAYER_SCALES:
+            raise PayloadError(f"{n_layers} layer scales not encodable (1..{MAX_LAYER_SCALES})")
+        head = _finite_f32(b.scale, "scale")
+        head += struct.pack("<HHBxH", n, b.labels.shape[1], len(dims), n_layers)
         head += struct.pack(f"<{len(dims)}I", *dims)
+        if layers is not None:
+            head += _floats(layers, FloatType.FLOAT32, "layer scales")
         return head + _floats(b.inputs, ft, "inputs") + _floats(b.labels, ft, "labels")
     if isinstance(b, SparseBody):
         k = b.indices.numel()
@@ -336,9 +355,9 @@ class _Reader:
 
 def _decode_synthetic(r: _Reader, ft: FloatType) -> SyntheticBody:
     scale = r.finite_f32("scale")
-    n, n_classes, ndim, pad = r.unpack("<HHB3s", "synthetic shape fields")
-    if pad != b"\x00\x00\x00":
-        raise PayloadError("synthetic header padding bytes are not zero")
+    n, n_classes, ndim, pad, n_layers = r.unpack("<HHBBH", "synthetic shape fields")
+    if pad != 0:
+        raise PayloadError("synthetic header padding byte is not zero")
     if n < 1 or n_classes < 1:
         raise PayloadError(f"synthetic payload needs n >= 1 and n_classes >= 1, got {n}, {n_classes}")
     if not 1 <= int(ndim) <= MAX_NDIM:
@@ -347,11 +366,13 @@ def _decode_synthetic(r: _Reader, ft: FloatType) -> SyntheticBody:
     per_input = math.prod(dims)
     if per_input < 1 or per_input > MAX_INPUT_NUMEL:
         raise PayloadError(f"synthetic input dims {dims} out of range")
+    r.count(int(n_layers), 4, "layer scales")
+    layers = r.floats(int(n_layers), FloatType.FLOAT32, "layer scales") if n_layers else None
     size = _NP_FLOAT[ft].itemsize
     r.count(int(n) * (per_input + int(n_classes)), size, "synthetic values")
     inputs = r.floats(int(n) * per_input, ft, "inputs").view(int(n), *dims)
     labels = r.floats(int(n) * int(n_classes), ft, "labels").view(int(n), int(n_classes))
-    return SyntheticBody(scale=scale, inputs=inputs, labels=labels)
+    return SyntheticBody(scale=scale, inputs=inputs, labels=labels, layer_scales=layers)
 
 
 def _decode_topk(r: _Reader, ft: FloatType, numel: int) -> SparseBody:
@@ -414,8 +435,10 @@ def decode(data: bytes) -> Payload:
     magic, version, direction, codec, ftype, rnd, digest, numel, body_len = HEADER.unpack(view[:HEADER_SIZE])
     if magic != MAGIC:
         raise PayloadError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise UnsupportedVersion(f"payload format version {version}, this build reads {VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise UnsupportedVersion(
+            f"payload format version {version}, this build reads versions {READABLE_VERSIONS}"
+        )
     try:
         direction_e, codec_e, ftype_e = Direction(direction), Codec(codec), FloatType(ftype)
     except ValueError as exc:
@@ -432,6 +455,8 @@ def decode(data: bytes) -> Payload:
     body = _BODY_DECODERS[codec_e](reader, ftype_e, int(numel))
     if reader.pos != len(reader.data):
         raise PayloadError(f"{len(reader.data) - reader.pos} trailing bytes after the {codec_e.name} body")
+    if version == 1 and isinstance(body, SyntheticBody) and body.layer_scales is not None:
+        raise PayloadError("synthetic header padding bytes are not zero (v1 has no layer scales)")
     return Payload(
         codec=codec_e,
         direction=direction_e,

@@ -3,7 +3,12 @@ and decompress a received payload, aggregate, and bring a model up to a target d
 
 ``compress_update`` is where the error-feedback rule lives: the residual subtracts what
 the receiver reconstructs from the *encoded bytes*, so wire rounding (float16) never
-escapes the residual: ``target == transmitted + residual`` holds exactly.
+escapes the residual: ``target == transmitted + residual`` holds exactly. Both sides
+reconstruct with :func:`exact_decompress` (CPU, one thread), so "what the receiver
+reconstructs" is the same bits on the sender and the receiver whatever devices and
+thread counts they train with: the identity holds across processes and devices, given
+the same torch build on the same CPU instruction set (a different build or CPU may round
+differently; for the downlink a digest mismatch then triggers a full re-sync).
 """
 
 from __future__ import annotations
@@ -40,23 +45,17 @@ def compress_update(
     model: nn.Module,
     meta: PayloadMeta,
     budget: Budget,
-    *,
-    exact: bool = False,
 ) -> EncodedUpdate:
     """Compress ``target`` (update + old residual) and compute the new residual.
 
     The model must be at the base weights named in ``meta``. The residual is zero for
-    methods without error feedback (FedAvg, QSGD). ``exact=True`` reconstructs with
-    :func:`exact_decompress`, as every receiver of a downlink does, so that the server's
-    new weights are bit-identical to the clients'.
+    methods without error feedback (FedAvg, QSGD). The update is reconstructed with
+    :func:`exact_decompress`, as every receiver does, so the server's new weights are
+    bit-identical to the clients' and each residual subtracts exactly what was applied.
     """
     payload, stats = compressor.compress(target, model, meta, budget)
     data = encode(payload)
-    received = decode(data)
-    if exact:
-        transmitted = exact_decompress(compressor, received, model).to(target.device)
-    else:
-        transmitted = compressor.decompress(received, model).to(target.device)
+    transmitted = exact_decompress(compressor, decode(data), model).to(target.device)
     if compressor.uses_error_feedback:
         residual = target - transmitted
     else:
@@ -64,6 +63,24 @@ def compress_update(
     t_norm = float(target.norm())
     ratio = float(residual.norm()) / t_norm if t_norm > 0 else 0.0
     return EncodedUpdate(data, transmitted, residual, abs(cosine(transmitted, target)), ratio, stats)
+
+
+def bounded_residual(residual: torch.Tensor, update: torch.Tensor, cap: float) -> torch.Tensor:
+    """The error-feedback memory scaled down to at most ``cap`` times the fresh update's
+    norm (``cap`` 0 leaves it alone).
+
+    Error feedback assumes the compressor eventually sends what it keeps back. 3SFC
+    cannot express every direction at the current weights, so without a bound the memory
+    grows in those directions round after round until the target is mostly stale error
+    and the fresh update is lost in it (``bench/diagnose_3sfc.py``). What the bound
+    removes is forgotten, as a decaying memory forgets.
+    """
+    if cap <= 0:
+        return residual
+    r_norm, bound = float(residual.norm()), cap * float(update.norm())
+    if r_norm <= bound or r_norm == 0.0:
+        return residual
+    return residual * (bound / r_norm)
 
 
 @dataclass(frozen=True)
@@ -126,11 +143,12 @@ def _one_thread() -> Iterator[None]:
 def exact_decompress(compressor: Compressor, payload: Payload, model: nn.Module) -> torch.Tensor:
     """Decompress on the CPU with one thread, returning a CPU tensor.
 
-    Downlink updates must decompress to the same bits on the server and on every client,
-    or their digests part ways. Multi-threaded and GPU kernels may sum in a different
-    order from process to process (we saw Ray workers and the server disagree), a
-    single-threaded CPU pass does not. Only the one downlink payload per round takes
-    this path; the server's uplink decompression stays fast.
+    Sender and receiver must decompress to the same bits: downlink updates, or the
+    digests part ways; uplink updates, or the client's residual subtracts something other
+    than what the server applied (1 vs 2 CPU threads already differ by 4e-8 relative on
+    the ConvNet; TF32 on a GPU by far more). Multi-threaded and GPU kernels may sum in a
+    different order from process to process, a single-threaded CPU pass does not. A
+    caller decompressing many payloads on a GPU model passes a CPU copy once.
     """
     cpu_model = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
     with _one_thread():

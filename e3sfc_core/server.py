@@ -12,6 +12,7 @@ gets the full weights when that is fewer bytes or its version is unknown.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -26,11 +27,19 @@ from .budget import BudgetFeedback, BudgetScheduler
 from .compressor import Budget, PayloadMeta, build_compressor
 from .config import ExperimentConfig
 from .datasets import DatasetSpec
+from .decompressor import parameter_sizes
 from .errors import BudgetExhausted, PayloadError
 from .models import build_model
 from .payload import Codec, DenseBody, Direction, Payload, encode
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
-from .rounds import Expectation, check_payload, clip_and_average, compress_update, decompress_checked
+from .rounds import (
+    Expectation,
+    bounded_residual,
+    check_payload,
+    clip_and_average,
+    compress_update,
+    exact_decompress,
+)
 from .tensors import add_flat_, digest_flat, get_flat, num_params, set_flat
 
 logger = logging.getLogger(__name__)
@@ -70,7 +79,9 @@ class FederatedServer:
         self.cfg, self.spec, self.device = cfg, spec, device
         self.model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
         self.model.eval()
-        self.compressor = build_compressor(cfg.compressor_name, cfg.compressor_settings(), spec)
+        self.compressor = build_compressor(
+            cfg.compressor_name, cfg.compressor_settings(len(parameter_sizes(self.model))), spec
+        )
         self.numel = num_params(self.model)
         self.residual = torch.zeros(self.numel, device=device)
         self.scheduler = BudgetScheduler(
@@ -213,6 +224,8 @@ class FederatedServer:
             max_samples=rec.n_uplink,
         )
         updates, weights, cosines, comp, train = [], [], [], [], []
+        # decompress as the clients did (CPU, one thread): see rounds.exact_decompress
+        cpu_model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
         # Arrival order and deployed node IDs are arbitrary; a fixed order (by the
         # partition each client reports) keeps float sums, and so runs, reproducible.
         for reply in sorted(replies, key=lambda r: (r.partition_id, r.node_id)):
@@ -238,7 +251,7 @@ class FederatedServer:
                 if reply.num_examples < 1:
                     raise PayloadError("reply reports no training examples")
                 payload = check_payload(reply.payload, expect)
-                update = decompress_checked(self.compressor, payload, self.model)
+                update = exact_decompress(self.compressor, payload, cpu_model).to(self.device)
             except PayloadError as exc:
                 logger.warning("round %d: dropped reply of node %s: %s", server_round, reply.node_id, exc)
                 rec.dropped += 1
@@ -292,9 +305,8 @@ class FederatedServer:
                 sent_in, payload_count=expected, size_of=self.payload_size, share=0.5
             )
             meta = PayloadMeta(Direction.DOWNLINK, server_round, self.digest)
-            enc = compress_update(
-                self.compressor, mean + self.residual, self.model, meta, Budget(self.n_down), exact=True
-            )
+            residual = bounded_residual(self.residual, mean, self.cfg.residual_cap)
+            enc = compress_update(self.compressor, mean + residual, self.model, meta, Budget(self.n_down))
             self.residual = enc.residual
             rec.downlink_cosine = enc.cosine
             rec.compress_seconds += enc.stats.seconds

@@ -3,7 +3,13 @@
 Search variables are inputs ``X [n, *input_shape]`` (initialised from N(0, init_scale^2))
 and soft labels ``Y [n, n_classes]`` (from N(0, 1)), drawn from a seeded generator.
 SciPy's L-BFGS-B minimises ``1 - |cos(g(X, Y), t)|`` (a double backward through the
-model). We use SciPy rather than ``torch.optim.LBFGS`` because its line search reaches a
+model). With ``scale-mode = "layer"`` (the default) each parameter tensor ``l`` gets its
+own least-squares scale ``a_l = <g_l, t_l> / |g_l|^2``, sent as one float32 each, and the
+search maximises the cosine *after* those scales, ``sqrt(sum_l <g_l,t_l>^2/|g_l|^2) / |t|``:
+a synthetic gradient whose layers point the right way but have the wrong relative sizes
+(a few samples' gradient is not shaped like many SGD steps) is then no longer penalised,
+and every layer's magnitude is right even where its direction is poor. ``"global"`` is
+the paper's single scale. We use SciPy rather than ``torch.optim.LBFGS`` because its line search reaches a
 given cosine in about half the closure evaluations, and evaluations are the whole cost
 (``bench/compression_speed.py``). The scale is closed-form, the projection of the target
 on the synthetic gradient, computed from the values *as they will be encoded* so that
@@ -22,15 +28,17 @@ from scipy.optimize import minimize
 from torch import nn
 
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
-from .decompressor import synthesize_update, synthetic_gradient
-from .errors import PayloadRejected
+from .decompressor import parameter_sizes, synthesize_update, synthetic_gradient
+from .errors import ConfigError, PayloadRejected
 from .payload import HEADER_SIZE as _HEADER
 from .payload import Codec, FloatType, Payload, SyntheticBody
 from .tensors import num_params
 
 logger = logging.getLogger(__name__)
 
-_SYNTH_FIXED = 4 + 2 + 2 + 1 + 3  # scale, n, n_classes, ndim, padding
+_SYNTH_FIXED = 4 + 2 + 2 + 1 + 1 + 2  # scale, n, n_classes, ndim, padding, n_layer_scales
+_FLOAT16_MAX = 65504.0
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LBFGS_HISTORY = 10  # correction pairs kept by L-BFGS-B
 
 
@@ -51,12 +59,18 @@ class SyntheticFeatureCompressor:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.n_classes = int(n_classes)
         self.float_type = FloatType.FLOAT16 if settings.float16 else FloatType.FLOAT32
+        self.layerwise = settings.scale_mode == "layer"
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
-        """Header + fixed fields + dims + ``n * (prod(input_shape) + n_classes)`` floats."""
+        """Header + fixed fields + dims + layer scales + ``n * (prod(input_shape) + n_classes)``
+        floats."""
         width = 2 if self.float_type == FloatType.FLOAT16 else 4
         per_sample = math.prod(self.input_shape) + self.n_classes
-        return _HEADER + _SYNTH_FIXED + 4 * len(self.input_shape) + budget.n_samples * per_sample * width
+        if self.layerwise and self.settings.layer_count < 1:
+            raise ConfigError("per-layer scales need the model's layer_count to size a payload")
+        layers = 4 * self.settings.layer_count if self.layerwise else 0
+        fixed = _HEADER + _SYNTH_FIXED + 4 * len(self.input_shape) + layers
+        return fixed + budget.n_samples * per_sample * width
 
     def compress(
         self, target: torch.Tensor, model: nn.Module, meta: PayloadMeta, budget: Budget
@@ -69,21 +83,25 @@ class SyntheticFeatureCompressor:
         inputs, labels, evals = self._search(target, model, budget.n_samples, meta)
         inputs, labels = self._as_encoded(inputs), self._as_encoded(labels)
         g = synthesize_update(model, inputs, labels, 1.0)
-        gg = float(torch.dot(g, g))
-        scale = float(torch.dot(g, target)) / gg if gg > 0 else float("nan")
-        degenerate = not math.isfinite(scale) or not math.isfinite(
-            float(torch.tensor(scale, dtype=torch.float32))
-        )
-        if degenerate:
-            logger.warning("3SFC scale is not finite (|g|^2=%g); sending a zero update", gg)
-            scale = 0.0
+        if self.layerwise:
+            scale, layer_scales, degenerate = 1.0, *_layer_scales(g, target, parameter_sizes(model))
+        else:
+            layer_scales = None
+            gg = float(torch.dot(g, g))
+            scale = float(torch.dot(g, target)) / gg if gg > 0 else float("nan")
+            degenerate = not _finite_f32(scale)
+            if degenerate:
+                logger.warning("3SFC scale is not finite (|g|^2=%g); sending a zero update", gg)
+                scale = 0.0
         payload = Payload(
             codec=self.codec,
             direction=meta.direction,
             server_round=meta.server_round,
             base_digest=meta.base_digest,
             numel=target.numel(),
-            body=SyntheticBody(scale=scale, inputs=inputs.cpu(), labels=labels.cpu()),
+            body=SyntheticBody(
+                scale=scale, inputs=inputs.cpu(), labels=labels.cpu(), layer_scales=layer_scales
+            ),
             float_type=self.float_type,
         )
         return payload, CompressStats(time.perf_counter() - start, evals, degenerate)
@@ -100,15 +118,23 @@ class SyntheticFeatureCompressor:
                 f"synthetic shapes {tuple(body.inputs.shape[1:])}/{body.labels.shape[1]} do not "
                 f"match the model's input {self.input_shape}/{self.n_classes} classes"
             )
-        return synthesize_update(model, body.inputs, body.labels, body.scale)
+        sizes = parameter_sizes(model)
+        if body.layer_scales is not None and body.layer_scales.numel() != len(sizes):
+            raise PayloadRejected(
+                f"payload has {body.layer_scales.numel()} layer scales, the model has "
+                f"{len(sizes)} parameter tensors"
+            )
+        return synthesize_update(model, body.inputs, body.labels, body.scale, body.layer_scales)
 
     # ------------------------------------------------------------------------ internals
 
     def _as_encoded(self, t: torch.Tensor) -> torch.Tensor:
-        """Round to the wire precision so the scale is fitted to what is decoded."""
+        """Clamp into the wire dtype's range (a search may wander past float16's 65504,
+        which would encode as inf) and round to its precision, so the scale is fitted to
+        what is decoded."""
         if self.float_type == FloatType.FLOAT16:
-            return t.detach().half().float()
-        return t.detach().float()
+            return t.detach().float().clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().float()
+        return t.detach().float().clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
 
     def _search(
         self, target: torch.Tensor, model: nn.Module, n: int, meta: PayloadMeta
@@ -119,7 +145,7 @@ class SyntheticFeatureCompressor:
         x0 = torch.randn((n, *self.input_shape), generator=gen) * s.init_scale
         y0 = torch.randn((n, self.n_classes), generator=gen)
         start = torch.cat([x0.reshape(-1), y0.reshape(-1)]).double().numpy()
-        objective = _CosineObjective(model, target, x0.shape, y0.shape, s, start)
+        objective = _CosineObjective(model, target, x0.shape, y0.shape, s, start, self.layerwise)
         if float(objective.t_norm) > 0.0:
             try:
                 minimize(
@@ -133,6 +159,26 @@ class SyntheticFeatureCompressor:
                 pass
         x, y = objective.split(torch.from_numpy(objective.best_z).float())
         return x.to(target.device), y.to(target.device), objective.evals
+
+
+def _finite_f32(x: float) -> bool:
+    return math.isfinite(x) and abs(x) <= _FLOAT32_MAX
+
+
+def _layer_scales(g: torch.Tensor, target: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, bool]:
+    """Least-squares scale per parameter tensor (float32 as sent); a block whose synthetic
+    gradient is zero, or whose scale does not fit a float32, gets scale 0."""
+    scales = []
+    degenerate = False
+    for g_l, t_l in zip(g.double().split(sizes), target.double().split(sizes), strict=True):
+        gg = float(torch.dot(g_l, g_l))
+        a = float(torch.dot(g_l, t_l)) / gg if gg > 0 else 0.0
+        if not _finite_f32(a):
+            degenerate, a = True, 0.0
+        scales.append(a)
+    if degenerate:
+        logger.warning("3SFC: a layer scale is not finite; that layer is sent as zero")
+    return torch.tensor(scales, dtype=torch.float32), degenerate
 
 
 class _StopSearch(Exception):
@@ -155,10 +201,17 @@ class _CosineObjective:
         y_shape: torch.Size,
         settings: CompressorSettings,
         start: np.ndarray,
+        layerwise: bool = False,
     ) -> None:
         self.model, self.target, self.settings = model, target, settings
         self.params = list(model.parameters())  # walking the modules costs on every call
         self.t_norm = target.norm()
+        self.segments: torch.Tensor | None = None
+        if layerwise:
+            sizes = torch.tensor([p.numel() for p in self.params], device=target.device)
+            self.segments = torch.repeat_interleave(
+                torch.arange(len(self.params), device=target.device), sizes
+            )
         self.x_shape, self.y_shape = x_shape, y_shape
         self.nx = math.prod(x_shape)
         self.evals = 0
@@ -178,8 +231,7 @@ class _CosineObjective:
         zt = torch.from_numpy(z).to(self.target.device, torch.float32).requires_grad_(True)
         x, y = self.split(zt)
         g = synthetic_gradient(self.model, x, y, create_graph=True, params=self.params)
-        # fewer autograd nodes than g.norm(); a zero g gives NaN, which stops the search
-        cos = torch.dot(g, self.target) * torch.rsqrt(torch.dot(g, g)) / self.t_norm
+        cos = self._cosine(g)
         # gradient w.r.t. the search variables only (loss.backward() would also fill the
         # weights' .grad)
         (grad,) = torch.autograd.grad(-cos.abs(), [zt])
@@ -193,6 +245,18 @@ class _CosineObjective:
         if len(self.history) > w and self.history[-1] - self.history[-1 - w] < s.min_improvement:
             raise _StopSearch
         return 1.0 - value, grad.detach().double().cpu().numpy()
+
+    def _cosine(self, g: torch.Tensor) -> torch.Tensor:
+        """cos(g, t), or with per-layer scales the cosine of the best layer-wise rescaling
+        of g: ``sqrt(sum_l <g_l,t_l>^2 / |g_l|^2) / |t|`` (always >= 0)."""
+        if self.segments is None:
+            # fewer autograd nodes than g.norm(); a zero g gives NaN, which stops the search
+            return torch.dot(g, self.target) * torch.rsqrt(torch.dot(g, g)) / self.t_norm
+        n = len(self.params)
+        dots = torch.zeros(n, device=g.device).index_add(0, self.segments, g * self.target)
+        norms = torch.zeros(n, device=g.device).index_add(0, self.segments, g * g)
+        explained = (dots * dots / norms.clamp_min(1e-30)).sum()
+        return torch.sqrt(explained) / self.t_norm
 
 
 @register("3sfc")

@@ -79,7 +79,7 @@ def _amplify(scale_factor: float):  # type: ignore[no-untyped-def]
 def test_scaled_up_malicious_update_is_clipped(tmp_path: Path) -> None:
     # Prepare: client 0 multiplies its (valid, well-formed) update by 10^4 every round
     rounds = {"num-rounds": 4, "num-partitions": 5, "downlink": "dense"}
-    clipped_cfg = _cfg(tmp_path, **rounds, **{"run-name": "clipped"})
+    clipped_cfg = _cfg(tmp_path, **rounds, **{"run-name": "clipped", "clip-norm-factor": 3.0})
     open_cfg = _cfg(tmp_path, **rounds, **{"run-name": "open", "clip-norm-factor": 0.0})
     # Execute
     clipped = _run(clipped_cfg, FakeGrid(clipped_cfg, 5, _amplify(1e4)), tmp_path)

@@ -1,8 +1,9 @@
-"""Wire codec v1 (e3sfc_core.payload): golden vectors and every decode rule.
+"""Wire codec v2 (e3sfc_core.payload): golden vectors and every decode rule.
 
-The golden file ``tests/data/payload_v1_golden.json`` is the frozen byte layout of
-format v1. The tests compare against the stored file and never rewrite it; regenerate it
-only on purpose (a format change must bump ``VERSION``)::
+The golden file ``tests/data/payload_v2_golden.json`` is the frozen byte layout of
+format v2; ``payload_v1_golden.json`` is the previous format's, which must still decode.
+The tests compare against the stored files and never rewrite them; regenerate the
+current one only on purpose (a format change must bump ``VERSION``)::
 
     .venv/bin/python tests/unit/test_payload.py --regenerate
 """
@@ -42,7 +43,8 @@ from e3sfc_core.payload import (
     encode,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "payload_v1_golden.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "payload_v2_golden.json"
+GOLDEN_V1 = Path(__file__).resolve().parents[1] / "data" / "payload_v1_golden.json"
 DIGEST = bytes(range(1, 9))
 F32, F16 = FloatType.FLOAT32, FloatType.FLOAT16
 
@@ -131,6 +133,16 @@ def golden_payloads() -> dict[str, Payload]:
             float_type=F16,
             direction=Direction.DOWNLINK,
         ),
+        "synthetic_layers_f32": make(
+            Codec.SYNTHETIC,
+            SyntheticBody(
+                scale=1.0,
+                inputs=torch.tensor([[1.5, -0.5]]),
+                labels=torch.tensor([[0.25, 0.75]]),
+                layer_scales=torch.tensor([0.5, -2.0, 0.0]),
+            ),
+            17,
+        ),
         "topk_f32": make(
             Codec.TOPK,
             SparseBody(indices=torch.tensor([0, 5, 9]), values=torch.tensor([1.5, -2.0, 0.25])),
@@ -206,7 +218,7 @@ def synthetic_body(
     count = n * (math.prod(dims) + n_classes)
     values = [0.5] * count if values is None else values
     return (
-        struct.pack("<fHHB3x", scale, n, n_classes, len(dims))
+        struct.pack("<fHHBxH", scale, n, n_classes, len(dims), 0)
         + struct.pack(f"<{len(dims)}I", *dims)
         + struct.pack(f"<{len(values)}f", *values)
     )
@@ -232,7 +244,7 @@ def test_golden_file_covers_every_codec() -> None:
     codecs = {v["codec"] for v in doc["vectors"].values()}
 
     # Assert
-    assert doc["format_version"] == VERSION == 1
+    assert doc["format_version"] == VERSION == 2
     assert doc["header_size"] == HEADER_SIZE == 28
     assert codecs == {c.name for c in Codec}
     assert set(doc["vectors"]) == set(golden_payloads())
@@ -264,6 +276,38 @@ def test_decode_golden_bytes_gives_the_fields_back(name: str) -> None:
     assert_payload_equal(decoded, golden_payloads()[name])
 
 
+@pytest.mark.parametrize("name", sorted(json.loads(GOLDEN_V1.read_text())["vectors"]))
+def test_version_1_payloads_still_decode(name: str) -> None:
+    # Prepare: bytes written by the previous release (format v1, no layer scales)
+    data = bytes.fromhex(json.loads(GOLDEN_V1.read_text())["vectors"][name]["hex"])
+
+    # Execute
+    decoded = decode(data)
+
+    # Assert: the same payload as v2 describes it; re-encoding only bumps the version byte
+    assert data[4] == 1
+    assert_payload_equal(decoded, golden_payloads()[name])
+    assert encode(decoded) == data[:4] + bytes([VERSION]) + data[5:]
+
+
+def test_version_1_synthetic_with_layer_scales_is_refused() -> None:
+    # Prepare: v2 bytes with layer scales, relabelled as v1 (whose padding had to be zero)
+    data = bytearray(valid_bytes("synthetic_layers_f32"))
+    data[4] = 1
+
+    # Execute / Assert
+    expect_error(bytes(data), "padding", "layer scales")
+
+
+def test_layer_scale_count_beyond_the_body_is_refused() -> None:
+    # Prepare: declare 1000 layer scales in a body that holds 3
+    data = bytearray(valid_bytes("synthetic_layers_f32"))
+    data[HEADER_SIZE + 10 : HEADER_SIZE + 12] = (1000).to_bytes(2, "little")
+
+    # Execute / Assert
+    expect_error(bytes(data), "layer scales")
+
+
 def test_golden_header_layout_is_little_endian_at_documented_offsets() -> None:
     # Prepare
     data = bytes.fromhex(json.loads(GOLDEN.read_text())["vectors"]["topk_f32"]["hex"])
@@ -273,7 +317,7 @@ def test_golden_header_layout_is_little_endian_at_documented_offsets() -> None:
     rnd, numel, body_len = (int.from_bytes(data[a:b], "little") for a, b in ((8, 12), (20, 24), (24, 28)))
 
     # Assert
-    assert fields == (b"E3SF", 1, 0, 3, 1)
+    assert fields == (b"E3SF", 2, 0, 3, 1)
     assert data[12:20] == DIGEST
     assert (rnd, numel, body_len) == (7, 10, len(data) - 28)
     assert int.from_bytes(data[28:32], "little") == 3  # k
@@ -293,13 +337,13 @@ def test_bad_magic() -> None:
 def test_unknown_version_is_unsupported_version() -> None:
     # Prepare
     data = bytearray(valid_bytes())
-    data[4] = 2
+    data[4] = 3
 
     # Execute
     err = expect_error(bytes(data), "version", kind=UnsupportedVersion)
 
     # Assert
-    assert "2" in str(err)
+    assert "3" in str(err)
 
 
 @pytest.mark.parametrize(

@@ -213,7 +213,9 @@ def test_degenerate_scale_sends_zero_update(
 ) -> None:
     # Prepare: the synthetic gradient used for the scale is all zeros (scale 0/0) or non-finite
     real = synthetic.synthesize_update
-    monkeypatch.setattr(synthetic, "synthesize_update", lambda m, x, y, s: torch.full((num_params(m),), bad))
+    monkeypatch.setattr(
+        synthetic, "synthesize_update", lambda m, x, y, s, *_: torch.full((num_params(m),), bad)
+    )
     c = comp(seed=1, max_evals=3)
 
     # Execute
@@ -232,7 +234,7 @@ def test_degenerate_compress_update_keeps_target_in_residual(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare
-    monkeypatch.setattr(synthetic, "synthesize_update", lambda m, x, y, s: torch.zeros(num_params(m)))
+    monkeypatch.setattr(synthetic, "synthesize_update", lambda m, x, y, s, *_: torch.zeros(num_params(m)))
 
     # Execute
     enc = compress_update(comp(max_evals=3), setup.update, setup.model, setup.meta, Budget(1))

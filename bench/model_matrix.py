@@ -1,0 +1,351 @@
+"""Model matrix (issue 10): does E-3SFC learn on every model and federation, not only the MLP?
+
+For each *cell* (dataset, model, federation) it runs, with the in-process loop and the
+same seeds, FedAvg, Top-k 1% with error feedback (its usual uplink-only setting),
+Top-k at E-3SFC's payload size compressed both ways (``topk-eq``: equal total bytes)
+and E-3SFC, and reports the mean accuracy over the last 5 rounds with its spread over
+seeds and the total bytes both ways (catch-up included).
+
+Every run appends one JSON line to ``bench/results/model_matrix.jsonl`` as soon as it
+ends, and runs already there are skipped, so a long matrix can be stopped and resumed,
+and committed as it fills. ``--report`` renders ``bench/results/model_matrix.md`` from
+the lines present::
+
+    .venv/bin/python bench/model_matrix.py --cells digits-mlp-a1,digits-convnet-a1 --workers 2
+    .venv/bin/python bench/model_matrix.py --report
+
+Goal per cell: E-3SFC at least 95% of FedAvg's accuracy with at least 100x fewer total
+bytes, and above ``topk-eq`` (Top-k at equal total bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    RESULTS,
+    env_info,
+    fmt_bytes,
+    md_table,
+    mean_std,
+    parse_ints,
+    report_head,
+    run_federated,
+    write_results,
+)
+
+SCRIPT = "model_matrix.py"
+JSONL = RESULTS / "model_matrix.jsonl"
+LAST = 5
+METHODS = ("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-n1", "e3sfc-paper")
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "e3sfc-n1": {"method": "e3sfc", "synthetic-samples": 1},
+    "e3sfc-paper": {"method": "e3sfc", "scale-mode": "global"},  # the paper's single scale
+}
+ALL_SAMPLED = {"num-partitions": 10, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
+HALF_SAMPLED = {"num-partitions": 20, "dirichlet-alpha": 0.1, "fraction-train": 0.5}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the matrix: a dataset, a model and a federation, shared by every method."""
+
+    name: str
+    dataset: str
+    model: str
+    federation: dict[str, Any]
+    rounds: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    methods: tuple[str, ...] = ("fedavg", "topk-eq", "e3sfc")
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "num-rounds": self.rounds,
+            **self.federation,
+            **self.extra,
+        }
+
+
+PAPER_TRAINING = {"lr": 0.01, "batch-size": 64}  # conf/*.toml: the paper's local training
+HEAVY = {"num-partitions": 5, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
+CORE = ("fedavg", "topk-eq", "e3sfc")
+CELLS = {
+    c.name: c
+    for c in [
+        Cell(
+            "digits-mlp-a1",
+            "digits",
+            "mlp",
+            ALL_SAMPLED,
+            30,
+            methods=("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-n1", "e3sfc-paper"),
+        ),
+        Cell(
+            "digits-mlp-a0.1",
+            "digits",
+            "mlp",
+            HALF_SAMPLED,
+            30,
+            methods=("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-n1", "e3sfc-paper"),
+        ),
+        Cell("digits-lenet5-a1", "digits", "lenet5", ALL_SAMPLED, 30, methods=(*CORE, "e3sfc-n1")),
+        Cell("digits-lenet5-a0.1", "digits", "lenet5", HALF_SAMPLED, 30, methods=(*CORE, "e3sfc-n1")),
+        Cell("mnist-mlp-a1", "mnist", "mlp", ALL_SAMPLED, 30, PAPER_TRAINING),
+        Cell("mnist-lenet5-a1", "mnist", "lenet5", ALL_SAMPLED, 30, PAPER_TRAINING),
+        Cell(
+            "digits-convnet-a1",
+            "digits",
+            "convnet",
+            ALL_SAMPLED,
+            20,
+            methods=(*CORE, "e3sfc-paper"),
+            note="20 rounds",
+        ),
+        Cell(
+            "digits-convnet-a0.1",
+            "digits",
+            "convnet",
+            HALF_SAMPLED,
+            20,
+            methods=(*CORE, "e3sfc-paper"),
+            note="20 rounds",
+        ),
+        Cell(
+            "digits-regnetx_200mf-a1",
+            "digits",
+            "regnetx_200mf",
+            HEAVY,
+            10,
+            PAPER_TRAINING,
+            note="5 clients, 10 rounds, 1 seed",
+        ),
+        Cell(
+            "digits-vgg11-a1",
+            "digits",
+            "vgg11",
+            HEAVY,
+            10,
+            PAPER_TRAINING,
+            note="5 clients, 10 rounds, 1 seed",
+        ),
+        Cell(
+            "digits-resnet18-a1",
+            "digits",
+            "resnet18",
+            HEAVY,
+            10,
+            PAPER_TRAINING,
+            note="5 clients, 10 rounds, 1 seed",
+        ),
+        Cell(
+            "mnist-convnet-a1", "mnist", "convnet", ALL_SAMPLED, 10, PAPER_TRAINING, note="10 rounds, 1 seed"
+        ),
+    ]
+}
+
+
+def equal_bytes_topk_ratio(raw: dict[str, Any]) -> float:
+    """The Top-k ratio whose payload is as large as E-3SFC's (``len(encode)`` of both)."""
+    from e3sfc_core.compressor import Budget, build_compressor
+    from e3sfc_core.config import ExperimentConfig
+    from e3sfc_core.datasets import get_spec
+    from e3sfc_core.decompressor import parameter_sizes
+    from e3sfc_core.models import build_model
+
+    cfg = ExperimentConfig.from_run_config({**raw, "method": "e3sfc"})
+    spec = get_spec(cfg.dataset)
+    model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed)
+    sizes = parameter_sizes(model)
+    numel = sum(sizes)
+    e3 = build_compressor("3sfc", cfg.compressor_settings(len(sizes)), spec)
+    target = e3.encoded_size(numel, Budget(cfg.synthetic_samples))
+
+    def topk_size(k: int) -> int:
+        settings = replace(cfg.compressor_settings(len(sizes)), topk_ratio=(k + 0.5) / numel)
+        return build_compressor("topk", settings, spec).encoded_size(numel, Budget())
+
+    per_value = topk_size(2) - topk_size(1)
+    k = max(1, (target - (topk_size(1) - per_value)) // per_value)
+    while k > 1 and topk_size(k) > target:
+        k -= 1
+    return (k + 0.5) / numel
+
+
+def method_overrides(method: str, base: dict[str, Any]) -> dict[str, Any]:
+    if method == "topk-eq":
+        return {"method": "topk", "downlink": "compressed", "topk-ratio": equal_bytes_topk_ratio(base)}
+    return METHOD_OVERRIDES.get(method, {"method": method})
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One run; returns the JSON line (accuracy over the last rounds, bytes, cosines)."""
+    raw = {
+        **job["config"],
+        "seed": job["seed"],
+        "num-threads": 1,
+        "device": "cpu",
+        "output-dir": str(RESULTS / "runs" / "model_matrix" / job["cell"]),
+        "run-name": f"{job['method']}-s{job['seed']}",
+    }
+    raw.update(method_overrides(job["method"], raw))
+    out = run_federated(raw)
+    recs = out["records"]
+    acc = [r["accuracy"] for r in recs]
+    last = recs[-1] if recs else {}
+    return {
+        "cell": job["cell"],
+        "method": job["method"],
+        "seed": job["seed"],
+        "config": raw,
+        "rounds_run": len(recs),
+        "acc_last5": mean_std(acc[-LAST:])[0],
+        "acc_final": acc[-1] if acc else float("nan"),
+        "acc_curve": acc,
+        "uplink_bytes": last.get("cum_uplink_bytes", 0),
+        "downlink_bytes": last.get("cum_downlink_bytes", 0),
+        "mean_cosine": mean_std([r["mean_cosine"] for r in recs])[0],
+        "wall_seconds": out["wall_seconds"],
+    }
+
+
+def done_runs() -> set[tuple[str, str, int]]:
+    if not JSONL.exists():
+        return set()
+    rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
+    return {(r["cell"], r["method"], int(r["seed"])) for r in rows}
+
+
+def run_matrix(cells: list[str], methods: list[str] | None, seeds: list[int], workers: int) -> None:
+    """Run what is missing; ``methods`` None means each cell's own list."""
+    have = done_runs()
+    jobs = [
+        {"cell": c, "method": m, "seed": s, "config": CELLS[c].config()}
+        for c in cells
+        for s in seeds
+        for m in (methods or CELLS[c].methods)
+        if (c, m, s) not in have
+    ]
+    print(f"{len(jobs)} runs to do ({len(have)} already in {JSONL.name})", flush=True)
+    JSONL.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for row in pool.map(run_one, jobs):
+            with JSONL.open("a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+            print(
+                f"{row['cell']} {row['method']} s{row['seed']}: last-{LAST} acc {row['acc_last5']:.4f}, "
+                f"{fmt_bytes(row['uplink_bytes'] + row['downlink_bytes'])}, {row['wall_seconds']:.0f}s",
+                flush=True,
+            )
+
+
+def _acc(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "-"
+    m, s = mean_std([100 * r["acc_last5"] for r in rows])
+    return f"{m:.1f}% ± {s:.1f} ({len(rows)})"
+
+
+def _bytes(rows: list[dict[str, Any]]) -> float:
+    return mean_std([r["uplink_bytes"] + r["downlink_bytes"] for r in rows])[0] if rows else float("nan")
+
+
+def verdict(by_method: dict[str, list[dict[str, Any]]]) -> str:
+    fed, e3, eq = by_method.get("fedavg", []), by_method.get("e3sfc", []), by_method.get("topk-eq", [])
+    if not fed or not e3:
+        return "incomplete"
+    acc_ratio = mean_std([r["acc_last5"] for r in e3])[0] / mean_std([r["acc_last5"] for r in fed])[0]
+    byte_ratio = _bytes(fed) / _bytes(e3)
+    parts = [
+        f"{100 * acc_ratio:.0f}% of FedAvg {'ok' if acc_ratio >= 0.95 else 'SHORT'}",
+        f"{byte_ratio:.0f}x fewer bytes {'ok' if byte_ratio >= 100 else 'SHORT'}",
+    ]
+    if eq:
+        beats = mean_std([r["acc_last5"] for r in e3])[0] > mean_std([r["acc_last5"] for r in eq])[0]
+        parts.append("beats topk-eq" if beats else "LOSES to topk-eq")
+    return "; ".join(parts)
+
+
+def report(argv: list[str] | None) -> str:
+    rows = (
+        [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
+        if JSONL.exists()
+        else []
+    )
+    table = []
+    for name, cell in CELLS.items():
+        by_method = {m: [r for r in rows if r["cell"] == name and r["method"] == m] for m in METHODS}
+        if not any(by_method.values()):
+            continue
+        fed = federation_text(cell)
+        table.append(
+            [name, fed]
+            + [_acc(by_method[m]) for m in METHODS]
+            + [fmt_bytes(_bytes(by_method[m])) for m in ("fedavg", "topk", "e3sfc")]
+            + [verdict(by_method)]
+        )
+    headers = (
+        ["cell", "federation"]
+        + [f"{m} acc" for m in METHODS]
+        + ["FedAvg bytes", "Top-k bytes", "E-3SFC bytes", "goal: >= 95% of FedAvg, >= 100x, beats topk-eq"]
+    )
+    lines = report_head(
+        "Model matrix: FedAvg, Top-k + EF and E-3SFC on every model",
+        env_info("cpu"),
+        SCRIPT,
+        argv,
+        "In-process loop (`e3sfc_core.simulate.run_reference`), CPU, one torch thread per run. "
+        f"Accuracy: mean over the last {LAST} rounds, then mean ± standard deviation over seeds "
+        "(number of seeds in brackets). Bytes: total uplink + downlink of a run (catch-up included), "
+        "mean over seeds. `topk` is Top-k 1% with error feedback and a dense downlink (its paper "
+        "setting); `topk-eq` keeps as many values as fit in E-3SFC's payload and compresses both "
+        "ways with error feedback on both sides, so its total bytes equal E-3SFC's. Defaults "
+        "unless the federation column says otherwise: 5 local epochs, lr 0.05, batch 32, "
+        "synthetic-samples 4; every method in a row shares the row's settings.",
+    )
+    lines.append(md_table(headers, table))
+    return "\n".join(lines)
+
+
+def federation_text(cell: Cell) -> str:
+    f = cell.federation
+    text = (
+        f"alpha {f['dirichlet-alpha']}, {f['num-partitions']} clients, {f['fraction-train']:g} sampled, "
+        f"{cell.rounds} rounds"
+    )
+    extra = ", ".join(f"{k} {v}" for k, v in cell.extra.items())
+    return text + (f", {extra}" if extra else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, from: {', '.join(CELLS)}")
+    p.add_argument("--methods", default="", help=f"subset of {', '.join(METHODS)} (default: each cell's)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="only render the markdown from the JSON lines")
+    args = p.parse_args(argv)
+    if not args.report:
+        cells = [c for c in args.cells.split(",") if c]
+        unknown = [c for c in cells if c not in CELLS]
+        if unknown:
+            raise SystemExit(f"unknown cells {unknown}; known: {list(CELLS)}")
+        methods = [m for m in args.methods.split(",") if m] or None
+        run_matrix(cells, methods, parse_ints(args.seeds), args.workers)
+    markdown = report(argv)
+    write_results("model_matrix", {"jsonl": str(JSONL.relative_to(RESULTS.parent.parent))}, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
