@@ -45,10 +45,16 @@ from _common import (  # noqa: E402
 SCRIPT = "model_matrix.py"
 JSONL = RESULTS / "model_matrix.jsonl"
 LAST = 5
-METHODS = ("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-n1", "e3sfc-paper")
+METHODS = ("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-relay", "e3sfc-n1", "e3sfc-relay-n1", "e3sfc-paper")
+# E-3SFC's downlink is pinned per column: "e3sfc*" compress it with 3SFC (the paper's
+# double-way method; rows written before the relay existed ran with downlink "auto",
+# which meant exactly that), "e3sfc-relay*" relay the round's uplink payloads.
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "e3sfc-n1": {"method": "e3sfc", "synthetic-samples": 1},
-    "e3sfc-paper": {"method": "e3sfc", "scale-mode": "global"},  # the paper's single scale
+    "e3sfc": {"method": "e3sfc", "downlink": "compressed"},
+    "e3sfc-relay": {"method": "e3sfc", "downlink": "relay"},
+    "e3sfc-n1": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 1},
+    "e3sfc-relay-n1": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 1},
+    "e3sfc-paper": {"method": "e3sfc", "downlink": "compressed", "scale-mode": "global"},  # one scale
 }
 ALL_SAMPLED = {"num-partitions": 10, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
 HALF_SAMPLED = {"num-partitions": 20, "dirichlet-alpha": 0.1, "fraction-train": 0.5}
@@ -79,77 +85,59 @@ class Cell:
 
 PAPER_TRAINING = {"lr": 0.01, "batch-size": 64}  # conf/*.toml: the paper's local training
 HEAVY = {"num-partitions": 5, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
-CORE = ("fedavg", "topk-eq", "e3sfc")
+CORE = ("fedavg", "topk-eq", "e3sfc", "e3sfc-relay")
+SMALL = ("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-relay", "e3sfc-n1", "e3sfc-relay-n1", "e3sfc-paper")
+HEAVY_METHODS = ("fedavg", "topk-eq", "e3sfc-relay")
 CELLS = {
     c.name: c
     for c in [
-        Cell(
-            "digits-mlp-a1",
-            "digits",
-            "mlp",
-            ALL_SAMPLED,
-            30,
-            methods=("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-n1", "e3sfc-paper"),
-        ),
-        Cell(
-            "digits-mlp-a0.1",
-            "digits",
-            "mlp",
-            HALF_SAMPLED,
-            30,
-            methods=("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-n1", "e3sfc-paper"),
-        ),
+        Cell("digits-mlp-a1", "digits", "mlp", ALL_SAMPLED, 30, methods=SMALL),
+        Cell("digits-mlp-a0.1", "digits", "mlp", HALF_SAMPLED, 30, methods=SMALL),
         Cell("digits-lenet5-a1", "digits", "lenet5", ALL_SAMPLED, 30, methods=(*CORE, "e3sfc-n1")),
         Cell("digits-lenet5-a0.1", "digits", "lenet5", HALF_SAMPLED, 30, methods=(*CORE, "e3sfc-n1")),
         Cell("mnist-mlp-a1", "mnist", "mlp", ALL_SAMPLED, 30, PAPER_TRAINING),
         Cell("mnist-lenet5-a1", "mnist", "lenet5", ALL_SAMPLED, 30, PAPER_TRAINING),
-        Cell(
-            "digits-convnet-a1",
-            "digits",
-            "convnet",
-            ALL_SAMPLED,
-            20,
-            methods=(*CORE, "e3sfc-paper"),
-            note="20 rounds",
-        ),
-        Cell(
-            "digits-convnet-a0.1",
-            "digits",
-            "convnet",
-            HALF_SAMPLED,
-            20,
-            methods=(*CORE, "e3sfc-paper"),
-            note="20 rounds",
-        ),
+        Cell("digits-convnet-a1", "digits", "convnet", ALL_SAMPLED, 20, methods=CORE, note="20 rounds"),
+        Cell("digits-convnet-a0.1", "digits", "convnet", HALF_SAMPLED, 20, methods=CORE, note="20 rounds"),
         Cell(
             "digits-regnetx_200mf-a1",
             "digits",
             "regnetx_200mf",
             HEAVY,
-            10,
+            8,
             PAPER_TRAINING,
-            note="5 clients, 10 rounds, 1 seed",
+            methods=HEAVY_METHODS,
+            note="5 clients, 8 rounds, 1 seed",
         ),
         Cell(
             "digits-vgg11-a1",
             "digits",
             "vgg11",
             HEAVY,
-            10,
+            8,
             PAPER_TRAINING,
-            note="5 clients, 10 rounds, 1 seed",
+            methods=HEAVY_METHODS,
+            note="5 clients, 8 rounds, 1 seed",
         ),
         Cell(
             "digits-resnet18-a1",
             "digits",
             "resnet18",
             HEAVY,
-            10,
+            8,
             PAPER_TRAINING,
-            note="5 clients, 10 rounds, 1 seed",
+            methods=HEAVY_METHODS,
+            note="5 clients, 8 rounds, 1 seed",
         ),
         Cell(
-            "mnist-convnet-a1", "mnist", "convnet", ALL_SAMPLED, 10, PAPER_TRAINING, note="10 rounds, 1 seed"
+            "mnist-convnet-a1",
+            "mnist",
+            "convnet",
+            ALL_SAMPLED,
+            10,
+            PAPER_TRAINING,
+            methods=HEAVY_METHODS,
+            note="10 rounds, 1 seed",
         ),
     ]
 }

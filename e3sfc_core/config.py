@@ -31,7 +31,10 @@ class ExperimentConfig(BaseModel):
     ``budget_total_bytes > 0`` the ``budget_policy`` chooses n per round and direction in
     ``[1, synthetic_samples_max]`` and the run never spends more than the total.
     ``downlink="auto"`` compresses the downlink for ``e3sfc`` only (the paper's
-    double-way method); ``"compressed"`` does it for any method, ``"dense"`` never.
+    double-way method), except in rounds where relaying the clients' synthetic payloads
+    costs at most ``relay_max_fraction`` of the dense weights (without a byte budget);
+    ``"compressed"`` compresses for any method, ``"relay"`` always relays, ``"dense"``
+    sends the aggregate as it is.
     ``clip_norm_factor`` clips every decompressed client update to that multiple of the
     round's median update norm (0 turns clipping off). ``num_threads`` sets torch's CPU
     threads in every process of the run (0 keeps torch's default); on small or shared
@@ -60,7 +63,9 @@ class ExperimentConfig(BaseModel):
     scale_mode: Literal["layer", "global"] = "layer"
     residual_cap: float = Field(0.0, ge=0.0)
     float16: bool = False
-    downlink: Literal["auto", "compressed", "dense"] = "auto"
+    downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
+    downlink_samples: int = Field(0, ge=0, le=4096)
+    relay_max_fraction: float = Field(0.02, ge=0.0, le=1.0)
     budget_policy: Literal["constant", "decay", "adaptive"] = "constant"
     budget_total_bytes: int = Field(0, ge=0)
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
@@ -82,12 +87,26 @@ class ExperimentConfig(BaseModel):
     def _consistent(self) -> ExperimentConfig:
         if self.synthetic_samples > self.synthetic_samples_max:
             raise ValueError("synthetic-samples must not exceed synthetic-samples-max")
+        if self.downlink == "relay" and self.budget_total_bytes:
+            raise ValueError(
+                "downlink = relay cannot be planned by the budget scheduler yet: set budget-total-bytes = 0"
+            )
         return self
 
     @property
     def compress_downlink(self) -> bool:
-        """Whether the server compresses the global update (double-way)."""
+        """Whether the server compresses the global update (double-way) when it does not
+        relay the round's uplink payloads."""
         return self.downlink == "compressed" or (self.downlink == "auto" and self.method == "e3sfc")
+
+    def relays(self, bundle_bytes: int, dense_bytes: int) -> bool:
+        """Whether this round's downlink is the relayed bundle of uplink payloads:
+        always with ``relay``; with ``auto`` (E-3SFC, no byte budget) when the bundle is
+        at most ``relay-max-fraction`` of the dense weights."""
+        if self.downlink == "relay":
+            return True
+        auto = self.downlink == "auto" and self.method == "e3sfc" and not self.budget_total_bytes
+        return auto and bundle_bytes <= self.relay_max_fraction * dense_bytes
 
     @property
     def partition_alpha(self) -> float:

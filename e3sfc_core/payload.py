@@ -12,7 +12,7 @@ offset size field
 0      4    magic ``b"E3SF"``
 4      1    format version (2; version 1 payloads still decode, see below)
 5      1    direction: 0 uplink (client to server), 1 downlink
-6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights
+6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights, 8 bundle
 7      1    float dtype of the body's float arrays: 1 float32, 2 float16
 8      4    server round
 12     8    digest of the weights the payload is relative to (``tensors.digest_flat``)
@@ -32,6 +32,10 @@ Bodies (``F`` = the header's float dtype):
 * STC: ``u32 k, f32 magnitude, u32 indices[k] (strictly increasing), sign bits[ceil(k/8)]``
 * sign: ``f32 scale, sign bits[ceil(numel/8)]``
 * QSGD: ``f32 norm, u8 levels (1..127), i8 q[numel] with |q| <= levels``
+* bundle (v2 only): ``u16 count (>= 1), count x (f64 weight, u32 length, u8 payload[length])``:
+  the update is ``sum_i weight_i * decompress(payload_i)`` in that order, every inner
+  payload a complete, valid, non-bundle payload with the same ``numel`` (a relayed
+  downlink: the round's uplink payloads and their aggregation weights)
 
 Version history: v1 (the first release) had 3 zero bytes where v2 has ``1 zero byte,
 u16 n_layer_scales``, so a v1 synthetic payload is a v2 payload with no layer scales;
@@ -47,7 +51,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +99,7 @@ class Codec(enum.IntEnum):
     SIGN = 5
     QSGD = 6
     WEIGHTS = 7
+    BUNDLE = 8
 
 
 class FloatType(enum.IntEnum):
@@ -162,7 +167,16 @@ class QuantBody:
     q: torch.Tensor  # int8 [numel]
 
 
-Body = DenseBody | SyntheticBody | SparseBody | TernaryBody | SignBody | QuantBody
+@dataclass(frozen=True)
+class BundleBody:
+    """Several payloads applied as one weighted sum (the relayed downlink)."""
+
+    weights: tuple[float, ...]
+    payloads: tuple[bytes, ...]  # each a complete encoded payload (not a bundle)
+
+
+Body = DenseBody | SyntheticBody | SparseBody | TernaryBody | SignBody | QuantBody | BundleBody
+MAX_BUNDLE = 65535
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,7 @@ _BODY_OF_CODEC: dict[Codec, type] = {
     Codec.STC: TernaryBody,
     Codec.SIGN: SignBody,
     Codec.QSGD: QuantBody,
+    Codec.BUNDLE: BundleBody,
 }
 
 
@@ -265,6 +280,8 @@ def _encode_body(p: Payload) -> bytes:
         if b.negative.numel() != p.numel:
             raise PayloadError("sign body must hold one sign per weight")
         return _finite_f32(b.scale, "scale") + _bits(b.negative)
+    if isinstance(b, BundleBody):
+        return _encode_bundle(b, p.numel)
     if isinstance(b, QuantBody):
         if not 1 <= b.levels <= MAX_QSGD_LEVELS or b.q.numel() != p.numel:
             raise PayloadError("QSGD body needs 1..127 levels and one value per weight")
@@ -274,6 +291,32 @@ def _encode_body(p: Payload) -> bytes:
         head = _finite_f32(b.norm, "norm") + struct.pack("<B", b.levels)
         return head + q.astype("<i1").tobytes()
     raise PayloadError(f"unknown body type {type(b).__name__}")
+
+
+def _check_bundled(inner: bytes, numel: int) -> None:
+    """A bundled payload must decode, hold no bundle (checked before decoding, so nesting
+    cannot recurse) and have the bundle's ``numel``."""
+    if len(inner) > 6 and inner[6] == Codec.BUNDLE:
+        raise PayloadError("a bundle cannot hold another bundle")
+    if decode(inner).numel != numel:
+        raise PayloadError("every bundled payload must have the bundle's numel")
+
+
+def _encode_bundle(b: BundleBody, numel: int) -> bytes:
+    if not 1 <= len(b.payloads) <= MAX_BUNDLE or len(b.weights) != len(b.payloads):
+        raise PayloadError(f"a bundle holds 1..{MAX_BUNDLE} payloads, one weight each")
+    parts = [struct.pack("<H", len(b.payloads))]
+    for weight, inner in zip(b.weights, b.payloads, strict=True):
+        if not math.isfinite(weight):
+            raise PayloadError(f"bundle weight is not finite: {weight!r}")
+        _check_bundled(inner, numel)
+        parts.append(struct.pack("<dI", weight, len(inner)) + bytes(inner))
+    return b"".join(parts)
+
+
+def bundle_size(lengths: Sequence[int]) -> int:
+    """``len(encode(...))`` of a bundle of payloads with these encoded lengths."""
+    return HEADER_SIZE + 2 + sum(12 + n for n in lengths)
 
 
 def encode(payload: Payload) -> bytes:
@@ -405,6 +448,22 @@ def _decode_qsgd(r: _Reader, numel: int) -> QuantBody:
     return QuantBody(norm=norm, levels=int(levels), q=torch.from_numpy(q.astype(np.int8)))
 
 
+def _decode_bundle(r: _Reader, numel: int) -> BundleBody:
+    (count,) = r.unpack("<H", "bundle count")
+    if count < 1:
+        raise PayloadError("a bundle must hold at least one payload")
+    weights, payloads = [], []
+    for _ in range(int(count)):
+        weight, length = r.unpack("<dI", "bundle entry header")
+        if not math.isfinite(weight):
+            raise PayloadError("bundle weight is not finite")
+        inner = bytes(r.take(int(length), "bundled payload"))
+        _check_bundled(inner, numel)
+        weights.append(float(weight))
+        payloads.append(inner)
+    return BundleBody(tuple(weights), tuple(payloads))
+
+
 _BODY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.DENSE: lambda r, ft, n: DenseBody(r.floats(n, ft, "dense values")),
     Codec.WEIGHTS: lambda r, ft, n: DenseBody(r.floats(n, ft, "weights")),
@@ -413,6 +472,7 @@ _BODY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.STC: lambda r, ft, n: _decode_stc(r, n),
     Codec.SIGN: lambda r, ft, n: SignBody(scale=r.finite_f32("scale"), negative=r.bits(n, "signs")),
     Codec.QSGD: lambda r, ft, n: _decode_qsgd(r, n),
+    Codec.BUNDLE: lambda r, ft, n: _decode_bundle(r, n),
 }
 
 
@@ -457,6 +517,8 @@ def decode(data: bytes) -> Payload:
         raise PayloadError(f"{len(reader.data) - reader.pos} trailing bytes after the {codec_e.name} body")
     if version == 1 and isinstance(body, SyntheticBody) and body.layer_scales is not None:
         raise PayloadError("synthetic header padding bytes are not zero (v1 has no layer scales)")
+    if version == 1 and codec_e == Codec.BUNDLE:
+        raise PayloadError("bundle payloads do not exist in format v1")
     return Payload(
         codec=codec_e,
         direction=direction_e,

@@ -23,7 +23,7 @@ from torch import nn
 
 from .compressor import Budget, Compressor, CompressStats, PayloadMeta
 from .errors import BaseModelMismatch, DesyncError, PayloadRejected
-from .payload import Codec, DenseBody, Direction, Payload, SyntheticBody, decode, encode
+from .payload import BundleBody, Codec, DenseBody, Direction, Payload, SyntheticBody, decode, encode
 from .tensors import add_flat_, cosine, digest_flat, get_flat, num_params, set_flat
 
 
@@ -163,30 +163,57 @@ def decompress_checked(compressor: Compressor, payload: Payload, model: nn.Modul
     return update
 
 
-def clip_and_average(
+def aggregation_multipliers(
     updates: Sequence[torch.Tensor], weights: Sequence[float], clip_factor: float
-) -> tuple[torch.Tensor, int]:
-    """Example-weighted mean, each update's norm first clipped to ``clip_factor`` x median.
+) -> tuple[list[float], int]:
+    """Each update's factor in the example-weighted mean, its norm first clipped to
+    ``clip_factor`` x the round's median norm (0: no clipping).
 
     Clipping relative to the round's median norm bounds what one abusive client can do
-    without a dataset-specific absolute threshold. Returns the mean and how many updates
-    were clipped.
+    without a dataset-specific absolute threshold. Returns the factors and how many
+    updates were clipped.
     """
     if not updates:
         raise ValueError("no updates to aggregate")
-    norms = torch.stack([u.norm() for u in updates])
+    total = float(sum(weights))
+    factors = [w / total for w in weights]
     clipped = 0
-    scaled = list(updates)
     if clip_factor > 0 and len(updates) > 1:
+        norms = torch.stack([u.norm() for u in updates])
         bound = float(norms.median()) * clip_factor
         for i, n in enumerate(norms.tolist()):
             if n > bound > 0:
-                scaled[i] = updates[i] * (bound / n)
+                factors[i] *= bound / n
                 clipped += 1
-    total = float(sum(weights))
-    mean = sum(u * (w / total) for u, w in zip(scaled, weights, strict=True))
-    assert isinstance(mean, torch.Tensor)
-    return mean, clipped
+    return factors, clipped
+
+
+def weighted_sum(updates: Sequence[torch.Tensor], factors: Sequence[float]) -> torch.Tensor:
+    """``sum_i factors[i] * updates[i]`` in order (the order fixes the float rounding)."""
+    total: torch.Tensor | None = None
+    for u, f in zip(updates, factors, strict=True):
+        total = u * f if total is None else total + u * f
+    if total is None:
+        raise ValueError("no updates to sum")
+    return total
+
+
+def clip_and_average(
+    updates: Sequence[torch.Tensor], weights: Sequence[float], clip_factor: float
+) -> tuple[torch.Tensor, int]:
+    """Example-weighted mean with median-relative clipping (see :func:`aggregation_multipliers`);
+    returns the mean and how many updates were clipped."""
+    factors, clipped = aggregation_multipliers(updates, weights, clip_factor)
+    return weighted_sum(updates, factors), clipped
+
+
+def bundle_update(compressor: Compressor, body: BundleBody, model: nn.Module) -> torch.Tensor:
+    """Decompress a bundle (a relayed downlink): the weighted sum of its payloads, each
+    reconstructed with :func:`exact_decompress` at the model's weights, as a CPU tensor.
+    Sender and receivers run this same function on the same bytes, so they agree bit for bit."""
+    cpu_model = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+    parts = [exact_decompress(compressor, decode(inner), cpu_model) for inner in body.payloads]
+    return weighted_sum(parts, body.weights)
 
 
 def apply_downlink(
@@ -222,6 +249,9 @@ def apply_downlink(
         elif p.codec == Codec.DENSE:
             assert isinstance(p.body, DenseBody)
             add_flat_(model, p.body.values)
+        elif p.codec == Codec.BUNDLE:
+            assert isinstance(p.body, BundleBody)
+            add_flat_(model, bundle_update(compressor, p.body, model))
         else:
             add_flat_(model, exact_decompress(compressor, p, model))
         applied += 1

@@ -30,15 +30,27 @@ from .datasets import DatasetSpec
 from .decompressor import parameter_sizes
 from .errors import BudgetExhausted, PayloadError
 from .models import build_model
-from .payload import Codec, DenseBody, Direction, Payload, encode
+from .payload import (
+    HEADER_SIZE,
+    BundleBody,
+    Codec,
+    DenseBody,
+    Direction,
+    Payload,
+    bundle_size,
+    decode,
+    encode,
+)
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
 from .rounds import (
     Expectation,
+    aggregation_multipliers,
     bounded_residual,
+    bundle_update,
     check_payload,
-    clip_and_average,
     compress_update,
     exact_decompress,
+    weighted_sum,
 )
 from .tensors import add_flat_, digest_flat, get_flat, num_params, set_flat
 
@@ -176,6 +188,8 @@ class FederatedServer:
         """
         chosen = self.sample(server_round, node_ids)
         down_floor = self.payload_size(1) if self.cfg.compress_downlink else len(self.full_weights())
+        if self.cfg.downlink == "relay":
+            down_floor = self.payload_size(1)  # relay runs without a budget (config rule)
         self.scheduler.reserve_round_floor(len(chosen) * (self.payload_size(1) + down_floor))
         self.scheduler.plan_round(server_round)
         downs = {n: self.downlink_for(n) for n in chosen}
@@ -223,7 +237,7 @@ class FederatedServer:
             max_bytes=self.payload_size(rec.n_uplink),
             max_samples=rec.n_uplink,
         )
-        updates, weights, cosines, comp, train = [], [], [], [], []
+        updates, weights, cosines, comp, train, accepted = [], [], [], [], [], []
         # decompress as the clients did (CPU, one thread): see rounds.exact_decompress
         cpu_model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
         # Arrival order and deployed node IDs are arbitrary; a fixed order (by the
@@ -258,6 +272,7 @@ class FederatedServer:
                 continue
             self.synced[reply.node_id] = self.version  # it trained from the current weights
             updates.append(update)
+            accepted.append(reply.payload)
             weights.append(float(reply.num_examples))
             cosines.append(reply.metrics.get("cosine", float("nan")))
             comp.append(reply.metrics.get("compress-seconds", 0.0))
@@ -288,8 +303,12 @@ class FederatedServer:
                     del self.accepted[node]
             rec.skipped = True
         else:
-            mean, rec.clipped = clip_and_average(updates, weights, self.cfg.clip_norm_factor)
-            self._apply(server_round, mean, rec)
+            factors, rec.clipped = aggregation_multipliers(updates, weights, self.cfg.clip_norm_factor)
+            bundle_bytes = bundle_size([len(p) for p in accepted])
+            if self.cfg.relays(bundle_bytes, self.numel * 4 + HEADER_SIZE):
+                self._relay(server_round, BundleBody(tuple(factors), tuple(accepted)), rec)
+            else:
+                self._apply(server_round, weighted_sum(updates, factors), rec)
         rec.aggregate_seconds = time.perf_counter() - start
         self._plan = {}
         return rec
@@ -304,6 +323,8 @@ class FederatedServer:
             self.n_down = self.scheduler.choose_samples(
                 sent_in, payload_count=expected, size_of=self.payload_size, share=0.5
             )
+            if self.cfg.downlink_samples and not self.cfg.budget_total_bytes:
+                self.n_down = self.cfg.downlink_samples
             meta = PayloadMeta(Direction.DOWNLINK, server_round, self.digest)
             residual = bounded_residual(self.residual, mean, self.cfg.residual_cap)
             enc = compress_update(self.compressor, mean + residual, self.model, meta, Budget(self.n_down))
@@ -319,6 +340,22 @@ class FederatedServer:
         self.digest = digest_flat(get_flat(self.model))
         if self.cfg.compress_downlink:
             self._prune_history()
+
+    def _relay(self, server_round: int, body: BundleBody, rec: RoundRecord) -> None:
+        """Relayed downlink: the round's accepted uplink payloads and their aggregation
+        weights go to the clients as one bundle, and the global model moves by exactly
+        what they will reconstruct from it (no second compression, no server residual)."""
+        payload = Payload(Codec.BUNDLE, Direction.DOWNLINK, server_round, self.digest, self.numel, body)
+        data = encode(payload)
+        decoded = decode(data).body
+        assert isinstance(decoded, BundleBody)
+        add_flat_(self.model, bundle_update(self.compressor, decoded, self.model).to(self.device))
+        self.history[self.version + 1] = data
+        rec.downlink_cosine = 1.0
+        self.n_down = 0  # nothing synthesised on the server for the next round's downlink
+        self.version += 1
+        self.digest = digest_flat(get_flat(self.model))
+        self._prune_history()
 
     def finish_round(self, rec: RoundRecord, loss: float, accuracy: float) -> RoundRecord:
         """Attach the evaluation and cumulative byte counts, and keep the record."""

@@ -39,7 +39,7 @@ class E3SFCStrategy(Strategy):
             cfg.dataset,
             cfg.model,
             cfg.num_rounds,
-            "compressed" if cfg.compress_downlink else "dense",
+            cfg.downlink,
             cfg.budget_total_bytes,
         )
 

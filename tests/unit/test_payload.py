@@ -29,6 +29,7 @@ from e3sfc_core.payload import (
     MAGIC,
     MAX_NUMEL,
     VERSION,
+    BundleBody,
     Codec,
     DenseBody,
     Direction,
@@ -39,6 +40,7 @@ from e3sfc_core.payload import (
     SparseBody,
     SyntheticBody,
     TernaryBody,
+    bundle_size,
     decode,
     encode,
 )
@@ -169,6 +171,18 @@ def golden_payloads() -> dict[str, Payload]:
             Codec.QSGD,
             QuantBody(norm=3.5, levels=4, q=torch.tensor([0, 4, -4, 1, -1, 2], dtype=torch.int8)),
             6,
+        ),
+        "bundle": make(
+            Codec.BUNDLE,
+            BundleBody(
+                weights=(0.75, -0.125),
+                payloads=(
+                    encode(make(Codec.DENSE, DenseBody(torch.tensor([1.0, -2.0, 0.5])), 3)),
+                    encode(make(Codec.TOPK, SparseBody(torch.tensor([2]), torch.tensor([4.0])), 3)),
+                ),
+            ),
+            3,
+            direction=Direction.DOWNLINK,
         ),
     }
 
@@ -308,6 +322,46 @@ def test_layer_scale_count_beyond_the_body_is_refused() -> None:
     expect_error(bytes(data), "layer scales")
 
 
+def bundle_bytes(*entries: tuple[float, bytes], count: int | None = None) -> bytes:
+    body = struct.pack("<H", len(entries) if count is None else count)
+    for weight, inner in entries:
+        body += struct.pack("<dI", weight, len(inner)) + inner
+    return header(codec=Codec.BUNDLE, direction=1, numel=3, body=body)
+
+
+def test_bundle_rules() -> None:
+    # Prepare
+    inner = valid_bytes("weights_f32")  # numel 3
+    nested = bundle_bytes((1.0, inner))
+
+    # Execute / Assert: each rule names what is wrong
+    assert decode(bundle_bytes((1.0, inner), (2.0, inner))).codec == Codec.BUNDLE
+    expect_error(bundle_bytes(count=0), "at least one")
+    expect_error(bundle_bytes((float("nan"), inner)), "weight", "finite")
+    expect_error(bundle_bytes((1.0, nested)), "another bundle")
+    expect_error(bundle_bytes((1.0, valid_bytes("dense_f32"))), "numel")  # numel 4
+    expect_error(bundle_bytes((1.0, inner[:-1])), "short", "declares", "body")
+    expect_error(bundle_bytes((1.0, inner), count=2), "short", "bundle")
+
+
+def test_bundle_size_is_the_encoded_length() -> None:
+    # Prepare
+    p = golden_payloads()["bundle"]
+    assert isinstance(p.body, BundleBody)
+
+    # Execute / Assert
+    assert bundle_size([len(x) for x in p.body.payloads]) == len(encode(p))
+
+
+def test_version_1_bundle_is_refused() -> None:
+    # Prepare
+    data = bytearray(valid_bytes("bundle"))
+    data[4] = 1
+
+    # Execute / Assert
+    expect_error(bytes(data), "v1", "bundle")
+
+
 def test_golden_header_layout_is_little_endian_at_documented_offsets() -> None:
     # Prepare
     data = bytes.fromhex(json.loads(GOLDEN.read_text())["vectors"]["topk_f32"]["hex"])
@@ -348,7 +402,7 @@ def test_unknown_version_is_unsupported_version() -> None:
 
 @pytest.mark.parametrize(
     ("offset", "value", "word"),
-    [(5, 2, "direction"), (6, 0, "codec"), (6, 8, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
+    [(5, 2, "direction"), (6, 0, "codec"), (6, 9, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
 )
 def test_unknown_enum_values(offset: int, value: int, word: str) -> None:
     # Prepare

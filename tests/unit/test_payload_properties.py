@@ -23,6 +23,7 @@ from e3sfc_core.payload import (
     MAGIC,
     MAX_QSGD_LEVELS,
     VERSION,
+    BundleBody,
     Codec,
     DenseBody,
     Direction,
@@ -83,12 +84,20 @@ def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
             per *= d
         xs = draw(st.lists(finite(ft), min_size=n * per, max_size=n * per))
         ys = draw(st.lists(finite(ft), min_size=n * classes, max_size=n * classes))
+        layers = draw(st.one_of(st.none(), st.lists(f32_scalar(), min_size=1, max_size=5)))
         body = SyntheticBody(
             scale=draw(f32_scalar()),
             inputs=torch.tensor(xs, dtype=torch.float32).reshape(n, *dims),
             labels=torch.tensor(ys, dtype=torch.float32).reshape(n, classes),
+            layer_scales=None if layers is None else torch.tensor(layers, dtype=torch.float32),
         )
         return numel, body
+    if codec == Codec.BUNDLE:
+        count = draw(st.integers(1, 3))
+        weights = tuple(
+            draw(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=count, max_size=count))
+        )
+        return numel, BundleBody(weights, tuple(_dense_payload(numel, i) for i in range(count)))
     if codec in (Codec.TOPK, Codec.STC):
         numel = max(numel, 1)
         idx = sorted(draw(st.sets(st.integers(0, numel - 1), max_size=numel)))
@@ -108,6 +117,12 @@ def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
     levels = draw(st.integers(1, MAX_QSGD_LEVELS))
     q = draw(st.lists(st.integers(-levels, levels), min_size=numel, max_size=numel))
     return numel, QuantBody(draw(f32_scalar()), levels, torch.tensor(q, dtype=torch.int8))
+
+
+def _dense_payload(numel: int, seed: int) -> bytes:
+    """A valid dense payload to put in a bundle."""
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    return encode(Payload(Codec.DENSE, Direction.UPLINK, 1, b"\0" * 8, numel, DenseBody(values)))
 
 
 @st.composite
@@ -165,6 +180,9 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
                 body = TernaryBody(idx, vals[: idx.numel()] < 0, rng.uniform(0, 2))
         elif codec == Codec.SIGN:
             body = SignBody(vals < 0, rng.uniform(0, 2))
+        elif codec == Codec.BUNDLE:
+            inner = [_dense_payload(numel, i + j) for j in range(rng.randint(1, 3))]
+            body = BundleBody(tuple(rng.uniform(-2, 2) for _ in inner), tuple(inner))
         else:
             levels = rng.randint(1, MAX_QSGD_LEVELS)
             q = torch.randint(-levels, levels + 1, (numel,), generator=g, dtype=torch.int8)
@@ -185,7 +203,10 @@ def body_length(p: Payload) -> int:
         return w * p.numel
     if isinstance(b, SyntheticBody):
         ndim = b.inputs.ndim - 1
-        return 4 + 2 + 2 + 1 + 3 + 4 * ndim + w * (b.inputs.numel() + b.labels.numel())
+        layers = 0 if b.layer_scales is None else 4 * b.layer_scales.numel()
+        return 4 + 2 + 2 + 1 + 3 + 4 * ndim + layers + w * (b.inputs.numel() + b.labels.numel())
+    if isinstance(b, BundleBody):
+        return 2 + sum(12 + len(inner) for inner in b.payloads)
     if isinstance(b, SparseBody):
         return 4 + (4 + w) * b.indices.numel()
     if isinstance(b, TernaryBody):

@@ -10,13 +10,16 @@ import torch
 from torch import nn
 
 from e3sfc_core import synthetic
+from e3sfc_core.client import client_compressor
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta
+from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import load_partition
 from e3sfc_core.decompressor import apply_layer_scales, parameter_sizes, synthesize_update
 from e3sfc_core.errors import ConfigError, PayloadRejected
 from e3sfc_core.models import build_model
-from e3sfc_core.payload import Direction, SyntheticBody, decode, encode
-from e3sfc_core.rounds import bounded_residual, compress_update, exact_decompress
+from e3sfc_core.payload import Codec, Direction, SyntheticBody, decode, encode
+from e3sfc_core.rounds import apply_downlink, bounded_residual, compress_update, exact_decompress
+from e3sfc_core.simulate import run_reference
 from e3sfc_core.synthetic import SyntheticFeatureCompressor
 from e3sfc_core.tensors import digest_flat, get_flat, set_flat
 from e3sfc_core.training import train_local
@@ -208,3 +211,85 @@ def test_residual_balances_against_a_receiver_with_other_threads(setup: Setup) -
     # Assert: bit for bit, the residual is the target minus what the receiver applies
     assert torch.equal(received, enc.transmitted)
     assert torch.equal(enc.residual, setup.update - received)
+
+
+# ------------------------------------------------------------------ relayed downlink
+
+
+def test_relayed_downlink_replays_to_the_servers_exact_weights(tmp_path: object) -> None:
+    # Prepare: half the clients per round, so others must catch up by replaying bundles
+    cfg = ExperimentConfig.from_run_config(
+        {
+            "downlink": "relay",
+            "num-rounds": 3,
+            "num-partitions": 4,
+            "fraction-train": 0.5,
+            "synthetic-samples": 1,
+            "max-evals": 3,
+            "num-threads": 1,
+            "output-dir": str(tmp_path),
+        }
+    )
+
+    # Execute: the run, then a fresh client replaying every relayed downlink in order
+    exp, _ = run_reference(cfg)
+    server = exp.server
+    spec = exp.spec
+    model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed)
+    payloads = [server.history[v] for v in sorted(server.history)]
+    compressor = client_compressor(cfg, spec, 0, len(parameter_sizes(model)))
+    apply_downlink(model, payloads, compressor, server.digest)
+
+    # Assert: no client ever desynced, and the replay lands on the server's bits
+    assert all(r.desynced == 0 and r.accepted == 2 for r in server.records)
+    assert all(decode(p).codec == Codec.BUNDLE for p in payloads)
+    assert digest_flat(get_flat(model)) == server.digest
+
+
+def test_relay_with_a_byte_budget_is_refused() -> None:
+    with pytest.raises(ConfigError, match="relay"):
+        ExperimentConfig.from_run_config({"downlink": "relay", "budget-total-bytes": 100_000})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "bundle", "expected"),
+    [
+        ({}, 200, True),  # auto, e3sfc: 200 B <= 2% of 10,000 B
+        ({}, 201, False),
+        ({"relay-max-fraction": 0.0}, 1, False),
+        ({"budget-total-bytes": 10**6}, 1, False),  # the scheduler plans compressed payloads
+        ({"method": "topk"}, 1, False),
+        ({"downlink": "relay"}, 10**9, True),
+        ({"downlink": "compressed"}, 1, False),
+    ],
+)
+def test_when_the_downlink_is_relayed(overrides: dict[str, object], bundle: int, expected: bool) -> None:
+    # Prepare
+    cfg = ExperimentConfig.from_run_config(overrides)
+
+    # Execute / Assert
+    assert cfg.relays(bundle, 10_000) is expected
+
+
+def test_downlink_samples_sizes_the_servers_payload(tmp_path: object) -> None:
+    # Prepare: uplink n = 1, compressed downlink n = 3
+    cfg = ExperimentConfig.from_run_config(
+        {
+            "downlink": "compressed",
+            "synthetic-samples": 1,
+            "downlink-samples": 3,
+            "num-rounds": 2,
+            "num-partitions": 2,
+            "max-evals": 2,
+            "num-threads": 1,
+            "output-dir": str(tmp_path),
+        }
+    )
+
+    # Execute
+    exp, _ = run_reference(cfg)
+
+    # Assert: round 2 sends each of the 2 clients one 3-sample payload
+    second = exp.server.records[1]
+    assert (second.n_uplink, second.n_downlink) == (1, 3)
+    assert second.downlink_bytes == 2 * exp.server.payload_size(3)
