@@ -100,6 +100,16 @@ CELLS = {
         Cell("digits-convnet-a1", "digits", "convnet", ALL_SAMPLED, 20, methods=CORE, note="20 rounds"),
         Cell("digits-convnet-a0.1", "digits", "convnet", HALF_SAMPLED, 20, methods=CORE, note="20 rounds"),
         Cell(
+            "digits-convnet-a1-paper-lr",
+            "digits",
+            "convnet",
+            ALL_SAMPLED,
+            20,
+            PAPER_TRAINING,
+            methods=CORE,
+            note="20 rounds, the paper's lr 0.01 and batch 64",
+        ),
+        Cell(
             "digits-regnetx_200mf-a1",
             "digits",
             "regnetx_200mf",

@@ -57,11 +57,13 @@ def summarize(
     budget_report: dict[str, Any],
 ) -> dict[str, Any]:
     """Final numbers of a run, including what FedAvg would have sent for the same traffic
-    pattern (a dense float32 payload for every uplink and downlink message)."""
+    pattern: one dense float32 payload per sampled client each way, except round 1's
+    downlink, which nobody sends (every client builds the initial model from the seed)."""
     accs = [r.accuracy for r in records if not math.isnan(r.accuracy)]
     up = sum(r.uplink_bytes for r in records)
     down = sum(r.downlink_bytes for r in records)
-    fedavg = sum(r.sampled for r in records) * dense_bytes_per_payload * 2
+    messages = sum(r.sampled for r in records) + sum(r.sampled for r in records if r.round > 1)
+    fedavg = messages * dense_bytes_per_payload
     return {
         "method": config.get("method"),
         "dataset": config.get("dataset"),

@@ -9,11 +9,11 @@ search maximises the cosine *after* those scales, ``sqrt(sum_l <g_l,t_l>^2/|g_l|
 a synthetic gradient whose layers point the right way but have the wrong relative sizes
 (a few samples' gradient is not shaped like many SGD steps) is then no longer penalised,
 and every layer's magnitude is right even where its direction is poor. ``"global"`` is
-the paper's single scale. We use SciPy rather than ``torch.optim.LBFGS`` because its line search reaches a
-given cosine in about half the closure evaluations, and evaluations are the whole cost
-(``bench/compression_speed.py``). The scale is closed-form, the projection of the target
-on the synthetic gradient, computed from the values *as they will be encoded* so that
-what the receiver reconstructs is exactly what we measured.
+the paper's single scale. We use SciPy rather than ``torch.optim.LBFGS`` because its line
+search reaches a given cosine in about half the closure evaluations, and evaluations are
+the whole cost (``bench/compression_speed.py``). The scales are closed-form projections
+of the target on the synthetic gradient, computed from the values *as they will be
+encoded* so that what the receiver reconstructs is exactly what we measured.
 """
 
 from __future__ import annotations

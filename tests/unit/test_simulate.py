@@ -205,3 +205,17 @@ def test_corrupted_uplink_is_dropped_and_the_round_goes_on(tmp_path: Path) -> No
     assert [r.accepted for r in exp.server.records] == [3, 3]
     assert summary["dropped_replies"] == 2
     assert summary["skipped_rounds"] == 0
+
+
+def test_fedavg_equivalent_bytes_are_what_fedavg_really_sends(tmp_path: Path) -> None:
+    # Prepare: the same federation run by E-3SFC and by FedAvg
+    common = {"num-rounds": 3, "num-partitions": 3, "max-evals": 2, "local-epochs": 1, "num-threads": 1}
+    e3 = ExperimentConfig.from_run_config({**common, "output-dir": str(tmp_path / "e3")})
+    fed = ExperimentConfig.from_run_config({**common, "method": "fedavg", "output-dir": str(tmp_path / "fed")})
+
+    # Execute
+    _, e3_summary = run_reference(e3)
+    _, fed_summary = run_reference(fed)
+
+    # Assert: FedAvg sends no round-1 downlink, and the equivalent counts none either
+    assert e3_summary["fedavg_equivalent_bytes"] == fed_summary["total_bytes"]
