@@ -276,6 +276,16 @@ def _bytes(rows: list[dict[str, Any]]) -> float:
     return mean_std([r["uplink_bytes"] + r["downlink_bytes"] for r in rows])[0] if rows else float("nan")
 
 
+def _swing(rows: list[dict[str, Any]]) -> str:
+    """Largest round-to-round accuracy change over the last 10 rounds (points), worst seed."""
+    worst = [
+        max(abs(a - b) for a, b in zip(c[-10:], c[-9:], strict=False))
+        for c in (r["acc_curve"] for r in rows)
+        if len(c) > 1
+    ]
+    return f"{100 * max(worst):.1f}" if worst else "-"
+
+
 def verdict(by_method: dict[str, list[dict[str, Any]]], method: str) -> str:
     """``method`` against the goal: >= 95% of FedAvg's accuracy, >= 100x fewer total
     bytes, above Top-k at E-3SFC's payload size (``topk-eq``)."""
@@ -316,12 +326,14 @@ def report(argv: list[str] | None) -> str:
             [name, fed, default_downlink(cell)]
             + [_acc(by_method[m]) for m in METHODS]
             + [fmt_bytes(_bytes(by_method[m])) for m in ("fedavg", "topk", "e3sfc", "e3sfc-relay")]
+            + [_swing(by_method["fedavg"]), _swing(by_method["e3sfc"])]
             + [verdict(by_method, "e3sfc"), verdict(by_method, "e3sfc-relay")]
         )
     headers = (
         ["cell", "federation", "auto downlink"]
         + [f"{m} acc" for m in METHODS]
         + ["FedAvg bytes", "Top-k bytes", "e3sfc bytes", "e3sfc-relay bytes"]
+        + ["FedAvg swing", "e3sfc swing"]
         + ["goal (e3sfc): >= 95% of FedAvg, >= 100x, beats topk-eq", "goal (e3sfc-relay)"]
     )
     lines = report_head(
@@ -342,7 +354,8 @@ def report(argv: list[str] | None) -> str:
         "that cell. Defaults unless the federation column says otherwise: 5 local epochs, lr "
         "0.05, batch 32, synthetic-samples 4; every method in a row shares the row's settings. "
         "The byte goal is 100x, or a quarter of the n = 1 ratio where one synthetic sample is a "
-        "large share of the model.",
+        "large share of the model. 'swing': the largest round-to-round change of accuracy over "
+        "the last 10 rounds, in points, worst seed.",
     )
     lines.append(md_table(headers, table))
     return "\n".join(lines)
