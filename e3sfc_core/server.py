@@ -188,8 +188,6 @@ class FederatedServer:
         """
         chosen = self.sample(server_round, node_ids)
         down_floor = self.payload_size(1) if self.cfg.compress_downlink else len(self.full_weights())
-        if self.cfg.downlink == "relay":
-            down_floor = self.payload_size(1)  # relay runs without a budget (config rule)
         self.scheduler.reserve_round_floor(len(chosen) * (self.payload_size(1) + down_floor))
         self.scheduler.plan_round(server_round)
         downs = {n: self.downlink_for(n) for n in chosen}
@@ -333,13 +331,10 @@ class FederatedServer:
             rec.compress_seconds += enc.stats.seconds
             self.scheduler.observe("downlink", BudgetFeedback(enc.cosine, enc.residual_ratio))
             add_flat_(self.model, enc.transmitted)
-            self.history[self.version + 1] = enc.data
+            self._advance(enc.data)
         else:
             add_flat_(self.model, mean)
-        self.version += 1
-        self.digest = digest_flat(get_flat(self.model))
-        if self.cfg.compress_downlink:
-            self._prune_history()
+            self._advance(None)
 
     def _relay(self, server_round: int, body: BundleBody, rec: RoundRecord) -> None:
         """Relayed downlink: the round's accepted uplink payloads and their aggregation
@@ -350,12 +345,19 @@ class FederatedServer:
         decoded = decode(data).body
         assert isinstance(decoded, BundleBody)
         add_flat_(self.model, bundle_update(self.compressor, decoded, self.model).to(self.device))
-        self.history[self.version + 1] = data
         rec.downlink_cosine = 1.0
         self.n_down = 0  # nothing synthesised on the server for the next round's downlink
+        self._advance(data)
+
+    def _advance(self, downlink: bytes | None) -> None:
+        """The global weights changed: a new version, reached from the previous one by the
+        ``downlink`` payload (None: a dense downlink, never replayed from history)."""
+        if downlink is not None:
+            self.history[self.version + 1] = downlink
         self.version += 1
         self.digest = digest_flat(get_flat(self.model))
-        self._prune_history()
+        if downlink is not None:
+            self._prune_history()
 
     def finish_round(self, rec: RoundRecord, loss: float, accuracy: float) -> RoundRecord:
         """Attach the evaluation and cumulative byte counts, and keep the record."""
