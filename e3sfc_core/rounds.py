@@ -70,10 +70,11 @@ def bounded_residual(residual: torch.Tensor, update: torch.Tensor, cap: float) -
     norm (``cap`` 0 leaves it alone).
 
     Error feedback assumes the compressor eventually sends what it keeps back. 3SFC
-    cannot express every direction at the current weights, so without a bound the memory
-    grows in those directions round after round until the target is mostly stale error
-    and the fresh update is lost in it (``bench/diagnose_3sfc.py``). What the bound
-    removes is forgotten, as a decaying memory forgets.
+    cannot express every direction at the current weights, so the memory grows in those
+    directions until the target is mostly stale error (residual ratio near 1). Bounding it
+    is an option, not the default: measured, it cost the digits MLP 3 to 9 points and did
+    not rescue the ConvNet (``bench/results/diag_mlp_a1.md``, ``diag_convnet_a1.md``).
+    What the bound removes is forgotten, as a decaying memory forgets.
     """
     if cap <= 0:
         return residual
