@@ -211,7 +211,9 @@ def test_fedavg_equivalent_bytes_are_what_fedavg_really_sends(tmp_path: Path) ->
     # Prepare: the same federation run by E-3SFC and by FedAvg
     common = {"num-rounds": 3, "num-partitions": 3, "max-evals": 2, "local-epochs": 1, "num-threads": 1}
     e3 = ExperimentConfig.from_run_config({**common, "output-dir": str(tmp_path / "e3")})
-    fed = ExperimentConfig.from_run_config({**common, "method": "fedavg", "output-dir": str(tmp_path / "fed")})
+    fed = ExperimentConfig.from_run_config(
+        {**common, "method": "fedavg", "output-dir": str(tmp_path / "fed")}
+    )
 
     # Execute
     _, e3_summary = run_reference(e3)
