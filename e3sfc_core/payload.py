@@ -72,6 +72,7 @@ MAX_INPUT_NUMEL = 2**24
 MAX_NDIM = 4
 MAX_QSGD_LEVELS = 127
 MAX_LAYER_SCALES = 65535
+MAX_BUNDLE = 65535
 
 # Wire-contract names shared by the Flower apps (plain strings: no flwr import here).
 RECORD_UPLINK = "e3sfc.uplink"
@@ -176,7 +177,6 @@ class BundleBody:
 
 
 Body = DenseBody | SyntheticBody | SparseBody | TernaryBody | SignBody | QuantBody | BundleBody
-MAX_BUNDLE = 65535
 
 
 @dataclass(frozen=True)

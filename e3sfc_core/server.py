@@ -38,7 +38,6 @@ from .payload import (
     Direction,
     Payload,
     bundle_size,
-    decode,
     encode,
 )
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
@@ -339,12 +338,12 @@ class FederatedServer:
     def _relay(self, server_round: int, body: BundleBody, rec: RoundRecord) -> None:
         """Relayed downlink: the round's accepted uplink payloads and their aggregation
         weights go to the clients as one bundle, and the global model moves by exactly
-        what they will reconstruct from it (no second compression, no server residual)."""
+        what they will reconstruct from it (no second compression, no server residual).
+        ``body`` is what the clients decode: the payload bytes travel as they are and the
+        weights round-trip exactly through their float64 field."""
         payload = Payload(Codec.BUNDLE, Direction.DOWNLINK, server_round, self.digest, self.numel, body)
         data = encode(payload)
-        decoded = decode(data).body
-        assert isinstance(decoded, BundleBody)
-        add_flat_(self.model, bundle_update(self.compressor, decoded, self.model).to(self.device))
+        add_flat_(self.model, bundle_update(self.compressor, body, self.model).to(self.device))
         rec.downlink_cosine = 1.0
         self.n_down = 0  # nothing synthesised on the server for the next round's downlink
         self._advance(data)

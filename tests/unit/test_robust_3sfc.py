@@ -216,19 +216,18 @@ def test_residual_balances_against_a_receiver_with_other_threads(setup: Setup) -
 # ------------------------------------------------------------------ relayed downlink
 
 
+def small_run(tmp_path: object, **over: object) -> ExperimentConfig:
+    """A cheap in-process run: one synthetic sample, a short search, one thread."""
+    base = {"synthetic-samples": 1, "num-threads": 1, "output-dir": str(tmp_path)}
+    return ExperimentConfig.from_run_config({**base, **over})
+
+
 def test_relayed_downlink_replays_to_the_servers_exact_weights(tmp_path: object) -> None:
     # Prepare: half the clients per round, so others must catch up by replaying bundles
-    cfg = ExperimentConfig.from_run_config(
-        {
-            "downlink": "relay",
-            "num-rounds": 3,
-            "num-partitions": 4,
-            "fraction-train": 0.5,
-            "synthetic-samples": 1,
-            "max-evals": 3,
-            "num-threads": 1,
-            "output-dir": str(tmp_path),
-        }
+    cfg = small_run(
+        tmp_path,
+        downlink="relay",
+        **{"num-rounds": 3, "num-partitions": 4, "fraction-train": 0.5, "max-evals": 3},
     )
 
     # Execute: the run, then a fresh client replaying every relayed downlink in order
@@ -273,17 +272,10 @@ def test_when_the_downlink_is_relayed(overrides: dict[str, object], bundle: int,
 
 def test_downlink_samples_sizes_the_servers_payload(tmp_path: object) -> None:
     # Prepare: uplink n = 1, compressed downlink n = 3
-    cfg = ExperimentConfig.from_run_config(
-        {
-            "downlink": "compressed",
-            "synthetic-samples": 1,
-            "downlink-samples": 3,
-            "num-rounds": 2,
-            "num-partitions": 2,
-            "max-evals": 2,
-            "num-threads": 1,
-            "output-dir": str(tmp_path),
-        }
+    cfg = small_run(
+        tmp_path,
+        downlink="compressed",
+        **{"downlink-samples": 3, "num-rounds": 2, "num-partitions": 2, "max-evals": 2},
     )
 
     # Execute
