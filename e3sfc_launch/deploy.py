@@ -4,8 +4,8 @@ It starts the topology of ``docker-compose.yml`` as local processes: one SuperLi
 SuperNodes (each with its own runtime port and ``partition-id=i num-partitions=N``) and,
 in ``process`` isolation (the default, as in the compose file), one SuperExec for the
 ServerApp and one per SuperNode. **TLS and SuperNode authentication are on by default**:
-certificates and node keys are made by ``docker/certs.sh`` (or, where that cannot run,
-by the same logic in Python), the node public keys are registered with
+certificates and node keys are made by ``docker/certs.sh`` (the one implementation of
+the recipe; it needs openssl and ssh-keygen), the node public keys are registered with
 ``flwr supernode register``, and only then do the SuperNodes start. The run is submitted
 with ``flwr run --stream``; its final status comes from ``flwr ls``. Every process this
 launcher started is stopped by PID when it returns, also on errors, Ctrl-C and SIGTERM.

@@ -101,9 +101,9 @@ def test_three_rounds_complete_and_accuracy_rises(deployed: tuple[Deployment, Pa
 
 
 def test_supernode_with_unregistered_key_is_refused(deployed: tuple[Deployment, Path]) -> None:
-    # Prepare: a key pair the SuperLink has never seen (made by the Python backend)
+    # Prepare: a key pair the SuperLink has never seen
     dep, work = deployed
-    rogue_dir = generate_certs(work / "rogue", 1, backend="python").root
+    rogue_dir = generate_certs(work / "rogue", 1).root
     online_before = {n["node-id"] for n in dep.nodes() if n["status"] == "online"}
     # Execute
     rogue = dep.start_supernode(0, NUM_SUPERNODES, private_key=rogue_dir / "supernode-1", name="rogue")
@@ -129,7 +129,7 @@ def test_compose_registration_job_is_idempotent(deployed: tuple[Deployment, Path
     assert dep.certs is not None
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     script = compose["services"]["supernode-register"]["command"][0].replace("$$", "$")
-    fresh = generate_certs(work / "compose-new", 1, backend="python").node_pub(0)
+    fresh = generate_certs(work / "compose-new", 1).node_pub(0)
     for old, new in {
         "/tmp/flwr": str(work / "compose-flwr-home"),
         "superlink:8000": dep.superlink_address,
@@ -156,8 +156,8 @@ def test_compose_registration_job_is_idempotent(deployed: tuple[Deployment, Path
     assert res.returncode != 0
 
 
-def test_python_certificates_match_the_script_layout(tmp_path: Path) -> None:
-    certs = generate_certs(tmp_path, 2, ["IP:10.1.2.3", "DNS:fl.example.org"], backend="python")
+def test_certificates_have_the_layout_and_sans_deploy_expects(tmp_path: Path) -> None:
+    certs = generate_certs(tmp_path, 2, ["IP:10.1.2.3", "DNS:fl.example.org"])
     assert certs.missing(2) == []
     cert = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
