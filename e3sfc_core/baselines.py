@@ -4,19 +4,27 @@ Every method works on one flat float32 target vector whose length is the model's
 number of weights; the model is only used to check that length and to pick the device
 of the reconstruction. All methods are vectorised torch and run on CPU or CUDA.
 
-Registry keys (``COMPRESSORS``) and exact ``encoded_size(numel, budget)`` formulas,
-with ``F`` = 4 bytes (float32) or 2 bytes (``settings.float16``) and
-``k = topk_count(settings.topk_ratio, numel)``:
+Registry keys (``COMPRESSORS``) and ``encoded_size(numel, budget)``, with ``F`` = 4 bytes
+(float32) or 2 bytes (``settings.float16``), ``k = topk_count(settings.topk_ratio, numel)``,
+``P = compact.positions_bytes_bound(numel, k)``, ``s = settings.qsgd_levels`` and
+``nb = ceil(numel / settings.qsgd_bucket_size)``:
 
-========== ================ =========== ======================================
-key        class            codec       bytes on the wire
-========== ================ =========== ======================================
-fedavg     FedAvgCompressor DENSE       ``28 + F * numel``
-topk       TopKCompressor   TOPK        ``28 + 4 + (4 + F) * k``
-stc        STCCompressor    STC         ``28 + 4 + 4 + 4 * k + ceil(k / 8)``
-signsgd    SignCompressor   SIGN        ``28 + 4 + ceil(numel / 8)``
-qsgd       QSGDCompressor   QSGD        ``28 + 4 + 1 + numel``
-========== ================ =========== ======================================
+========== ================ =========== ===================================================
+key        class            codec       ``encoded_size``
+========== ================ =========== ===================================================
+fedavg     FedAvgCompressor DENSE       ``28 + F * numel`` (exact)
+topk       TopKCompressor   TOPK        ``28 + 6 + F * k + P`` (upper bound)
+stc        STCCompressor    STC         ``28 + 10 + ceil(k / 8) + P`` (upper bound)
+signsgd    SignCompressor   SIGN        ``28 + 4 + ceil(numel / 8)`` (exact)
+qsgd       QSGDCompressor   QSGD        ``28 + 6 + 4 * nb + ceil(numel * ceil(log2(2s+1)) / 8)``
+                                        (upper bound: the packed levels, the most QSGD sends)
+========== ================ =========== ===================================================
+
+Top-k, STC and QSGD code positions and levels with variable-length codes (format v3,
+``e3sfc_core.compact``), so their size depends on the data: ``encoded_size`` is then the
+most ``len(encode(payload))`` can be (exact when ``k`` is 0 or ``numel``), which is what
+budgets and byte limits need; :meth:`TopKCompressor.k_for_bytes` answers "how many
+entries fit in B bytes" with that bound, so the real payload never exceeds B.
 
 The compressors never touch error feedback themselves; ``uses_error_feedback`` tells
 the round logic whether to keep a residual (Top-k, STC, signSGD) or not (FedAvg, QSGD).
@@ -35,10 +43,11 @@ import math
 import struct
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
+from .budget import largest_fitting
+from .compact import levels_bytes_bound, positions_bytes_bound
 from .compressor import (
     Budget,
     CompressorSettings,
@@ -49,6 +58,7 @@ from .compressor import (
 from .errors import ConfigError, PayloadRejected
 from .payload import (
     HEADER_SIZE,
+    MAX_QSGD_BUCKET,
     MAX_QSGD_LEVELS,
     Codec,
     DenseBody,
@@ -79,14 +89,6 @@ def topk_count(ratio: float, numel: int) -> int:
 def _f32(x: float) -> float:
     """``x`` rounded to the nearest float32 (what the wire's f32 fields carry)."""
     return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def _f32_up(x: float) -> float:
-    """Smallest float32 value ``>= x`` (for finite ``x`` within the float32 range)."""
-    y = np.float32(x)
-    if float(y) < x:
-        y = np.nextafter(y, np.float32(np.inf))
-    return float(y)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -234,8 +236,18 @@ class TopKCompressor(_Baseline):
         out[idx] = body.values.reshape(-1).to(device, torch.float32)
         return out
 
+    def size_for_k(self, numel: int, k: int) -> int:
+        """Most bytes a payload keeping ``k`` of ``numel`` entries can take."""
+        return HEADER_SIZE + 6 + self.float_bytes * k + positions_bytes_bound(numel, k)
+
     def encoded_size(self, numel: int, budget: Budget) -> int:
-        return HEADER_SIZE + 4 + (4 + self.float_bytes) * self.k(numel)
+        """Upper bound of ``len(encode(payload))`` (exact for ``k`` = 0 or ``numel``)."""
+        return self.size_for_k(numel, self.k(numel))
+
+    def k_for_bytes(self, numel: int, nbytes: int) -> int:
+        """Largest ``k`` whose payload is certain to fit in ``nbytes`` (0 if none does);
+        :meth:`size_for_k` grows with ``k``, so a binary search finds it."""
+        return largest_fitting(lambda k: self.size_for_k(numel, k) <= nbytes, 0, numel) or 0
 
 
 # ---------------------------------------------------------------------------- STC
@@ -270,9 +282,8 @@ class STCCompressor(TopKCompressor):
         out[idx] = torch.where(neg, -mu, mu)
         return out
 
-    def encoded_size(self, numel: int, budget: Budget) -> int:
-        k = self.k(numel)
-        return HEADER_SIZE + 4 + 4 + 4 * k + (k + 7) // 8
+    def size_for_k(self, numel: int, k: int) -> int:
+        return HEADER_SIZE + 10 + (k + 7) // 8 + positions_bytes_bound(numel, k)
 
 
 # ------------------------------------------------------------------------ signSGD
@@ -315,14 +326,16 @@ def qsgd_seed(seed: int, server_round: int, direction: int) -> int:
 
 
 class QSGDCompressor(_Baseline):
-    """QSGD (Alistarh et al. 2017) with ``s`` levels and seeded stochastic rounding.
+    """QSGD (Alistarh et al. 2017) with ``s`` levels, buckets and seeded stochastic rounding.
 
-    ``q_i = sign(t_i) * (floor(s|t_i|/norm) + Bernoulli(frac))`` and the receiver
-    reconstructs ``norm * q / s``. ``norm`` is ``||t||_2`` rounded *up* to float32 so that
-    the wire value is exactly the one used for rounding (keeping the estimator unbiased)
-    and ``|q| <= s`` holds. The uniforms come from a CPU ``torch.Generator`` seeded by
-    ``qsgd_seed(settings.seed, meta.server_round, meta.direction)``, so the result is the
-    same on every device and for every repeated call with the same meta.
+    The target is cut into buckets of ``settings.qsgd_bucket_size`` entries (512 in the
+    paper; the last may be shorter). In each, ``q_i = sign(t_i) * (floor(s|t_i|/norm) +
+    Bernoulli(frac))`` and the receiver reconstructs ``norm * q / s``. A bucket's ``norm``
+    is its ``||t||_2`` rounded *up* to float32, so the wire value is exactly the one used
+    for rounding (keeping the estimator unbiased) and ``|q| <= s`` holds. The uniforms
+    come from a CPU ``torch.Generator`` seeded by ``qsgd_seed(settings.seed,
+    meta.server_round, meta.direction)``, so the result is the same on every device and
+    for every repeated call with the same meta.
     """
 
     name = "qsgd"
@@ -335,32 +348,48 @@ class QSGDCompressor(_Baseline):
         s = settings.qsgd_levels
         if not (isinstance(s, int) and 1 <= s <= MAX_QSGD_LEVELS):
             raise ConfigError(f"qsgd_levels must be an integer in 1..{MAX_QSGD_LEVELS}, got {s!r}")
-        self.levels = s
+        bucket = settings.qsgd_bucket_size
+        if not (isinstance(bucket, int) and 1 <= bucket <= MAX_QSGD_BUCKET):
+            raise ConfigError(f"qsgd_bucket_size must be an integer in 1..{MAX_QSGD_BUCKET}, got {bucket!r}")
+        self.levels, self.bucket_size = s, bucket
+
+    def _norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per-bucket L2 norms rounded up to float32 (float64 [n_buckets])."""
+        n, bucket = flat.numel(), self.bucket_size
+        n_buckets = -(-n // bucket)
+        padded = torch.zeros(n_buckets * bucket, dtype=torch.float64, device=flat.device)
+        padded[:n] = flat.double()
+        norms = torch.linalg.vector_norm(padded.view(n_buckets, bucket), dim=1).clamp_(max=_FLOAT32_MAX)
+        up = norms.float()
+        inf = torch.tensor(math.inf, device=up.device)
+        return torch.where(up.double() < norms, torch.nextafter(up, inf), up).double()
 
     def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> QuantBody:
-        s = self.levels
-        norm = float(torch.linalg.vector_norm(flat.double()))
-        norm = _f32_up(min(norm, _FLOAT32_MAX))
-        if norm == 0.0:
-            q = torch.zeros(flat.numel(), dtype=torch.int8, device=flat.device)
-            return QuantBody(norm=0.0, levels=s, q=q)
+        s, n = self.levels, flat.numel()
+        norms = self._norms(flat)
+        per_entry = norms.repeat_interleave(self.bucket_size)[:n]
         gen = torch.Generator(device="cpu")
         gen.manual_seed(qsgd_seed(self.settings.seed, meta.server_round, int(meta.direction)))
-        u = torch.rand(flat.numel(), generator=gen, dtype=torch.float64).to(flat.device)
-        scaled = (flat.double().abs() * (s / norm)).clamp_(max=float(s))
+        u = torch.rand(n, generator=gen, dtype=torch.float64).to(flat.device)
+        safe = torch.where(per_entry > 0, per_entry, torch.ones_like(per_entry))
+        scaled = (flat.double().abs() * s / safe).clamp_(max=float(s))
+        scaled = torch.where(per_entry > 0, scaled, torch.zeros_like(scaled))
         low = torch.floor(scaled)
         mag = low + (u < (scaled - low)).to(torch.float64)
         q = torch.where(flat < 0, -mag, mag).to(torch.int8)
-        return QuantBody(norm=norm, levels=s, q=q)
+        return QuantBody(norms=norms.float(), levels=s, q=q, bucket_size=self.bucket_size)
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
-        _, device = self._check(payload, model)
+        n, device = self._check(payload, model)
         body: QuantBody = payload.body  # type: ignore[assignment]
-        q = body.q.reshape(-1).to(device, torch.float32)
-        return q * torch.tensor(body.norm / body.levels, dtype=torch.float32, device=device)
+        step = body.norms.to(device, torch.float32) / body.levels
+        per_entry = step.repeat_interleave(body.bucket_size)[:n]
+        return body.q.reshape(-1).to(device, torch.float32) * per_entry
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
-        return HEADER_SIZE + 4 + 1 + numel
+        """Upper bound of ``len(encode(payload))``: the packed levels, never exceeded."""
+        n_buckets = -(-numel // self.bucket_size)
+        return HEADER_SIZE + 6 + 4 * n_buckets + levels_bytes_bound(numel, self.levels)
 
 
 # ----------------------------------------------------------------------- registry

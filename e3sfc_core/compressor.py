@@ -66,7 +66,9 @@ class Compressor(Protocol):
         ...
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
-        """Exact ``len(encode(payload))`` that ``compress`` will produce."""
+        """Most bytes ``len(encode(payload))`` of what ``compress`` produces can take:
+        exact for fixed-size codecs (dense, synthetic, sign), an upper bound for the
+        variable-length codes of Top-k, STC and QSGD (see ``baselines``)."""
         ...
 
 
@@ -75,13 +77,14 @@ class CompressorSettings:
     """Knobs of every method in one place; each compressor reads the ones it needs.
 
     Tuning notes: ``topk_ratio`` is the kept fraction for Top-k and STC (0.01 keeps 1%);
-    ``qsgd_levels`` is QSGD's ``s`` (more levels, less variance, same 1 byte per weight
-    in our encoding); ``float16`` halves float bodies at a small precision cost that
-    error feedback absorbs; ``max_evals`` caps the closure evaluations of one 3SFC
-    search (each a double backward: they are the whole cost), which stops early when the
-    best |cos| improves by less than ``min_improvement`` over ``stall_window``
-    evaluations; ``init_scale`` is the std of the synthetic inputs' starting values
-    (the datasets are normalised to unit std; small starts converge faster).
+    ``qsgd_levels`` is QSGD's ``s`` (more levels, less variance, more bits per weight)
+    and ``qsgd_bucket_size`` the entries sharing one norm (512 in the paper; smaller
+    buckets, less variance, one more float32 per bucket); ``float16`` halves float bodies
+    at a small precision cost that error feedback absorbs; ``max_evals`` caps the closure
+    evaluations of one 3SFC search (each a double backward: they are the whole cost),
+    which stops early when the best |cos| improves by less than ``min_improvement`` over
+    ``stall_window`` evaluations; ``init_scale`` is the std of the synthetic inputs'
+    starting values (the datasets are normalised to unit std; small starts converge faster).
     ``scale_mode`` is 3SFC's scaling: ``"global"`` (the paper: one least-squares scale) or
     ``"layer"`` (one per parameter tensor; ``layer_count``, the model's number of
     parameter tensors, sizes those payloads).
@@ -89,6 +92,7 @@ class CompressorSettings:
 
     topk_ratio: float = 0.01
     qsgd_levels: int = 16
+    qsgd_bucket_size: int = 512
     float16: bool = False
     max_evals: int = 20
     stall_window: int = 5

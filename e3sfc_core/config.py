@@ -70,6 +70,7 @@ class ExperimentConfig(BaseModel):
     budget_total_bytes: int = Field(0, ge=0)
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
     qsgd_levels: int = Field(16, ge=1, le=127)
+    qsgd_bucket_size: int = Field(512, ge=1, le=65536)
     clip_norm_factor: float = Field(0.0, ge=0.0)
     seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -124,6 +125,7 @@ class ExperimentConfig(BaseModel):
         return CompressorSettings(
             topk_ratio=self.topk_ratio,
             qsgd_levels=self.qsgd_levels,
+            qsgd_bucket_size=self.qsgd_bucket_size,
             float16=self.float16,
             max_evals=self.max_evals,
             stall_window=self.stall_window,

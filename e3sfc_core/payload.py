@@ -1,4 +1,4 @@
-"""Versioned, pickle-free wire format for every compressed update (format v2).
+"""Versioned, pickle-free wire format for every compressed update (format v3).
 
 Everything that crosses the network for a model update is ``encode(payload)``; its
 ``len()`` is the byte count we report. ``decode`` trusts nothing: it checks every size
@@ -10,7 +10,7 @@ Layout (little-endian; integers unsigned unless noted). Common header, 28 bytes:
 offset size field
 ====== ==== ==================================================================
 0      4    magic ``b"E3SF"``
-4      1    format version (2; version 1 payloads still decode, see below)
+4      1    format version (3; versions 1 and 2 still decode, see below)
 5      1    direction: 0 uplink (client to server), 1 downlink
 6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights, 8 bundle
 7      1    float dtype of the body's float arrays: 1 float32, 2 float16
@@ -20,7 +20,7 @@ offset size field
 24     4    body length; must equal ``len(data) - 28`` exactly
 ====== ==== ==================================================================
 
-Bodies (``F`` = the header's float dtype):
+Bodies (``F`` = the header's float dtype; offsets from the start of the body):
 
 * dense, weights: ``F[numel]`` (an update, or absolute weights for a full re-sync)
 * synthetic: ``f32 scale, u16 n, u16 n_classes, u8 ndim, 1 zero byte, u16 n_layer_scales,
@@ -28,19 +28,61 @@ Bodies (``F`` = the header's float dtype):
   F labels[n * n_classes]``. The update is ``scale * g`` when ``n_layer_scales`` is 0, else
   ``scale * layer_scales[l] * g_l`` for each parameter tensor ``l`` of the model (the
   receiver checks that the count matches its model).
-* top-k: ``u32 k, u32 indices[k] (strictly increasing, < numel), F values[k]``
-* STC: ``u32 k, f32 magnitude, u32 indices[k] (strictly increasing), sign bits[ceil(k/8)]``
+* top-k: offset 0 ``u32 k`` (``<= numel``), 4 ``u8 position mode``, 5 ``u8 rice``,
+  6 ``F values[k]``, then the *positions section* to the end of the body.
+* STC: offset 0 ``u32 k`` (``<= numel``), 4 ``f32 magnitude``, 8 ``u8 position mode``,
+  9 ``u8 rice``, 10 ``sign bits[ceil(k/8)]`` (one per kept index, set: ``-magnitude``),
+  then the positions section to the end of the body.
 * sign: ``f32 scale, sign bits[ceil(numel/8)]``
-* QSGD: ``f32 norm, u8 levels (1..127), i8 q[numel] with |q| <= levels``
-* bundle (v2 only): ``u16 count (>= 1), count x (f64 weight, u32 length, u8 payload[length])``:
-  the update is ``sum_i weight_i * decompress(payload_i)`` in that order, every inner
-  payload a complete, valid, non-bundle payload with the same ``numel`` (a relayed
-  downlink: the round's uplink payloads and their aggregation weights)
+* QSGD: offset 0 ``u8 s`` (levels, 1..127), 1 ``u8 level mode``, 2 ``u32 bucket``
+  (1..65536), 6 ``f32 norms[ceil(numel / bucket)]``, then the *levels section* to the end
+  of the body. Entry ``i`` is ``norms[i // bucket] * q_i / s`` with integer
+  ``q_i`` in ``[-s, s]``. (The bucket limit keeps what ``decode`` allocates, one byte per
+  entry, within 16384 times the body.)
+* bundle (v2 and later): ``u16 count (>= 1), count x (f64 weight, u32 length,
+  u8 payload[length])``: the update is ``sum_i weight_i * decompress(payload_i)`` in that
+  order, every inner payload a complete, valid, non-bundle payload (of any readable
+  version) with the same ``numel`` (a relayed downlink: the round's uplink payloads and
+  their aggregation weights)
+
+Bit streams (``e3sfc_core.bitcodec``): bit ``i`` is bit ``i % 8`` of byte ``i // 8``;
+fields are least significant bit first; ``unary(q)`` is ``q`` zero bits then a one;
+``rice_b(g)`` is ``unary(g >> b)`` and the ``b``-bit field ``g mod 2^b``; ``gamma(v)``
+(Elias-gamma, ``v >= 1``, ``L`` = bit length of ``v``) is ``unary(L - 1)`` and the
+``(L-1)``-bit field ``v - 2^(L-1)``. A run of numbers in one code is written as all
+their unary prefixes, then all their fields. Streams end with zero bits to a whole byte.
+
+*Positions section* (``e3sfc_core.compact``) of the ``k`` strictly increasing indices,
+with gaps ``g_0 = idx_0`` and ``g_j = idx_j - idx_(j-1) - 1``:
+
+* mode 0, Rice: the stream ``rice_b(g_0) .. rice_b(g_(k-1))`` with ``b`` = the ``rice``
+  byte, ``0 <= b <= 30``, the smallest ``b`` that minimises the stream's length;
+* mode 1, bitmap: ``numel`` bits, bit ``i`` set iff ``i`` is kept (exactly ``ceil(numel/8)``
+  bytes, ``k`` bits set); the ``rice`` byte is 0.
+
+Mode 0 is used iff it takes fewer bytes than the bitmap (Rice with ``b = 0`` never takes
+more: the bitmap is used for dense selections, where they tie).
+
+*Levels section* of ``q_0 .. q_(numel-1)``, with ``m`` nonzero entries at ``p_j``:
+
+* mode 0, gamma: ``u32 m``, then the stream ``gamma(p_j - p_(j-1))`` (``p_(-1) = -1``:
+  one more than the zeros before each nonzero), ``gamma(|q_(p_j)|)``, then ``m`` sign
+  bits (set: negative);
+* mode 1, packed: ``q_i + s`` in ``ceil(log2(2s + 1))``-bit fields, ``numel`` of them.
+
+Mode 0 is used iff it takes fewer bytes (``m`` included) than the packed section.
+
+``decode`` refuses a mode or Rice parameter other than the one stated above, so every
+body has exactly one encoding (``encode(decode(b)) == b``).
 
 Version history: v1 (the first release) had 3 zero bytes where v2 has ``1 zero byte,
-u16 n_layer_scales``, so a v1 synthetic payload is a v2 payload with no layer scales;
-every other codec is byte-identical in v1 and v2 apart from the version byte. Both
-versions decode; ``encode`` writes v2.
+u16 n_layer_scales``, so a v1 synthetic payload is a v2 payload with no layer scales.
+v1 and v2 sent top-k as ``u32 k, u32 indices[k], F values[k]``, STC as ``u32 k,
+f32 magnitude, u32 indices[k], sign bits[ceil(k/8)]`` and QSGD as ``f32 norm, u8 s,
+i8 q[numel]`` (one bucket); v3 codes positions and levels as above. Every other codec is
+byte-identical in v1, v2 and v3 apart from the version byte (bundles exist from v2).
+All three versions decode (a v1/v2 QSGD body becomes one bucket of ``max(numel, 1)``
+entries); ``encode`` writes v3.
 
 Sign bits are packed little-endian within each byte (bit set = negative); unused bits of
 the last byte must be zero. All floats must be finite.
@@ -58,12 +100,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compact import decode_levels, decode_positions, encode_levels, encode_positions
 from .errors import PayloadError, UnsupportedVersion
 from .tensors import DIGEST_SIZE
 
 MAGIC = b"E3SF"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 HEADER = struct.Struct("<4sBBBBI8sII")
 HEADER_SIZE = HEADER.size  # 28
 MAX_NUMEL = 2**31 - 1
@@ -71,6 +114,7 @@ MAX_SAMPLES = 65535
 MAX_INPUT_NUMEL = 2**24
 MAX_NDIM = 4
 MAX_QSGD_LEVELS = 127
+MAX_QSGD_BUCKET = 65536
 MAX_LAYER_SCALES = 65535
 MAX_BUNDLE = 65535
 
@@ -161,11 +205,13 @@ class SignBody:
 
 @dataclass(frozen=True)
 class QuantBody:
-    """QSGD: ``norm * q / levels`` with integer ``q`` in ``[-levels, levels]``."""
+    """QSGD: entry ``i`` is ``norms[i // bucket_size] * q[i] / levels`` with integer
+    ``q`` in ``[-levels, levels]`` (one norm per bucket of ``bucket_size`` entries)."""
 
-    norm: float
+    norms: torch.Tensor  # float32 [ceil(numel / bucket_size)]
     levels: int
     q: torch.Tensor  # int8 [numel]
+    bucket_size: int
 
 
 @dataclass(frozen=True)
@@ -212,11 +258,33 @@ def _finite_f32(x: float, what: str) -> bytes:
     return packed
 
 
-def _indices(idx: torch.Tensor, numel: int) -> bytes:
-    arr = idx.detach().cpu().numpy().astype(np.int64)
+def _indices(idx: torch.Tensor, numel: int) -> np.ndarray[Any, np.dtype[np.int64]]:
+    arr = idx.detach().cpu().numpy().astype(np.int64).reshape(-1)
     if arr.size and (arr[0] < 0 or arr[-1] >= numel or np.any(np.diff(arr) <= 0)):
         raise PayloadError("indices must be strictly increasing and inside [0, numel)")
-    return arr.astype("<u4").tobytes()
+    return arr
+
+
+def _buckets(numel: int, bucket: int) -> int:
+    return -(-numel // bucket)
+
+
+def _encode_qsgd(b: QuantBody, numel: int) -> bytes:
+    if not 1 <= b.levels <= MAX_QSGD_LEVELS or b.q.numel() != numel:
+        raise PayloadError("QSGD body needs 1..127 levels and one value per weight")
+    if not 1 <= b.bucket_size <= MAX_QSGD_BUCKET:
+        raise PayloadError(f"QSGD bucket size must be 1..{MAX_QSGD_BUCKET}, got {b.bucket_size}")
+    if b.norms.numel() != _buckets(numel, b.bucket_size):
+        raise PayloadError(
+            f"QSGD body has {b.norms.numel()} norms, {numel} weights in buckets of "
+            f"{b.bucket_size} need {_buckets(numel, b.bucket_size)}"
+        )
+    q = b.q.detach().cpu().numpy().astype(np.int64).reshape(-1)
+    if np.any(np.abs(q) > b.levels):
+        raise PayloadError("QSGD values exceed the number of levels")
+    mode, levels = encode_levels(q, b.levels)
+    head = struct.pack("<BBI", b.levels, mode, b.bucket_size)
+    return head + _floats(b.norms, FloatType.FLOAT32, "QSGD norms") + levels
 
 
 def _bits(negative: torch.Tensor) -> bytes:
@@ -265,16 +333,19 @@ def _encode_body(p: Payload) -> bytes:
         k = b.indices.numel()
         if b.values.numel() != k:
             raise PayloadError("top-k values and indices differ in length")
-        return struct.pack("<I", k) + _indices(b.indices, p.numel) + _floats(b.values, ft, "values")
+        mode, rice, positions = encode_positions(_indices(b.indices, p.numel), p.numel)
+        return struct.pack("<IBB", k, mode, rice) + _floats(b.values, ft, "values") + positions
     if isinstance(b, TernaryBody):
         k = b.indices.numel()
         if b.negative.numel() != k:
             raise PayloadError("STC signs and indices differ in length")
+        mode, rice, positions = encode_positions(_indices(b.indices, p.numel), p.numel)
         return (
             struct.pack("<I", k)
             + _finite_f32(b.magnitude, "magnitude")
-            + _indices(b.indices, p.numel)
+            + struct.pack("<BB", mode, rice)
             + _bits(b.negative)
+            + positions
         )
     if isinstance(b, SignBody):
         if b.negative.numel() != p.numel:
@@ -283,13 +354,7 @@ def _encode_body(p: Payload) -> bytes:
     if isinstance(b, BundleBody):
         return _encode_bundle(b, p.numel)
     if isinstance(b, QuantBody):
-        if not 1 <= b.levels <= MAX_QSGD_LEVELS or b.q.numel() != p.numel:
-            raise PayloadError("QSGD body needs 1..127 levels and one value per weight")
-        q = b.q.detach().cpu().numpy().astype(np.int16)
-        if np.any(np.abs(q) > b.levels):
-            raise PayloadError("QSGD values exceed the number of levels")
-        head = _finite_f32(b.norm, "norm") + struct.pack("<B", b.levels)
-        return head + q.astype("<i1").tobytes()
+        return _encode_qsgd(b, p.numel)
     raise PayloadError(f"unknown body type {type(b).__name__}")
 
 
@@ -389,6 +454,10 @@ class _Reader:
             raise PayloadError(f"{what}: padding bits after the last sign are not zero")
         return torch.from_numpy(unpacked[:count].astype(bool))
 
+    def rest(self) -> memoryview:
+        """Everything left of the body (a section that runs to its end)."""
+        return self.take(len(self.data) - self.pos, "the final section")
+
     def count(self, k: int, unit: float, what: str) -> int:
         """Reject a declared count whose data cannot fit in what is left."""
         if k * unit > len(self.data) - self.pos:
@@ -419,6 +488,42 @@ def _decode_synthetic(r: _Reader, ft: FloatType) -> SyntheticBody:
 
 
 def _decode_topk(r: _Reader, ft: FloatType, numel: int) -> SparseBody:
+    k, mode, rice = (int(x) for x in r.unpack("<IBB", "k and position mode"))
+    if k > numel:
+        raise PayloadError(f"top-k declares k={k} > numel={numel}")
+    r.count(k, _NP_FLOAT[ft].itemsize, "k")
+    values = r.floats(k, ft, "values")
+    idx = decode_positions(r.rest(), mode, rice, k, numel)
+    return SparseBody(indices=torch.from_numpy(idx), values=values)
+
+
+def _decode_stc(r: _Reader, numel: int) -> TernaryBody:
+    (k,) = r.unpack("<I", "k")
+    magnitude = r.finite_f32("magnitude")
+    mode, rice = (int(x) for x in r.unpack("<BB", "position mode"))
+    if k > numel:
+        raise PayloadError(f"STC declares k={k} > numel={numel}")
+    negative = r.bits(int(k), "STC signs")
+    idx = decode_positions(r.rest(), mode, rice, int(k), numel)
+    return TernaryBody(indices=torch.from_numpy(idx), negative=negative, magnitude=magnitude)
+
+
+def _decode_qsgd(r: _Reader, numel: int) -> QuantBody:
+    levels, mode, bucket = (int(x) for x in r.unpack("<BBI", "QSGD levels and bucket"))
+    if not 1 <= levels <= MAX_QSGD_LEVELS:
+        raise PayloadError(f"QSGD levels must be 1..{MAX_QSGD_LEVELS}, got {levels}")
+    if not 1 <= bucket <= MAX_QSGD_BUCKET:
+        raise PayloadError(f"QSGD bucket size must be 1..{MAX_QSGD_BUCKET}, got {bucket}")
+    n_buckets = r.count(_buckets(numel, bucket), 4, "QSGD buckets")
+    norms = r.floats(n_buckets, FloatType.FLOAT32, "QSGD norms")
+    q = decode_levels(r.rest(), mode, levels, numel)
+    return QuantBody(norms=norms, levels=levels, q=torch.from_numpy(q), bucket_size=bucket)
+
+
+# v1 and v2 layouts of the codecs that v3 codes more compactly (see the module docstring)
+
+
+def _decode_topk_v2(r: _Reader, ft: FloatType, numel: int) -> SparseBody:
     (k,) = r.unpack("<I", "k")
     r.count(int(k), 4 + _NP_FLOAT[ft].itemsize, "k")
     if k > numel:
@@ -427,7 +532,7 @@ def _decode_topk(r: _Reader, ft: FloatType, numel: int) -> SparseBody:
     return SparseBody(indices=idx, values=r.floats(int(k), ft, "values"))
 
 
-def _decode_stc(r: _Reader, numel: int) -> TernaryBody:
+def _decode_stc_v2(r: _Reader, numel: int) -> TernaryBody:
     (k,) = r.unpack("<I", "k")
     magnitude = r.finite_f32("magnitude")
     r.count(int(k), 4.125, "k")
@@ -437,7 +542,7 @@ def _decode_stc(r: _Reader, numel: int) -> TernaryBody:
     return TernaryBody(indices=idx, negative=r.bits(int(k), "STC signs"), magnitude=magnitude)
 
 
-def _decode_qsgd(r: _Reader, numel: int) -> QuantBody:
+def _decode_qsgd_v2(r: _Reader, numel: int) -> QuantBody:
     norm = r.finite_f32("norm")
     (levels,) = r.unpack("<B", "levels")
     if not 1 <= int(levels) <= MAX_QSGD_LEVELS:
@@ -445,7 +550,9 @@ def _decode_qsgd(r: _Reader, numel: int) -> QuantBody:
     q = np.frombuffer(r.take(numel, "QSGD values"), dtype="<i1")
     if np.any(np.abs(q.astype(np.int16)) > int(levels)):
         raise PayloadError("QSGD values exceed the declared number of levels")
-    return QuantBody(norm=norm, levels=int(levels), q=torch.from_numpy(q.astype(np.int8)))
+    norms = torch.full((1 if numel else 0,), norm, dtype=torch.float32)
+    q8 = torch.from_numpy(q.astype(np.int8))
+    return QuantBody(norms=norms, levels=int(levels), q=q8, bucket_size=max(numel, 1))
 
 
 def _decode_bundle(r: _Reader, numel: int) -> BundleBody:
@@ -474,6 +581,11 @@ _BODY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.QSGD: lambda r, ft, n: _decode_qsgd(r, n),
     Codec.BUNDLE: lambda r, ft, n: _decode_bundle(r, n),
 }
+_LEGACY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
+    Codec.TOPK: _decode_topk_v2,
+    Codec.STC: lambda r, ft, n: _decode_stc_v2(r, n),
+    Codec.QSGD: lambda r, ft, n: _decode_qsgd_v2(r, n),
+}
 
 
 def decode(data: bytes) -> Payload:
@@ -485,7 +597,7 @@ def decode(data: bytes) -> Payload:
         For any malformed input: wrong magic, unknown codec or dtype, any length that
         does not add up exactly, out-of-range counts or indices, NaN/Inf values.
     UnsupportedVersion
-        For a format version other than :data:`VERSION`.
+        For a format version not in :data:`READABLE_VERSIONS`.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
@@ -512,7 +624,8 @@ def decode(data: bytes) -> Payload:
     reader = _Reader(view[HEADER_SIZE:], codec_e)
     if codec_e in (Codec.DENSE, Codec.WEIGHTS):
         reader.count(numel, _NP_FLOAT[ftype_e].itemsize, "numel")
-    body = _BODY_DECODERS[codec_e](reader, ftype_e, int(numel))
+    decoders = _LEGACY_DECODERS if version < 3 and codec_e in _LEGACY_DECODERS else _BODY_DECODERS
+    body = decoders[codec_e](reader, ftype_e, int(numel))
     if reader.pos != len(reader.data):
         raise PayloadError(f"{len(reader.data) - reader.pos} trailing bytes after the {codec_e.name} body")
     if version == 1 and isinstance(body, SyntheticBody) and body.layer_scales is not None:

@@ -1,9 +1,10 @@
-"""Wire codec v2 (e3sfc_core.payload): golden vectors and every decode rule.
+"""Wire codec v3 (e3sfc_core.payload): golden vectors and every decode rule.
 
-The golden file ``tests/data/payload_v2_golden.json`` is the frozen byte layout of
-format v2; ``payload_v1_golden.json`` is the previous format's, which must still decode.
-The tests compare against the stored files and never rewrite them; regenerate the
-current one only on purpose (a format change must bump ``VERSION``)::
+The golden file ``tests/data/payload_v3_golden.json`` is the frozen byte layout of
+format v3; ``payload_v1_golden.json`` and ``payload_v2_golden.json`` are the previous
+formats', which must still decode. The tests compare against the stored files and never
+rewrite them; regenerate the current one only on purpose (a format change must bump
+``VERSION``, which writes a new ``payload_v<VERSION>_golden.json`` and keeps the old ones)::
 
     .venv/bin/python tests/unit/test_payload.py --regenerate
 """
@@ -19,15 +20,18 @@ import tracemalloc
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from e3sfc_core.bitcodec import BitWriter
 from e3sfc_core.errors import PayloadError, UnsupportedVersion
 from e3sfc_core.payload import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
     MAX_NUMEL,
+    READABLE_VERSIONS,
     VERSION,
     BundleBody,
     Codec,
@@ -45,8 +49,13 @@ from e3sfc_core.payload import (
     encode,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "payload_v2_golden.json"
-GOLDEN_V1 = Path(__file__).resolve().parents[1] / "data" / "payload_v1_golden.json"
+DATA = Path(__file__).resolve().parents[1] / "data"
+GOLDEN = DATA / f"payload_v{VERSION}_golden.json"
+GOLDEN_V1 = DATA / "payload_v1_golden.json"
+GOLDEN_V2 = DATA / "payload_v2_golden.json"
+LEGACY = {1: GOLDEN_V1, 2: GOLDEN_V2}
+# codecs whose body layout changed in v3 (older bodies decode with the old layout)
+RECODED = {Codec.TOPK, Codec.STC, Codec.QSGD}
 DIGEST = bytes(range(1, 9))
 F32, F16 = FloatType.FLOAT32, FloatType.FLOAT16
 
@@ -167,10 +176,31 @@ def golden_payloads() -> dict[str, Payload]:
             ),
             10,
         ),
+        "topk_bitmap_f16": make(
+            Codec.TOPK,
+            SparseBody(indices=torch.tensor([0, 1, 2, 4, 5, 7, 8, 9]), values=torch.arange(1.0, 9.0)),
+            10,
+            float_type=F16,
+        ),
         "qsgd": make(
             Codec.QSGD,
-            QuantBody(norm=3.5, levels=4, q=torch.tensor([0, 4, -4, 1, -1, 2], dtype=torch.int8)),
+            QuantBody(
+                norms=torch.tensor([3.5, 0.75]),
+                levels=4,
+                q=torch.tensor([0, 4, -4, 1, -1, 2], dtype=torch.int8),
+                bucket_size=4,
+            ),
             6,
+        ),
+        "qsgd_gamma": make(
+            Codec.QSGD,
+            QuantBody(
+                norms=torch.tensor([2.0, 0.0, 1.5]),
+                levels=16,
+                q=torch.tensor([0] * 5 + [1] + [0] * 20 + [-3, 16] + [0] * 12, dtype=torch.int8),
+                bucket_size=16,
+            ),
+            40,
         ),
         "bundle": make(
             Codec.BUNDLE,
@@ -187,8 +217,27 @@ def golden_payloads() -> dict[str, Payload]:
     }
 
 
+def legacy_payloads() -> dict[str, Payload]:
+    """What the v1/v2 golden vectors decode to: the v3 golden payloads, except QSGD,
+    which had one norm for the whole vector then."""
+    out = golden_payloads()
+    out["qsgd"] = make(
+        Codec.QSGD,
+        QuantBody(
+            norms=torch.tensor([3.5]),
+            levels=4,
+            q=torch.tensor([0, 4, -4, 1, -1, 2], dtype=torch.int8),
+            bucket_size=6,
+        ),
+        6,
+    )
+    return out
+
+
 def write_golden(path: Path = GOLDEN) -> None:
-    """Deliberate regeneration only (see module docstring)."""
+    """Deliberate regeneration of the current version's file only (see module docstring)."""
+    if path.name != f"payload_v{VERSION}_golden.json":
+        raise SystemExit(f"refusing to overwrite {path.name}: only v{VERSION} vectors are written")
     vectors = {}
     for name, p in golden_payloads().items():
         data = encode(p)
@@ -258,7 +307,8 @@ def test_golden_file_covers_every_codec() -> None:
     codecs = {v["codec"] for v in doc["vectors"].values()}
 
     # Assert
-    assert doc["format_version"] == VERSION == 2
+    assert doc["format_version"] == VERSION == 3
+    assert READABLE_VERSIONS == (1, 2, 3)
     assert doc["header_size"] == HEADER_SIZE == 28
     assert codecs == {c.name for c in Codec}
     assert set(doc["vectors"]) == set(golden_payloads())
@@ -290,18 +340,50 @@ def test_decode_golden_bytes_gives_the_fields_back(name: str) -> None:
     assert_payload_equal(decoded, golden_payloads()[name])
 
 
-@pytest.mark.parametrize("name", sorted(json.loads(GOLDEN_V1.read_text())["vectors"]))
-def test_version_1_payloads_still_decode(name: str) -> None:
-    # Prepare: bytes written by the previous release (format v1, no layer scales)
-    data = bytes.fromhex(json.loads(GOLDEN_V1.read_text())["vectors"][name]["hex"])
+LEGACY_VECTORS = [
+    (version, name)
+    for version, path in LEGACY.items()
+    for name in sorted(json.loads(path.read_text())["vectors"])
+]
+
+
+@pytest.mark.parametrize(("version", "name"), LEGACY_VECTORS)
+def test_older_versions_still_decode(version: int, name: str) -> None:
+    # Prepare: bytes written by earlier releases (v1: no layer scales; v1/v2: 32-bit
+    # indices and one QSGD byte per weight)
+    data = bytes.fromhex(json.loads(LEGACY[version].read_text())["vectors"][name]["hex"])
 
     # Execute
     decoded = decode(data)
 
-    # Assert: the same payload as v2 describes it; re-encoding only bumps the version byte
-    assert data[4] == 1
-    assert_payload_equal(decoded, golden_payloads()[name])
-    assert encode(decoded) == data[:4] + bytes([VERSION]) + data[5:]
+    # Assert: the same payload as v3 describes it; where the body layout did not change,
+    # re-encoding only bumps the version byte, else it writes the v3 layout
+    assert data[4] == version
+    expected = legacy_payloads()[name]
+    if isinstance(decoded.body, BundleBody) and isinstance(expected.body, BundleBody):
+        # the inner payloads are bytes of that version too: compare what they decode to
+        assert decoded.body.weights == expected.body.weights
+        for got, want in zip(decoded.body.payloads, expected.body.payloads, strict=True):
+            assert got[4] == version
+            assert_payload_equal(decode(got), decode(want))
+    else:
+        assert_payload_equal(decoded, expected)
+    again = encode(decoded)
+    if decoded.codec in RECODED:
+        assert again[4] == VERSION
+        assert_payload_equal(decode(again), decoded)
+    else:
+        assert again == data[:4] + bytes([VERSION]) + data[5:]
+
+
+def test_v3_is_smaller_than_v2_for_the_recoded_codecs() -> None:
+    # Prepare
+    old = json.loads(GOLDEN_V2.read_text())["vectors"]
+    new = json.loads(GOLDEN.read_text())["vectors"]
+
+    # Execute / Assert (the v3 QSGD golden has two buckets, so two norms: not compared)
+    for name in ("topk_f32", "stc"):
+        assert new[name]["length"] < old[name]["length"], name
 
 
 def test_version_1_synthetic_with_layer_scales_is_refused() -> None:
@@ -371,7 +453,7 @@ def test_golden_header_layout_is_little_endian_at_documented_offsets() -> None:
     rnd, numel, body_len = (int.from_bytes(data[a:b], "little") for a, b in ((8, 12), (20, 24), (24, 28)))
 
     # Assert
-    assert fields == (b"E3SF", 2, 0, 3, 1)
+    assert fields == (b"E3SF", 3, 0, 3, 1)
     assert data[12:20] == DIGEST
     assert (rnd, numel, body_len) == (7, 10, len(data) - 28)
     assert int.from_bytes(data[28:32], "little") == 3  # k
@@ -391,13 +473,13 @@ def test_bad_magic() -> None:
 def test_unknown_version_is_unsupported_version() -> None:
     # Prepare
     data = bytearray(valid_bytes())
-    data[4] = 3
+    data[4] = 4
 
     # Execute
     err = expect_error(bytes(data), "version", kind=UnsupportedVersion)
 
     # Assert
-    assert "3" in str(err)
+    assert "4" in str(err)
 
 
 @pytest.mark.parametrize(
@@ -510,7 +592,7 @@ def test_non_finite_scalar_fields(codec: Codec) -> None:
     body = {
         Codec.SIGN: nan + b"\x00",
         Codec.STC: struct.pack("<I", 0) + nan,
-        Codec.QSGD: nan + b"\x01" + b"\x00" * 8,
+        Codec.QSGD: struct.pack("<BBI", 1, 1, 8) + nan + b"\x00" * 2,
     }[codec]
 
     # Execute / Assert
@@ -519,10 +601,12 @@ def test_non_finite_scalar_fields(codec: Codec) -> None:
 
 def test_topk_non_finite_values() -> None:
     # Prepare
-    body = struct.pack("<I2I2f", 2, 0, 1, 1.0, float("inf"))
+    body = struct.pack("<IBB2f", 2, 0, 0, 1.0, float("inf")) + b"\x03"
 
     # Execute / Assert
     expect_error(header(codec=Codec.TOPK, numel=4, body=body), "nan", "inf")
+    legacy = struct.pack("<I2I2f", 2, 0, 1, 1.0, float("inf"))
+    expect_error(header(codec=Codec.TOPK, numel=4, body=legacy, version=2), "nan", "inf")
 
 
 @pytest.mark.parametrize(
@@ -531,7 +615,7 @@ def test_topk_non_finite_values() -> None:
     ids=["unsorted", "duplicate", "equal-numel", "u32-max", "repeated-tail"],
 )
 @pytest.mark.parametrize("codec", [Codec.TOPK, Codec.STC], ids=lambda c: c.name)
-def test_bad_sparse_indices(indices: list[int], numel: int, codec: Codec) -> None:
+def test_bad_sparse_indices_in_the_v2_layout(indices: list[int], numel: int, codec: Codec) -> None:
     # Prepare
     k = len(indices)
     idx = struct.pack(f"<{k}I", *indices)
@@ -541,15 +625,17 @@ def test_bad_sparse_indices(indices: list[int], numel: int, codec: Codec) -> Non
         body = struct.pack("<If", k, 1.0) + idx + b"\x00" * ((k + 7) // 8)
 
     # Execute / Assert
-    expect_error(header(codec=codec, numel=numel, body=body), "indices")
+    expect_error(header(codec=codec, numel=numel, body=body, version=2), "indices")
 
 
 def test_topk_k_larger_than_numel() -> None:
     # Prepare
-    body = struct.pack("<I3I3f", 3, 0, 1, 2, 1.0, 1.0, 1.0)
+    body = struct.pack("<IBB3f", 3, 1, 0, 1.0, 1.0, 1.0) + b"\x03"
+    legacy = struct.pack("<I3I3f", 3, 0, 1, 2, 1.0, 1.0, 1.0)
 
     # Execute / Assert
     expect_error(header(codec=Codec.TOPK, numel=2, body=body), "k=3")
+    expect_error(header(codec=Codec.TOPK, numel=2, body=legacy, version=2), "k=3")
 
 
 @pytest.mark.parametrize(("count", "last"), [(10, 0b0000_0100), (9, 0b0000_0010), (1, 0b1000_0000)])
@@ -564,11 +650,13 @@ def test_sign_padding_bits_must_be_zero(count: int, last: int) -> None:
 
 
 def test_stc_sign_padding_bits_must_be_zero() -> None:
-    # Prepare: k=3 signs, bit 3 set
-    body = struct.pack("<If3I", 3, 1.0, 0, 1, 2) + bytes([0b0000_1000])
+    # Prepare: k=3 signs, bit 3 set (then a bitmap of positions 0, 1, 2)
+    body = struct.pack("<IfBB", 3, 1.0, 1, 0) + bytes([0b0000_1000, 0b0000_0111])
+    legacy = struct.pack("<If3I", 3, 1.0, 0, 1, 2) + bytes([0b0000_1000])
 
     # Execute / Assert
     expect_error(header(codec=Codec.STC, numel=3, body=body), "padding")
+    expect_error(header(codec=Codec.STC, numel=3, body=legacy, version=2), "padding")
 
 
 def test_sign_bits_little_endian_within_byte() -> None:
@@ -582,22 +670,192 @@ def test_sign_bits_little_endian_within_byte() -> None:
     assert torch.nonzero(p.body.negative).flatten().tolist() == [0, 9]  # type: ignore[union-attr]
 
 
+def qsgd_body(levels: int, mode: int, bucket: int, norms: list[float], section: bytes) -> bytes:
+    return struct.pack(f"<BBI{len(norms)}f", levels, mode, bucket, *norms) + section
+
+
+def packed(values: list[int], width: int) -> bytes:
+    w = BitWriter()
+    w.fields(np.array(values), width)
+    return w.getvalue()
+
+
+def gamma_section(runs: list[int], mags: list[int], negative: list[bool]) -> bytes:
+    w = BitWriter()
+    w.gamma(np.array(runs))
+    w.gamma(np.array(mags))
+    w.flags(np.array(negative, dtype=bool))
+    return struct.pack("<I", len(runs)) + w.getvalue()
+
+
+@pytest.mark.parametrize(("levels", "stored"), [(4, 9), (4, 15), (1, 3), (127, 255)])
+def test_qsgd_packed_value_beyond_levels(levels: int, stored: int) -> None:
+    # Prepare: three packed levels (``q + s``), one of them above 2s
+    width = (2 * levels).bit_length()
+    body = qsgd_body(levels, 1, 512, [1.0], packed([levels, stored, levels], width))
+
+    # Execute / Assert
+    expect_error(header(codec=Codec.QSGD, numel=3, body=body), "levels")
+
+
+@pytest.mark.parametrize(("levels", "mag"), [(4, 5), (1, 2), (127, 128)])
+def test_qsgd_gamma_value_beyond_levels(levels: int, mag: int) -> None:
+    # Prepare: 200 weights, one nonzero of magnitude ``mag``
+    body = qsgd_body(levels, 0, 512, [1.0], gamma_section([10], [mag], [True]))
+
+    # Execute / Assert
+    expect_error(header(codec=Codec.QSGD, numel=200, body=body), "levels")
+
+
 @pytest.mark.parametrize(("levels", "q"), [(4, 5), (4, -5), (127, -128), (1, 2)])
-def test_qsgd_value_beyond_levels(levels: int, q: int) -> None:
+def test_qsgd_v2_value_beyond_levels(levels: int, q: int) -> None:
     # Prepare
     body = struct.pack("<fB3b", 1.0, levels, 0, q, 0)
 
     # Execute / Assert
-    expect_error(header(codec=Codec.QSGD, numel=3, body=body), "levels")
+    expect_error(header(codec=Codec.QSGD, numel=3, body=body, version=2), "levels")
 
 
 @pytest.mark.parametrize("levels", [0, 128, 255])
 def test_qsgd_levels_out_of_range(levels: int) -> None:
     # Prepare
-    body = struct.pack("<fB3b", 1.0, levels, 0, 0, 0)
+    body = qsgd_body(levels, 1, 512, [1.0], b"\x00" * 3)
+    legacy = struct.pack("<fB3b", 1.0, levels, 0, 0, 0)
 
     # Execute / Assert
     expect_error(header(codec=Codec.QSGD, numel=3, body=body), "levels")
+    expect_error(header(codec=Codec.QSGD, numel=3, body=legacy, version=2), "levels")
+
+
+@pytest.mark.parametrize("bucket", [0, 65537, 2**32 - 1])
+def test_qsgd_bucket_out_of_range(bucket: int) -> None:
+    # Prepare
+    body = qsgd_body(4, 1, bucket, [1.0], packed([4, 4, 4], 4))
+
+    # Execute / Assert
+    expect_error(header(codec=Codec.QSGD, numel=3, body=body), "bucket")
+
+
+def test_qsgd_norm_count_follows_the_bucket_size() -> None:
+    # Prepare: 10 weights in buckets of 4 need 3 norms; give 2 (the levels then misalign)
+    body = qsgd_body(4, 1, 4, [1.0, 1.0], packed([4] * 10, 4))
+    good = qsgd_body(4, 1, 4, [1.0, 1.0, 2.0], packed([4] * 9 + [5], 4))
+
+    # Execute / Assert
+    expect_error(header(codec=Codec.QSGD, numel=10, body=body), "qsgd", "levels")
+    p = decode(header(codec=Codec.QSGD, numel=10, body=good))
+    assert isinstance(p.body, QuantBody)
+    assert p.body.q.tolist() == [0] * 9 + [1] and p.body.norms.tolist() == [1.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        (gamma_section([120], [1], [False]), ("numel", "exceeds")),  # run reaches past the 100 weights
+        (gamma_section([1, 1], [1], [False]), ("short", "unary", "fit")),  # m=2, one level
+        (gamma_section([1], [1], [False]) + b"\x00", ("trailing",)),
+        (gamma_section([1], [1], [False])[:-1] + b"\x81", ("padding", "unary", "exceeds")),
+        (struct.pack("<I", 2**31), ("nonzero", "fit")),
+        (b"\x01\x00", ("short",)),
+    ],
+    ids=["past-numel", "missing-level", "trailing", "padding", "huge-m", "no-count"],
+)
+def test_qsgd_gamma_stream_rules(section: bytes, words: tuple[str, ...]) -> None:
+    # Prepare
+    body = qsgd_body(16, 0, 512, [1.0], section)
+
+    # Execute / Assert
+    expect_error(header(codec=Codec.QSGD, numel=100, body=body), *words)
+
+
+def test_qsgd_mode_must_be_the_encoders_choice() -> None:
+    # Prepare: a 200-weight vector with one nonzero is smaller gamma-coded; sent packed
+    values = [16] * 200
+    values[7] = 17
+    as_packed = qsgd_body(16, 1, 512, [1.0], packed(values, 6))
+    as_gamma = qsgd_body(16, 0, 512, [1.0], gamma_section([8], [1], [False]))
+
+    # Execute / Assert
+    expect_error(header(codec=Codec.QSGD, numel=200, body=as_packed), "non-canonical")
+    assert decode(header(codec=Codec.QSGD, numel=200, body=as_gamma)).body.q[7] == 1  # type: ignore[union-attr]
+    expect_error(header(codec=Codec.QSGD, numel=200, body=qsgd_body(16, 2, 512, [1.0], b"")), "mode")
+
+
+# ------------------------------------------------------------------- positions (v3)
+
+
+def topk_body(numel: int, mode: int, rice: int, section: bytes, k: int) -> bytes:
+    return header(
+        codec=Codec.TOPK, numel=numel, body=struct.pack(f"<IBB{k}f", k, mode, rice, *([1.0] * k)) + section
+    )
+
+
+def rice_section(gaps: list[int], b: int) -> bytes:
+    w = BitWriter()
+    w.rice(np.array(gaps), b)
+    return w.getvalue()
+
+
+def test_topk_rice_positions_decode_to_the_indices() -> None:
+    # Prepare: gaps 3, 0, 17 -> indices 3, 4, 22 of 1000 (b = 2 is the encoder's choice)
+    data = topk_body(1000, 0, 2, rice_section([3, 0, 17], 2), 3)
+
+    # Execute
+    p = decode(data)
+
+    # Assert
+    assert p.body.indices.tolist() == [3, 4, 22]  # type: ignore[union-attr]
+    assert encode(p) == data
+
+
+@pytest.mark.parametrize(
+    ("numel", "mode", "rice", "section", "k", "words"),
+    [
+        (1000, 0, 2, rice_section([3, 0, 997], 2), 3, ("numel", "exceeds")),  # index 1002
+        (1000, 0, 31, rice_section([3, 0, 17], 2), 3, ("rice",)),
+        (1000, 0, 5, rice_section([3, 0, 17], 5), 3, ("non-canonical",)),
+        (1000, 2, 0, rice_section([3, 0, 17], 2), 3, ("mode",)),
+        (1000, 0, 2, rice_section([3, 0, 17], 2) + b"\x00", 3, ("trailing",)),
+        (1000, 0, 2, rice_section([3, 0], 2), 3, ("short", "unary", "fit")),
+        (1000, 0, 2, rice_section([3, 0, 17], 2)[:-1] + b"\xff", 3, ("padding", "non-canonical")),
+        (10, 1, 0, bytes([0b1111_1111, 0b11]), 3, ("set bits",)),  # 10 set, k = 3
+        (10, 1, 0, bytes([0b0000_0111, 0b0100]), 3, ("padding",)),
+        (10, 1, 0, bytes([0b0000_0111]), 3, ("bitmap", "body")),
+        (10, 1, 1, bytes([0b0000_0111, 0]), 3, ("rice",)),
+        (1000, 1, 0, bytes([0b0000_0111]) + bytes(124), 3, ("non-canonical",)),  # Rice is smaller
+    ],
+    ids=[
+        "past-numel",
+        "rice-31",
+        "rice-not-best",
+        "mode-2",
+        "trailing",
+        "missing-gap",
+        "padding",
+        "bitmap-count",
+        "bitmap-padding",
+        "bitmap-short",
+        "bitmap-rice-byte",
+        "bitmap-not-smaller",
+    ],
+)
+def test_position_rules(
+    numel: int, mode: int, rice: int, section: bytes, k: int, words: tuple[str, ...]
+) -> None:
+    # Execute / Assert
+    expect_error(topk_body(numel, mode, rice, section, k), *words)
+
+
+def test_stc_positions_follow_the_signs() -> None:
+    # Prepare: k = 2 at indices 1 and 6 of 8, first one negative; dense: bitmap wins
+    body = struct.pack("<IfBB", 2, 0.5, 1, 0) + bytes([0b01, 0b0100_0010])
+
+    # Execute
+    p = decode(header(codec=Codec.STC, numel=8, body=body))
+
+    # Assert
+    assert isinstance(p.body, TernaryBody)
+    assert p.body.indices.tolist() == [1, 6] and p.body.negative.tolist() == [True, False]
 
 
 def test_synthetic_n_zero_and_classes_zero() -> None:
@@ -657,9 +915,12 @@ HUGE_CASES = {
     "dense": (Codec.DENSE, MAX_NUMEL, b"\x00" * 4),
     "weights": (Codec.WEIGHTS, MAX_NUMEL, b"\x00" * 8),
     "sign": (Codec.SIGN, MAX_NUMEL, struct.pack("<f", 1.0) + b"\x00"),
-    "qsgd": (Codec.QSGD, MAX_NUMEL, struct.pack("<fB", 1.0, 4) + b"\x00"),
-    "topk": (Codec.TOPK, MAX_NUMEL, struct.pack("<I", 2**32 - 1) + b"\x00" * 8),
-    "stc": (Codec.STC, MAX_NUMEL, struct.pack("<If", 2**32 - 1, 1.0) + b"\x00" * 5),
+    "qsgd": (Codec.QSGD, MAX_NUMEL, struct.pack("<BBI", 4, 0, 1) + b"\x00" * 8),
+    "qsgd-bucket": (Codec.QSGD, MAX_NUMEL, struct.pack("<BBIf", 4, 0, 65536, 1.0) + b"\x00" * 8),
+    "topk": (Codec.TOPK, MAX_NUMEL, struct.pack("<IBB", 2**31 - 2, 0, 0) + b"\x00" * 8),
+    "topk-bitmap": (Codec.TOPK, MAX_NUMEL, struct.pack("<IBBf", 1, 1, 0, 1.0) + b"\x01" * 8),
+    "stc": (Codec.STC, MAX_NUMEL, struct.pack("<IfBB", 2**31 - 2, 1.0, 0, 0) + b"\x00" * 5),
+    "stc-bitmap": (Codec.STC, MAX_NUMEL, struct.pack("<IfBB", 1, 1.0, 1, 0) + b"\x00" * 5),
     "synthetic": (
         Codec.SYNTHETIC,
         MAX_NUMEL,
@@ -688,7 +949,7 @@ def test_huge_declared_sizes_fail_fast_without_allocating(case: str) -> None:
     # Assert
     assert seconds < 0.5
     assert peak < 1_000_000
-    assert any(w in str(info.value) for w in ("bytes", "short", "needs"))
+    assert any(w in str(info.value) for w in ("bytes", "short", "needs", "not fit"))
 
 
 def test_numel_above_limit() -> None:
@@ -728,7 +989,7 @@ def test_encode_rejects_non_finite_scalars(bad: float) -> None:
         make(Codec.SYNTHETIC, SyntheticBody(bad, torch.ones(1, 2), torch.ones(1, 2)), 5),
         make(Codec.SIGN, SignBody(torch.zeros(3, dtype=torch.bool), bad), 3),
         make(Codec.STC, TernaryBody(torch.tensor([0]), torch.tensor([True]), bad), 3),
-        make(Codec.QSGD, QuantBody(bad, 2, torch.zeros(3, dtype=torch.int8)), 3),
+        make(Codec.QSGD, QuantBody(torch.tensor([1.0, bad]), 2, torch.zeros(3, dtype=torch.int8), 2), 3),
     ]
 
     # Execute / Assert
@@ -756,7 +1017,7 @@ def test_encode_rejects_scalars_beyond_float32(codec: Codec) -> None:
         Codec.SYNTHETIC: make(codec, SyntheticBody(big, torch.ones(1, 2), torch.ones(1, 2)), 5),
         Codec.SIGN: make(codec, SignBody(torch.zeros(3, dtype=torch.bool), big), 3),
         Codec.STC: make(codec, TernaryBody(torch.tensor([0]), torch.tensor([True]), big), 3),
-        Codec.QSGD: make(codec, QuantBody(big, 2, torch.zeros(3, dtype=torch.int8)), 3),
+        Codec.QSGD: make(codec, QuantBody(torch.tensor([big]), 2, torch.zeros(3, dtype=torch.int8), 4), 3),
     }[codec]
 
     # Execute / Assert
@@ -773,8 +1034,11 @@ def test_encode_rejects_inconsistent_bodies() -> None:
         make(Codec.TOPK, SparseBody(torch.tensor([0, 1]), torch.ones(3)), 4),
         make(Codec.STC, TernaryBody(torch.tensor([0, 1]), torch.tensor([True]), 1.0), 4),
         make(Codec.SIGN, SignBody(torch.zeros(3, dtype=torch.bool), 1.0), 4),
-        make(Codec.QSGD, QuantBody(1.0, 2, torch.tensor([0, 3, 0, 0], dtype=torch.int8)), 4),
-        make(Codec.QSGD, QuantBody(1.0, 0, torch.zeros(4, dtype=torch.int8)), 4),
+        make(Codec.QSGD, QuantBody(torch.ones(1), 2, torch.tensor([0, 3, 0, 0], dtype=torch.int8), 4), 4),
+        make(Codec.QSGD, QuantBody(torch.ones(1), 0, torch.zeros(4, dtype=torch.int8), 4), 4),
+        make(Codec.QSGD, QuantBody(torch.ones(1), 2, torch.zeros(4, dtype=torch.int8), 2), 4),
+        make(Codec.QSGD, QuantBody(torch.ones(4), 2, torch.zeros(4, dtype=torch.int8), 0), 4),
+        make(Codec.QSGD, QuantBody(torch.ones(1), 2, torch.zeros(4, dtype=torch.int8), 65537), 4),
         make(Codec.SYNTHETIC, SyntheticBody(1.0, torch.ones(2, 3), torch.ones(1, 2)), 4),
         make(Codec.SYNTHETIC, SyntheticBody(1.0, torch.ones(2), torch.ones(2, 2)), 4),
         make(Codec.DENSE, DenseBody(torch.ones(1)), 1, digest=b"short"),

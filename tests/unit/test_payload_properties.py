@@ -7,6 +7,7 @@ whatever the header declares.
 
 from __future__ import annotations
 
+import math
 import struct
 import tracemalloc
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from e3sfc_core.payload import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    MAX_QSGD_BUCKET,
     MAX_QSGD_LEVELS,
     VERSION,
     BundleBody,
@@ -99,8 +101,8 @@ def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
         )
         return numel, BundleBody(weights, tuple(_dense_payload(numel, i) for i in range(count)))
     if codec in (Codec.TOPK, Codec.STC):
-        numel = max(numel, 1)
-        idx = sorted(draw(st.sets(st.integers(0, numel - 1), max_size=numel)))
+        numel = draw(st.one_of(st.integers(1, 40), st.integers(41, 5000)))  # dense and sparse
+        idx = sorted(draw(st.sets(st.integers(0, numel - 1), max_size=min(numel, 64))))
         k = len(idx)
         if codec == Codec.TOPK:
             values = draw(st.lists(finite(ft), min_size=k, max_size=k))
@@ -115,8 +117,18 @@ def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
         signs = draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
         return numel, SignBody(torch.tensor(signs, dtype=torch.bool), draw(f32_scalar()))
     levels = draw(st.integers(1, MAX_QSGD_LEVELS))
-    q = draw(st.lists(st.integers(-levels, levels), min_size=numel, max_size=numel))
-    return numel, QuantBody(draw(f32_scalar()), levels, torch.tensor(q, dtype=torch.int8))
+    numel = draw(st.one_of(st.just(numel), st.integers(41, 400)))
+    level = st.integers(-levels, levels)
+    q = draw(st.lists(st.one_of(st.just(0), level), min_size=numel, max_size=numel))
+    if draw(st.booleans()):  # mostly zeros, so the gamma code wins
+        q = [x if i % 17 == 0 else 0 for i, x in enumerate(q)]
+    bucket = draw(st.one_of(st.integers(1, 64), st.just(MAX_QSGD_BUCKET)))
+    n_buckets = -(-numel // bucket)
+    norms = draw(st.lists(f32_scalar(), min_size=n_buckets, max_size=n_buckets))
+    body = QuantBody(
+        torch.tensor(norms, dtype=torch.float32), levels, torch.tensor(q, dtype=torch.int8), bucket
+    )
+    return numel, body
 
 
 def _dense_payload(numel: int, seed: int) -> bytes:
@@ -173,7 +185,9 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
             x = torch.randn(n, *dims, generator=g).to(vals.dtype)
             body = SyntheticBody(rng.uniform(-5, 5), x, torch.randn(n, classes, generator=g))
         elif codec in (Codec.TOPK, Codec.STC):
-            idx = torch.tensor(sorted(rng.sample(range(numel), rng.randint(0, numel))), dtype=torch.int64)
+            span = numel if (i // 16) % 2 else 40 * numel  # dense (bitmap) and sparse (Rice)
+            k = rng.randint(0, numel)
+            idx = torch.tensor(sorted(rng.sample(range(span), k)), dtype=torch.int64)
             if codec == Codec.TOPK:
                 body = SparseBody(idx, vals[: idx.numel()])
             else:
@@ -186,8 +200,13 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
         else:
             levels = rng.randint(1, MAX_QSGD_LEVELS)
             q = torch.randint(-levels, levels + 1, (numel,), generator=g, dtype=torch.int8)
-            body = QuantBody(rng.uniform(0, 10), levels, q)
-        p = Payload(codec, Direction(i % 2), rng.randrange(2**32), rng.randbytes(8), numel, body, ft)  # type: ignore[arg-type]
+            if (i // 16) % 2:  # mostly zeros (gamma) or not (packed)
+                q[torch.rand(numel, generator=g) < 0.9] = 0
+            bucket = rng.randint(1, 16)
+            norms = torch.rand(-(-numel // bucket), generator=g) * 10
+            body = QuantBody(norms, levels, q, bucket)
+        n = span if codec in (Codec.TOPK, Codec.STC) else numel
+        p = Payload(codec, Direction(i % 2), rng.randrange(2**32), rng.randbytes(8), n, body, ft)  # type: ignore[arg-type]
         out.append(encode(p))
     return out
 
@@ -208,14 +227,32 @@ def body_length(p: Payload) -> int:
     if isinstance(b, BundleBody):
         return 2 + sum(12 + len(inner) for inner in b.payloads)
     if isinstance(b, SparseBody):
-        return 4 + (4 + w) * b.indices.numel()
+        return 6 + w * b.indices.numel() + ref_positions_bytes(b.indices.tolist(), p.numel)
     if isinstance(b, TernaryBody):
         k = b.indices.numel()
-        return 4 + 4 + 4 * k + (k + 7) // 8
+        return 10 + (k + 7) // 8 + ref_positions_bytes(b.indices.tolist(), p.numel)
     if isinstance(b, SignBody):
         return 4 + (p.numel + 7) // 8
     assert isinstance(b, QuantBody)
-    return 4 + 1 + p.numel
+    return 6 + 4 * b.norms.numel() + ref_levels_bytes(b.q.tolist(), b.levels)
+
+
+def ref_positions_bytes(idx: list[int], numel: int) -> int:
+    """Positions section size from the spec, in plain Python: the best Rice code of the
+    gaps or the bitmap, whichever is smaller."""
+    gaps = [j - i - 1 for i, j in zip([-1, *idx], idx, strict=False)]
+    rice = min(sum(g >> b for g in gaps) + len(gaps) * (1 + b) for b in range(31))
+    return min((rice + 7) // 8, (numel + 7) // 8)
+
+
+def ref_levels_bytes(q: list[int], levels: int) -> int:
+    """Levels section size from the spec: gamma-coded runs, magnitudes and signs (with
+    the u32 count) or packed fields, whichever is smaller."""
+    nz = [i for i, x in enumerate(q) if x]
+    runs = [j - i for i, j in zip([-1, *nz], nz, strict=False)]
+    gamma = sum(2 * v.bit_length() - 1 for v in runs + [abs(q[i]) for i in nz]) + len(nz)
+    width = math.ceil(math.log2(2 * levels + 1))
+    return min(4 + (gamma + 7) // 8, (len(q) * width + 7) // 8)
 
 
 def assert_same(actual: Payload, expected: Payload) -> None:
@@ -394,6 +431,42 @@ def test_byte_mutations_raise_only_payload_error(
     tracker.decode_only_payload_error(bytes(raw))
 
 
+@FUZZ
+@given(
+    version=st.sampled_from([1, 2]),
+    codec=st.sampled_from([Codec.TOPK, Codec.STC, Codec.QSGD, Codec.BUNDLE]),
+    numel=st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)),
+    body=st.binary(max_size=200),
+)
+def test_random_legacy_bodies_raise_only_payload_error(
+    tracker: PeakTracker, version: int, codec: Codec, numel: int, body: bytes
+) -> None:
+    # Prepare: the v1/v2 layouts that v3 replaced still decode
+    data = HEADER.pack(MAGIC, version, 0, int(codec), 1, 3, b"\0" * 8, numel, len(body)) + body
+
+    # Execute / Assert
+    tracker.decode_only_payload_error(data)
+
+
+@PROPS
+@given(p=payloads(), data=st.data())
+def test_mutated_v3_sections_raise_only_payload_error(p: Payload, data: st.DataObject) -> None:
+    # Prepare: flip bits in the coded sections of the v3 codecs, keeping the header valid
+    raw = bytearray(encode(p))
+    if p.codec not in (Codec.TOPK, Codec.STC, Codec.QSGD) or len(raw) == HEADER_SIZE:
+        return
+    for _ in range(data.draw(st.integers(1, 3))):
+        bit = data.draw(st.integers(8 * HEADER_SIZE, 8 * len(raw) - 1))
+        raw[bit // 8] ^= 1 << (bit % 8)
+
+    # Execute / Assert: an error, or a valid payload that re-encodes to the same bytes
+    try:
+        back = decode(bytes(raw))
+    except PayloadError:
+        return
+    assert encode(back) == bytes(raw)
+
+
 def test_pool_is_valid_and_covers_every_codec() -> None:
     # Execute
     decoded = [decode(raw) for raw in POOL]
@@ -401,6 +474,10 @@ def test_pool_is_valid_and_covers_every_codec() -> None:
     # Assert
     assert {(p.codec, p.float_type) for p in decoded} == {(c, f) for c in Codec for f in FloatType}
     assert all(encode(p) == raw for p, raw in zip(decoded, POOL, strict=True))
+    mode_offset = {Codec.TOPK: 4, Codec.STC: 8, Codec.QSGD: 1}  # both modes of each code
+    for codec, offset in mode_offset.items():
+        modes = {raw[HEADER_SIZE + offset] for raw in POOL if raw[6] == codec}
+        assert modes == {0, 1}, codec.name
 
 
 def test_decoding_huge_declarations_stays_small(tracker: PeakTracker) -> None:
