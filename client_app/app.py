@@ -1,4 +1,5 @@
-"""ClientApp: load state and data, run one core client round, store state last."""
+"""ClientApp: say which partition this node trains on; load state and data, run one
+core client round, store state last."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from e3sfc_core.client import ClientState, client_data, client_round, load_clien
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec
 from e3sfc_core.payload import STATE_RESIDUAL
+from e3sfc_core.protocol import PartitionAnswer
 from e3sfc_core.training import resolve_device
-from server_app.records import instruction_from, reply_content
+from server_app.records import check_query, instruction_from, partition_content, reply_content
 
 app = ClientApp()
 
@@ -25,13 +27,30 @@ def _load_state(context: Context, state_file: Path | None) -> ClientState:
     return load_client_state(state_file) if state_file is not None else ClientState()
 
 
+def _partition(context: Context, cfg: ExperimentConfig) -> PartitionAnswer:
+    """This node's partition from its node-config (what it trains on and reports)."""
+    node = context.node_config
+    return PartitionAnswer(
+        partition_id=int(node.get("partition-id", 0)),
+        num_partitions=int(node.get("num-partitions", cfg.num_partitions)),
+    )
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node trains on (it samples partitions)."""
+    check_query(msg)
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    return Message(content=partition_content(_partition(context, cfg)), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One E-3SFC client round. Exceptions propagate: Flower reports them to the server."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
     node = context.node_config
-    partition_id = int(node.get("partition-id", 0))
-    num_partitions = int(node.get("num-partitions", cfg.num_partitions))
+    part = _partition(context, cfg)
+    partition_id, num_partitions = part.partition_id, part.num_partitions
     data_root = str(node.get("data-root", cfg.data_root))
     state_dir = node.get("state-dir")
     state_file = Path(str(state_dir)) / f"client-{partition_id}.npz" if state_dir else None

@@ -101,3 +101,28 @@ class Reply:
             if k in REPLY_METRICS and isinstance(v, (int, float)) and math.isfinite(v)
         }
         return cls(node_id, status, payload, n, clean, partition_id=pid)
+
+
+@dataclass(frozen=True)
+class PartitionAnswer:
+    """A node's answer to the server's one-time partition query: which data partition it
+    trains on. The server samples partitions, not node IDs (random per Flower run), so
+    the same seed trains the same clients in every run and runtime."""
+
+    partition_id: int
+    num_partitions: int
+
+    def fields(self) -> dict[str, int]:
+        """Scalar fields of the answer."""
+        return {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
+
+    @classmethod
+    def from_fields(cls, f: Mapping[str, Any]) -> PartitionAnswer:
+        """Validate the types of an answer that arrived (the range is checked by the roster)."""
+        values: list[int] = []
+        for k in ("partition-id", "num-partitions"):
+            v = f.get(k)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise PayloadError(f"partition answer field {k} must be an integer, got {v!r}")
+            values.append(v)
+        return cls(partition_id=values[0], num_partitions=values[1])

@@ -119,10 +119,20 @@ class FederatedServer:
 
     def sample(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
         """Seeded choice of this round's clients: ``fraction-train`` of them, at least
-        ``min-train-nodes`` (or all that exist)."""
+        ``min-train-nodes`` (or all that exist).
+
+        Clients are keyed by partition id in both runtimes (the Flower glue maps node IDs,
+        random per run, to the partitions the nodes report: :mod:`e3sfc_core.roster`), so
+        the same seed picks the same partitions in every run, in Flower and in-process."""
         nodes = sorted(node_ids)
         k = min(len(nodes), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(nodes))))
         return sorted(random.Random(self.cfg.seed * 1_000_003 + server_round).sample(nodes, k))
+
+    def rejoined(self, client: int) -> None:
+        """Another process now serves ``client`` (a restarted SuperNode): what weights it
+        holds is unknown, so it gets the full weights next time. ``accepted`` is kept: a
+        client that restored its state from ``state-dir`` still needs it."""
+        self.synced[client] = None
 
     # ----------------------------------------------------------------------- downlink
 

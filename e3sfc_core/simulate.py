@@ -3,7 +3,9 @@
 It drives the same :class:`~e3sfc_core.experiment.Experiment` and
 :func:`~e3sfc_core.client.client_round` the Flower apps use, so tests and benchmarks
 measure exactly the algorithm that ``flwr run`` runs. Clients run one after another in
-this process; their state is kept in a dict, as a SuperNode keeps ``context.state``.
+this process; their state is kept in a dict, as a SuperNode keeps ``context.state``. A
+client is known by its partition id here and in the Flower apps (which map Flower's node
+IDs to partitions), so both sample the same clients with the same seed.
 """
 
 from __future__ import annotations

@@ -12,10 +12,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from e3sfc_core.errors import PayloadError
 from e3sfc_core.payload import RECORD_CONFIG, RECORD_DOWNLINK, RECORD_METRICS, RECORD_UPLINK
-from e3sfc_core.protocol import STATUS_ERROR, Instruction, Reply
+from e3sfc_core.protocol import STATUS_ERROR, Instruction, PartitionAnswer, Reply
 
 RAW_STYPE = "e3sfc/raw-bytes"
 REPLY_FIELDS = "e3sfc.reply"
+RECORD_QUERY = "e3sfc.query"
+RECORD_PARTITION = "e3sfc.partition"
+ASK_PARTITION = "partition"
 
 
 def bytes_record(blobs: Sequence[bytes]) -> ArrayRecord:
@@ -89,3 +92,30 @@ def reply_from(msg: Message) -> Reply:
             node, STATUS_ERROR, b"".join(blobs), error=f"reply carries {len(blobs)} payloads, expected 1"
         )
     return Reply.from_fields(node, fields, blobs[0], metrics)
+
+
+def query_content() -> RecordDict:
+    """Server -> client query: which partition do you train on?"""
+    return RecordDict({RECORD_QUERY: ConfigRecord({"ask": ASK_PARTITION})})
+
+
+def check_query(msg: Message) -> None:
+    """Client side: refuse any query but ours."""
+    record = msg.content.config_records.get(RECORD_QUERY)
+    if record is None or record.get("ask") != ASK_PARTITION:
+        raise PayloadError("query message is not an e3sfc partition query")
+
+
+def partition_content(answer: PartitionAnswer) -> RecordDict:
+    """Client -> server answer to :func:`query_content`."""
+    return RecordDict({RECORD_PARTITION: ConfigRecord(dict(answer.fields()))})
+
+
+def partition_from(msg: Message) -> PartitionAnswer:
+    """Validate a node's answer; a Flower error or a malformed answer raises ``PayloadError``."""
+    if msg.has_error():
+        raise PayloadError(f"client error: {msg.error.reason}")
+    record = msg.content.config_records.get(RECORD_PARTITION)
+    if record is None:
+        raise PayloadError("answer lacks the e3sfc partition record")
+    return PartitionAnswer.from_fields(record)

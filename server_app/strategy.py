@@ -2,6 +2,9 @@
 
 It sends instructions and receives payload-only replies (no weight arrays either way), so
 it implements ``aggregate_train`` itself: FedAvg's reply validation would reject them.
+The experiment samples partition ids, not Flower's random node IDs: each round starts by
+asking new nodes for their partition (:mod:`server_app.discovery`), and the instructions
+and replies are mapped between partitions and nodes here.
 ``start`` is overridden only to poll for replies every 0.2 s instead of Flower's 3 s and to
 stop cleanly when the byte budget is spent.
 """
@@ -18,6 +21,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from e3sfc_core.experiment import Experiment
 
+from .discovery import PartitionDiscovery
 from .records import instruction_content, reply_from
 
 logger = logging.getLogger(__name__)
@@ -29,6 +33,8 @@ class E3SFCStrategy(Strategy):
 
     def __init__(self, experiment: Experiment) -> None:
         self.exp = experiment
+        self.discovery = PartitionDiscovery(experiment.cfg.num_partitions, experiment.cfg.round_timeout)
+        self._connected = 0
 
     def summary(self) -> None:
         """Log what will run."""
@@ -52,23 +58,36 @@ class E3SFCStrategy(Strategy):
                 return nodes
             time.sleep(POLL_SECONDS)
 
+    def _partitions(self, grid: Grid) -> list[int]:
+        """Partitions served by connected nodes, after asking new nodes which is theirs."""
+        nodes = self._wait_for_nodes(grid)
+        self._connected = len(nodes)
+        admission = self.discovery.refresh(grid, nodes)
+        for pid in admission.rejoined:
+            self.exp.server.rejoined(pid)
+        return self.discovery.roster.partitions()
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One train message per sampled node: its instruction and downlink payloads."""
-        plan = self.exp.plan(server_round, self._wait_for_nodes(grid))
+        """One train message per sampled partition, to the node serving it: its
+        instruction and downlink payloads."""
+        plan = self.exp.plan(server_round, self._partitions(grid))
         if plan is None:
             return []
+        node_of = self.discovery.roster.node_of
+        logger.info("round %d: partitions %s", server_round, sorted(plan))
         return [
-            Message(content=instruction_content(instr), dst_node_id=node, message_type=MessageType.TRAIN)
-            for node, instr in plan.items()
+            Message(instruction_content(instr), dst_node_id=node_of(pid), message_type=MessageType.TRAIN)
+            for pid, instr in plan.items()
         ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Hand every reply (errors included) to the experiment; report round metrics."""
-        rec = self.exp.complete(server_round, [reply_from(m) for m in replies])
+        keyed = self.discovery.roster.keyed_by_partition
+        rec = self.exp.complete(server_round, [keyed(reply_from(m)) for m in replies])
         metrics = MetricRecord(
             {
                 "accuracy": rec.accuracy,
@@ -123,8 +142,11 @@ class E3SFCStrategy(Strategy):
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
             if not messages:
                 if not self.exp.stopped_early:  # not the budget: nobody to train
-                    wait = self.exp.cfg.round_timeout
-                    self.exp.stopped_early = f"no SuperNode connected within {wait:.0f} s"
+                    self.exp.stopped_early = (
+                        f"none of the {self._connected} connected SuperNode(s) reported a valid partition"
+                        if self._connected
+                        else f"no SuperNode connected within {self.exp.cfg.round_timeout:.0f} s"
+                    )
                     logger.warning("stopping before round %d: %s", server_round, self.exp.stopped_early)
                 break
             _arrays, metrics = self.aggregate_train(server_round, self._send_and_receive(grid, messages))

@@ -91,3 +91,20 @@ def test_state_dir_survives_a_supernode_restart(tmp_path: Path) -> None:
     # Assert
     assert state.residual is not None
     assert (state.residual.numpy() == residual).all()
+
+
+def test_query_answers_the_partition_of_the_node_config_and_refuses_other_queries(tmp_path: Path) -> None:
+    # Prepare
+    from client_app.app import query
+    from server_app.records import partition_from, query_content
+
+    _, ctx, _ = _setup(tmp_path, {"partition-id": "3", "num-partitions": "4"})  # strings, as a CLI gives
+    other = Message(RecordDict({"e3sfc.query": ConfigRecord({"ask": "weights"})}), 7, MessageType.QUERY)
+    # Execute
+    answer = partition_from(
+        query(Message(query_content(), dst_node_id=7, message_type=MessageType.QUERY), ctx)
+    )
+    # Assert
+    assert (answer.partition_id, answer.num_partitions) == (3, 4)
+    with pytest.raises(PayloadError, match="not an e3sfc partition query"):
+        query(other, ctx)
