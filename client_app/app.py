@@ -8,7 +8,14 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from e3sfc_core.client import ClientState, client_data, client_round, load_client_state, save_client_state
+from e3sfc_core.client import (
+    ClientState,
+    client_data,
+    client_round,
+    client_state_file,
+    load_client_state,
+    save_client_state,
+)
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec
 from e3sfc_core.payload import STATE_RESIDUAL
@@ -53,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = part.partition_id, part.num_partitions
     data_root = str(node.get("data-root", cfg.data_root))
     state_dir = node.get("state-dir")
-    state_file = Path(str(state_dir)) / f"client-{partition_id}.npz" if state_dir else None
+    state_file = client_state_file(str(state_dir), partition_id) if state_dir else None
     instruction = instruction_from(msg)
     spec = get_spec(cfg.dataset)
     data = client_data(cfg, partition_id, num_partitions, data_root)

@@ -180,6 +180,12 @@ def client_round(
     return reply, new_state
 
 
+def client_state_file(state_dir: str | Path, partition_id: int) -> Path:
+    """Where a client keeps its state between processes: one file per partition, so a
+    node restarted on the same partition (or the in-process loop) finds it again."""
+    return Path(state_dir) / f"client-{partition_id}.npz"
+
+
 def save_client_state(path: Path, state: ClientState) -> None:
     """Persist a client's state atomically (survives a SuperNode or process restart)."""
     save_checkpoint(path, state.to_tensors(), {"kind": "e3sfc-client-state"})

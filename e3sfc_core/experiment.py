@@ -1,8 +1,10 @@
-"""One federated run seen from the server: plan a round, complete it (aggregate, evaluate,
-report, checkpoint) and finalise the outputs.
+"""One federated run seen from the server: the round loop (plan, exchange, aggregate,
+evaluate, report, checkpoint), its stopping rules, and the outputs.
 
-The Flower strategy and the plain-Python loop (:mod:`e3sfc_core.simulate`) both drive an
-:class:`Experiment`, so their outputs are the same files with the same numbers.
+The loop is written once, here (:meth:`Experiment.run`). The Flower strategy and the
+plain-Python loop (:mod:`e3sfc_core.simulate`) are only transports for it
+(:mod:`e3sfc_core.transport`), so their outputs are the same files with the same numbers
+and every reason to stop early is decided here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .protocol import Instruction, Reply
 from .reporting import format_round, plot_runs, read_metrics, summarize, write_metrics, write_summary
 from .server import FederatedServer, RoundRecord
 from .training import apply_threads, evaluate, resolve_device
+from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +74,40 @@ class Experiment:
         logger.info("initial model: accuracy %.4f, loss %.4f", acc, loss)
         return loss, acc
 
-    def plan(self, server_round: int, node_ids: Sequence[int]) -> dict[int, Instruction] | None:
+    def run(self, transport: Transport, *, stop_after: int | None = None) -> bool:
+        """Run the remaining rounds over ``transport``; the one round loop of the project.
+
+        It stops early, with the reason in ``stopped_early``, when the byte budget is
+        spent or when nobody can train. ``stop_after`` ends it after that round without
+        a reason, as a crash would (tests of resuming). Returns ``False`` only then, so
+        the caller knows not to :meth:`finalize`.
+        """
+        for server_round in self.rounds:
+            roll = transport.roll(server_round)
+            for client in roll.rejoined:
+                self.server.rejoined(client)
+            plan = self.plan(server_round, roll.clients) if roll.clients else {}
+            if plan is None:
+                break
+            if not plan:
+                self._stop(server_round, roll.absent or "no client can train")
+                break
+            self.complete(server_round, transport.exchange(server_round, plan))
+            if stop_after is not None and server_round >= stop_after:
+                return False
+        return True
+
+    def _stop(self, server_round: int, reason: str) -> None:
+        """Record why the run ends before ``server_round`` (shown in ``summary.json``)."""
+        self.stopped_early = reason
+        logger.warning("stopping before round %d: %s", server_round, reason)
+
+    def plan(self, server_round: int, clients: Sequence[int]) -> dict[int, Instruction] | None:
         """Instructions for the round, or ``None`` when the byte budget is spent."""
         try:
-            return self.server.plan_round(server_round, node_ids)
+            return self.server.plan_round(server_round, clients)
         except BudgetExhausted as exc:
-            self.stopped_early = str(exc)
-            logger.warning("stopping before round %d: %s", server_round, exc)
+            self._stop(server_round, str(exc))
             return None
 
     def complete(self, server_round: int, replies: Sequence[Reply]) -> RoundRecord:

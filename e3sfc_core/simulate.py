@@ -1,8 +1,8 @@
-"""Plain-Python federated loop (no Flower): N clients, R rounds, any method.
+"""Plain-Python federated run (no Flower): N clients, R rounds, any method.
 
-It drives the same :class:`~e3sfc_core.experiment.Experiment` and
-:func:`~e3sfc_core.client.client_round` the Flower apps use, so tests and benchmarks
-measure exactly the algorithm that ``flwr run`` runs. Clients run one after another in
+It runs the same round loop (:meth:`~e3sfc_core.experiment.Experiment.run`) and
+:func:`~e3sfc_core.client.client_round` as the Flower apps, over an in-process transport,
+so tests and benchmarks measure exactly the algorithm that ``flwr run`` runs. Clients run one after another in
 this process; their state is kept in a dict, as a SuperNode keeps ``context.state``. A
 client is known by its partition id here and in the Flower apps (which map Flower's node
 IDs to partitions), so both sample the same clients with the same seed.
@@ -12,16 +12,80 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .client import ClientState, client_data, client_round, load_client_state, save_client_state
+import torch
+
+from .client import (
+    ClientState,
+    client_data,
+    client_round,
+    client_state_file,
+    load_client_state,
+    save_client_state,
+)
 from .config import ExperimentConfig
+from .datasets import DatasetSpec
 from .experiment import Experiment, resolve_path
-from .protocol import Instruction, Reply
+from .protocol import STATUS_ERROR, Instruction, Reply
+from .transport import Roll
 
 ReplyHook = Callable[[int, Instruction, Reply], Reply]
+
+
+class InProcessTransport:
+    """Every partition is a client in this process, always present; clients run one
+    after another and keep their state in a dict (and in ``state_dir`` if given)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        spec: DatasetSpec,
+        data_root: Path,
+        device: torch.device,
+        *,
+        reply_hook: ReplyHook | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.cfg, self.spec, self.data_root, self.device = cfg, spec, data_root, device
+        self.reply_hook = reply_hook
+        self.state_dir = state_dir
+        self.states = {pid: self._load(pid) for pid in range(cfg.num_partitions)}
+
+    def _load(self, pid: int) -> ClientState:
+        if self.state_dir is None:
+            return ClientState()
+        return load_client_state(client_state_file(self.state_dir, pid))
+
+    def roll(self, server_round: int) -> Roll:
+        """All partitions, every round."""
+        return Roll(clients=list(self.states))
+
+    def exchange(self, server_round: int, plan: Mapping[int, Instruction]) -> list[Reply]:
+        """Run each planned client's round; a crashed client keeps its old state."""
+        replies = []
+        for pid, instruction in plan.items():
+            data = client_data(self.cfg, pid, self.cfg.num_partitions, self.data_root)
+            reply, new_state = client_round(
+                self.cfg,
+                self.spec,
+                instruction,
+                data,
+                self.states[pid],
+                node_id=pid,
+                partition_id=pid,
+                device=self.device,
+            )
+            if self.reply_hook is not None:
+                reply = self.reply_hook(server_round, instruction, reply)
+            if reply.status != STATUS_ERROR:
+                self.states[pid] = new_state
+                if self.state_dir is not None:
+                    save_client_state(client_state_file(self.state_dir, pid), new_state)
+            replies.append(reply)
+        return replies
 
 
 def run_reference(
@@ -40,43 +104,12 @@ def run_reference(
     ``state-dir`` does), so a killed process resumes exactly.
     """
     exp = Experiment(cfg, base_dir)
-    base = base_dir or Path.cwd()
-    root = resolve_path(cfg.data_root, base)
-
-    def state_file(pid: int) -> Path | None:
-        return state_dir / f"client-{pid}.npz" if state_dir is not None else None
-
-    states = {
-        pid: load_client_state(f) if (f := state_file(pid)) is not None else ClientState()
-        for pid in range(cfg.num_partitions)
-    }
-    for server_round in exp.rounds:
-        plan = exp.plan(server_round, list(states))
-        if plan is None:
-            break
-        replies = []
-        for node, instruction in plan.items():
-            data = client_data(cfg, node, cfg.num_partitions, root)
-            reply, new_state = client_round(
-                cfg,
-                exp.spec,
-                instruction,
-                data,
-                states[node],
-                node_id=node,
-                partition_id=node,
-                device=exp.device,
-            )
-            if reply_hook is not None:
-                reply = reply_hook(server_round, instruction, reply)
-            if reply.status != "error":  # a crashed client keeps its old state
-                states[node] = new_state
-                if (f := state_file(node)) is not None:
-                    save_client_state(f, new_state)
-            replies.append(reply)
-        exp.complete(server_round, replies)
-        if stop_after is not None and server_round >= stop_after:
-            return exp, {}
+    root = resolve_path(cfg.data_root, base_dir or Path.cwd())
+    transport = InProcessTransport(
+        cfg, exp.spec, root, exp.device, reply_hook=reply_hook, state_dir=state_dir
+    )
+    if not exp.run(transport, stop_after=stop_after):
+        return exp, {}
     return exp, exp.finalize()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from e3sfc_core.protocol import Instruction, Reply
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.tensors import digest_flat, get_flat
 from e3sfc_core.training import evaluate
+from e3sfc_core.transport import Roll
 
 
 def config(tmp: Path, **overrides: Any) -> ExperimentConfig:
@@ -221,3 +223,29 @@ def test_fedavg_equivalent_bytes_are_what_fedavg_really_sends(tmp_path: Path) ->
 
     # Assert: FedAvg sends no round-1 downlink, and the equivalent counts none either
     assert e3_summary["fedavg_equivalent_bytes"] == fed_summary["total_bytes"]
+
+
+class _Absent:
+    """A transport with nobody there (and one partition that moved to a new process)."""
+
+    def __init__(self) -> None:
+        self.exchanged = 0
+
+    def roll(self, server_round: int) -> Roll:
+        return Roll(clients=[], rejoined=[2], absent="nobody came")
+
+    def exchange(self, server_round: int, plan: Mapping[int, Instruction]) -> list[Reply]:
+        self.exchanged += 1
+        return []
+
+
+def test_the_core_loop_stops_with_the_transports_reason_when_nobody_can_train(tmp_path: Path) -> None:
+    # Prepare
+    exp = Experiment(config(tmp_path), base_dir=tmp_path)
+    transport = _Absent()
+    # Execute
+    finished = exp.run(transport)
+    # Assert: no round ran, the reason is the run's, and the rejoined client will be re-synced
+    assert finished and transport.exchanged == 0 and exp.server.records == []
+    assert exp.stopped_early == "nobody came"
+    assert exp.server.synced[2] is None
