@@ -201,12 +201,13 @@ def parse_ints(text: str) -> list[int]:
 
 
 def client_settings(cfg: Any, partition_id: int, **overrides: Any) -> Any:
-    """``cfg``'s compressor settings with client ``partition_id``'s seed, as
-    ``e3sfc_core.client.client_compressor`` seeds them, then ``overrides`` applied."""
+    """``cfg``'s compressor settings with client ``partition_id``'s seed
+    (``e3sfc_core.client.client_settings``), then ``overrides`` applied."""
     from dataclasses import replace
 
-    seed = (cfg.seed * 7919 + partition_id + 1) % 2**31
-    return replace(cfg.compressor_settings(), seed=seed, **overrides)
+    from e3sfc_core.client import client_settings as core_client_settings
+
+    return replace(core_client_settings(cfg, partition_id), **overrides)
 
 
 def uplink_meta(target: Any) -> Any:
@@ -344,9 +345,10 @@ def train_as_client(
 ) -> Any:
     """Local training exactly as ``client_round`` does it: ``cfg``'s epochs, learning rate
     and batch size, and its shuffling seed for this round and partition."""
+    from e3sfc_core.seeds import SHUFFLE, derive_seed
     from e3sfc_core.training import train_local
 
-    seed = int((cfg.seed * 1_000_003 + server_round * 1009 + partition_id) % 2**62)
+    seed = derive_seed(cfg.seed, SHUFFLE, server_round, partition_id)
     return train_local(
         model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed
     )

@@ -76,7 +76,7 @@ from e3sfc_core.decompressor import synthetic_gradient  # noqa: E402
 from e3sfc_core.experiment import resolve_path  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.rounds import compress_update  # noqa: E402
-from e3sfc_core.synthetic import SyntheticFeatureCompressor, _CosineObjective, _seed  # noqa: E402
+from e3sfc_core.synthetic import SyntheticFeatureCompressor, _CosineObjective, init_seed  # noqa: E402
 from e3sfc_core.tensors import get_flat, set_flat  # noqa: E402
 from e3sfc_core.training import train_local  # noqa: E402
 
@@ -102,7 +102,7 @@ class TorchLBFGSCompressor(SyntheticFeatureCompressor):
         self, target: torch.Tensor, model: torch.nn.Module, n: int, meta: PayloadMeta
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         s = self.settings
-        gen = torch.Generator().manual_seed(_seed(s.seed, meta))
+        gen = torch.Generator().manual_seed(init_seed(s.seed, meta))
         x = (torch.randn((n, *self.input_shape), generator=gen) * s.init_scale).requires_grad_(True)
         y = torch.randn((n, self.n_classes), generator=gen).requires_grad_(True)
         t_norm = target.norm()

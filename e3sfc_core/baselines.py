@@ -38,7 +38,6 @@ to float32 in ``compress``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 import time
@@ -69,6 +68,7 @@ from .payload import (
     SparseBody,
     TernaryBody,
 )
+from .seeds import QSGD, derive_seed
 from .tensors import num_params
 
 _FLOAT16_MAX = 65504.0
@@ -319,12 +319,6 @@ class SignCompressor(_Baseline):
 # --------------------------------------------------------------------------- QSGD
 
 
-def qsgd_seed(seed: int, server_round: int, direction: int) -> int:
-    """63-bit generator seed derived from ``(seed, server_round, direction)``."""
-    data = b"e3sfc.qsgd" + struct.pack("<qqq", int(seed), int(server_round), int(direction))
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & (2**63 - 1)
-
-
 class QSGDCompressor(_Baseline):
     """QSGD (Alistarh et al. 2017) with ``s`` levels, buckets and seeded stochastic rounding.
 
@@ -333,8 +327,8 @@ class QSGDCompressor(_Baseline):
     Bernoulli(frac))`` and the receiver reconstructs ``norm * q / s``. A bucket's ``norm``
     is its ``||t||_2`` rounded *up* to float32, so the wire value is exactly the one used
     for rounding (keeping the estimator unbiased) and ``|q| <= s`` holds. The uniforms
-    come from a CPU ``torch.Generator`` seeded by ``qsgd_seed(settings.seed,
-    meta.server_round, meta.direction)``, so the result is the same on every device and
+    come from a CPU ``torch.Generator`` seeded by ``derive_seed(settings.seed,
+    QSGD, meta.server_round, meta.direction)``, so the result is the same on every device and
     for every repeated call with the same meta.
     """
 
@@ -369,7 +363,7 @@ class QSGDCompressor(_Baseline):
         norms = self._norms(flat)
         per_entry = norms.repeat_interleave(self.bucket_size)[:n]
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(qsgd_seed(self.settings.seed, meta.server_round, int(meta.direction)))
+        gen.manual_seed(derive_seed(self.settings.seed, QSGD, meta.server_round, int(meta.direction)))
         u = torch.rand(n, generator=gen, dtype=torch.float64).to(flat.device)
         safe = torch.where(per_entry > 0, per_entry, torch.ones_like(per_entry))
         scaled = (flat.double().abs() * s / safe).clamp_(max=float(s))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .compressor import Budget, Compressor, PayloadMeta, build_compressor
+from .compressor import Budget, Compressor, CompressorSettings, PayloadMeta, build_compressor
 from .config import ExperimentConfig
 from .datasets import DatasetSpec, TensorData, load_partition
 from .decompressor import parameter_sizes
@@ -22,6 +22,7 @@ from .models import build_model
 from .payload import Direction
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
 from .rounds import apply_downlink, bounded_residual, compress_update
+from .seeds import COMPRESSOR, SHUFFLE, derive_seed
 from .tensors import digest_flat, get_flat, num_params, set_flat
 from .training import apply_threads, train_local
 
@@ -111,10 +112,13 @@ def client_compressor(
 ) -> Compressor:
     """The method's compressor with a per-client seed, so that clients' random choices
     (3SFC initialisation, QSGD rounding) are independent and their noise averages out."""
-    settings = replace(
-        cfg.compressor_settings(layer_count), seed=(cfg.seed * 7919 + partition_id + 1) % 2**31
-    )
-    return build_compressor(cfg.compressor_name, settings, spec)
+    return build_compressor(cfg.compressor_name, client_settings(cfg, partition_id, layer_count), spec)
+
+
+def client_settings(cfg: ExperimentConfig, partition_id: int, layer_count: int = 0) -> CompressorSettings:
+    """``cfg``'s compressor settings with client ``partition_id``'s own seed."""
+    seed = derive_seed(cfg.seed, COMPRESSOR, partition_id)
+    return replace(cfg.compressor_settings(layer_count), seed=seed)
 
 
 def client_round(
@@ -150,7 +154,7 @@ def client_round(
     numel = base.numel()
     start = state.residual_for(instruction, compressor.uses_error_feedback)
     residual = start.to(device) if start is not None else torch.zeros(numel, device=device)
-    seed = (cfg.seed * 1_000_003 + instruction.server_round * 1009 + partition_id) % 2**62
+    seed = derive_seed(cfg.seed, SHUFFLE, instruction.server_round, partition_id)
     stats = train_local(
         model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed
     )

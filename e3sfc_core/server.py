@@ -51,6 +51,7 @@ from .rounds import (
     exact_decompress,
     weighted_sum,
 )
+from .seeds import SAMPLE, derive_seed
 from .tensors import add_flat_, digest_flat, get_flat, num_params, set_flat
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class FederatedServer:
         the same seed picks the same partitions in every run, in Flower and in-process."""
         nodes = sorted(node_ids)
         k = min(len(nodes), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(nodes))))
-        return sorted(random.Random(self.cfg.seed * 1_000_003 + server_round).sample(nodes, k))
+        return sorted(random.Random(derive_seed(self.cfg.seed, SAMPLE, server_round)).sample(nodes, k))
 
     def rejoined(self, client: int) -> None:
         """Another process now serves ``client`` (a restarted SuperNode): what weights it

@@ -32,6 +32,7 @@ from .decompressor import parameter_sizes, synthesize_update, synthetic_gradient
 from .errors import ConfigError, PayloadRejected
 from .payload import HEADER_SIZE as _HEADER
 from .payload import Codec, FloatType, Payload, SyntheticBody
+from .seeds import SYNTHETIC, derive_seed
 from .tensors import num_params
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,9 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LBFGS_HISTORY = 10  # correction pairs kept by L-BFGS-B
 
 
-def _seed(settings_seed: int, meta: PayloadMeta) -> int:
-    """Distinct, reproducible initialisation per (run seed, round, direction)."""
-    return (settings_seed * 1_000_003 + meta.server_round * 2 + int(meta.direction)) % 2**63
+def init_seed(settings_seed: int, meta: PayloadMeta) -> int:
+    """Distinct, reproducible initialisation per (compressor seed, round, direction)."""
+    return derive_seed(settings_seed, SYNTHETIC, meta.server_round, int(meta.direction))
 
 
 class SyntheticFeatureCompressor:
@@ -141,7 +142,7 @@ class SyntheticFeatureCompressor:
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """L-BFGS-B over (X, Y) flattened into one vector; the best iterate is kept."""
         s = self.settings
-        gen = torch.Generator().manual_seed(_seed(s.seed, meta))
+        gen = torch.Generator().manual_seed(init_seed(s.seed, meta))
         x0 = torch.randn((n, *self.input_shape), generator=gen) * s.init_scale
         y0 = torch.randn((n, self.n_classes), generator=gen)
         start = torch.cat([x0.reshape(-1), y0.reshape(-1)]).double().numpy()

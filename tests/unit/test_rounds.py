@@ -24,6 +24,7 @@ from e3sfc_core.rounds import (
     compress_update,
     decompress_checked,
 )
+from e3sfc_core.seeds import SHUFFLE, derive_seed
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.synthetic import SyntheticFeatureCompressor
 from e3sfc_core.tensors import add_flat_, digest_flat, get_flat, num_params, set_flat
@@ -387,7 +388,7 @@ def test_run_reference_fedavg_equals_weighted_mean_of_local_updates(tmp_path) ->
         for pid, data in enumerate(parts):
             local = build_model(cfg.model, SHAPE, CLASSES, cfg.seed)
             set_flat(local, base)
-            seed = (cfg.seed * 1_000_003 + rnd * 1009 + pid) % 2**62
+            seed = derive_seed(cfg.seed, SHUFFLE, rnd, pid)
             train_local(local, data, epochs=1, lr=cfg.lr, batch_size=cfg.batch_size, device=CPU, seed=seed)
             updates.append(get_flat(local) - base)
             sizes.append(len(data))
