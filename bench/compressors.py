@@ -76,6 +76,7 @@ from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build
 from e3sfc_core.config import ExperimentConfig  # noqa: E402
 from e3sfc_core.datasets import get_spec  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
+from e3sfc_core.payload import dense_size  # noqa: E402
 from e3sfc_core.tensors import cosine, num_params, set_flat  # noqa: E402
 from e3sfc_core.training import resolve_device  # noqa: E402
 
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [
                 label,
                 row["bytes"],
-                f"{(numel * 4 + 28) / row['bytes']:.0f}x",
+                f"{dense_size(numel) / row['bytes']:.0f}x",
                 f"{cos_m:.3f} ± {cos_s:.3f}",
                 f"{comp_med * 1e3:.2f}",
                 f"{row['roundtrip_s_median'] * 1e3:.2f}",

@@ -60,6 +60,7 @@ from _common import (  # noqa: E402
     write_results,
 )
 
+from e3sfc_core.compact import levels_bytes_bound, positions_bytes_bound  # noqa: E402
 from e3sfc_core.compressor import Budget, PayloadMeta, build_compressor  # noqa: E402
 from e3sfc_core.config import ExperimentConfig  # noqa: E402
 from e3sfc_core.datasets import get_spec  # noqa: E402
@@ -73,6 +74,10 @@ from e3sfc_core.payload import (  # noqa: E402
     TernaryBody,
     decode,
     encode,
+    qsgd_size,
+    sign_size,
+    sparse_size,
+    ternary_size,
 )
 from e3sfc_core.tensors import num_params  # noqa: E402
 
@@ -124,16 +129,20 @@ def v2_bytes(p: Payload, float_bytes: int) -> int:
     return HEADER_SIZE + 4 + (n + 7) // 8
 
 
-def code_part_bytes(data: bytes, p: Payload, float_bytes: int) -> int:
-    """Bytes of the positions (Top-k, STC) or levels (QSGD) section, as coded."""
-    b, body = p.body, len(data) - HEADER_SIZE
+def code_part_bytes(data: bytes, p: Payload) -> int:
+    """Bytes of the positions (Top-k, STC) or levels (QSGD) section, as coded: the
+    payload less its fixed part (the size function's bound less its section bound)."""
+    b, n = p.body, p.numel
     if isinstance(b, SparseBody):
-        return body - 6 - float_bytes * b.indices.numel()
+        k = b.indices.numel()
+        return len(data) - (sparse_size(n, k, p.float_type) - positions_bytes_bound(n, k))
     if isinstance(b, TernaryBody):
-        return body - 10 - (b.indices.numel() + 7) // 8
+        k = b.indices.numel()
+        return len(data) - (ternary_size(n, k) - positions_bytes_bound(n, k))
     if isinstance(b, QuantBody):
-        return body - 6 - 4 * b.norms.numel()
-    return body - 4
+        fixed = qsgd_size(n, b.levels, b.bucket_size) - levels_bytes_bound(n, b.levels)
+        return len(data) - fixed
+    return len(data) - (sign_size(n) - (n + 7) // 8)
 
 
 def nonzero_fraction(p: Payload) -> float:
@@ -182,7 +191,7 @@ def measure(comp: Any, target: torch.Tensor, model: torch.nn.Module, meta: Paylo
     float_bytes = comp.float_bytes
     total, part = bound_bits(payload, 8 * float_bytes)
     body = len(data) - HEADER_SIZE
-    code_part = code_part_bytes(data, payload, float_bytes)
+    code_part = code_part_bytes(data, payload)
     return {
         "bytes": len(data),
         "body_bytes": body,

@@ -172,11 +172,11 @@ def _e3sfc_sizes(raw: dict[str, Any]) -> tuple[Any, Any, list[int], int]:
 def default_downlink(cell: Cell) -> str:
     """What ``downlink = "auto"`` does in this cell: relay (bundle of every sampled client's
     payload) when that is at most ``relay-max-fraction`` of the dense weights."""
-    from e3sfc_core.payload import HEADER_SIZE, bundle_size
+    from e3sfc_core.payload import bundle_size, dense_size
 
     cfg, _, sizes, payload = _e3sfc_sizes(cell.config())
     sampled = max(cfg.min_train_nodes, round(cfg.fraction_train * cfg.num_partitions))
-    relay = cfg.relays(bundle_size([payload] * sampled), 4 * sum(sizes) + HEADER_SIZE)
+    relay = cfg.relays(bundle_size([payload] * sampled), dense_size(sum(sizes)))
     return "relay" if relay else "3SFC"
 
 
@@ -289,10 +289,10 @@ def _swing(rows: list[dict[str, Any]]) -> str:
 def byte_goal(cell: Cell) -> float:
     """100x, or a quarter of what one synthetic sample per payload would save where one
     sample is a large share of the model (dense payload / n = 1 payload, per message)."""
-    from e3sfc_core.payload import HEADER_SIZE
+    from e3sfc_core.payload import dense_size
 
     _, _, sizes, one = _e3sfc_sizes({**cell.config(), "synthetic-samples": 1})
-    return min(100.0, (4 * sum(sizes) + HEADER_SIZE) / one / 4)
+    return min(100.0, dense_size(sum(sizes)) / one / 4)
 
 
 def verdict(by_method: dict[str, list[dict[str, Any]]], method: str, needed: float) -> str:

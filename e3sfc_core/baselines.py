@@ -4,7 +4,8 @@ Every method works on one flat float32 target vector whose length is the model's
 number of weights; the model is only used to check that length and to pick the device
 of the reconstruction. All methods are vectorised torch and run on CPU or CUDA.
 
-Registry keys (``COMPRESSORS``) and ``encoded_size(numel, budget)``, with ``F`` = 4 bytes
+Registry keys (``COMPRESSORS``) and ``encoded_size(numel, budget)`` (computed by the
+size functions next to ``encode`` in :mod:`e3sfc_core.payload`), with ``F`` = 4 bytes
 (float32) or 2 bytes (``settings.float16``), ``k = topk_count(settings.topk_ratio, numel)``,
 ``P = compact.positions_bytes_bound(numel, k)``, ``s = settings.qsgd_levels`` and
 ``nb = ceil(numel / settings.qsgd_bucket_size)``:
@@ -46,7 +47,6 @@ import torch
 from torch import nn
 
 from .budget import largest_fitting
-from .compact import levels_bytes_bound, positions_bytes_bound
 from .compressor import (
     Budget,
     CompressorSettings,
@@ -56,7 +56,6 @@ from .compressor import (
 )
 from .errors import ConfigError, PayloadRejected
 from .payload import (
-    HEADER_SIZE,
     MAX_QSGD_BUCKET,
     MAX_QSGD_LEVELS,
     Codec,
@@ -67,6 +66,12 @@ from .payload import (
     SignBody,
     SparseBody,
     TernaryBody,
+    dense_size,
+    float_width,
+    qsgd_size,
+    sign_size,
+    sparse_size,
+    ternary_size,
 )
 from .seeds import QSGD, derive_seed
 from .tensors import num_params
@@ -112,7 +117,7 @@ class _Baseline:
     def __init__(self, settings: CompressorSettings) -> None:
         self.settings = settings
         self.float_type = FloatType.FLOAT16 if settings.float16 else FloatType.FLOAT32
-        self.float_bytes = 2 if settings.float16 else 4
+        self.float_bytes = float_width(self.float_type)
 
     # -------------------------------------------------------------------- helpers
 
@@ -192,7 +197,7 @@ class FedAvgCompressor(_Baseline):
         return body.values.detach().reshape(-1).to(device, torch.float32).clone()
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
-        return HEADER_SIZE + self.float_bytes * numel
+        return dense_size(numel, self.float_type)
 
 
 # -------------------------------------------------------------------------- Top-k
@@ -238,7 +243,7 @@ class TopKCompressor(_Baseline):
 
     def size_for_k(self, numel: int, k: int) -> int:
         """Most bytes a payload keeping ``k`` of ``numel`` entries can take."""
-        return HEADER_SIZE + 6 + self.float_bytes * k + positions_bytes_bound(numel, k)
+        return sparse_size(numel, k, self.float_type)
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
         """Upper bound of ``len(encode(payload))`` (exact for ``k`` = 0 or ``numel``)."""
@@ -283,7 +288,7 @@ class STCCompressor(TopKCompressor):
         return out
 
     def size_for_k(self, numel: int, k: int) -> int:
-        return HEADER_SIZE + 10 + (k + 7) // 8 + positions_bytes_bound(numel, k)
+        return ternary_size(numel, k)
 
 
 # ------------------------------------------------------------------------ signSGD
@@ -313,7 +318,7 @@ class SignCompressor(_Baseline):
         return torch.where(neg, -s, s)
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
-        return HEADER_SIZE + 4 + (numel + 7) // 8
+        return sign_size(numel)
 
 
 # --------------------------------------------------------------------------- QSGD
@@ -382,8 +387,7 @@ class QSGDCompressor(_Baseline):
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
         """Upper bound of ``len(encode(payload))``: the packed levels, never exceeded."""
-        n_buckets = -(-numel // self.bucket_size)
-        return HEADER_SIZE + 6 + 4 * n_buckets + levels_bytes_bound(numel, self.levels)
+        return qsgd_size(numel, self.levels, self.bucket_size)
 
 
 # ----------------------------------------------------------------------- registry

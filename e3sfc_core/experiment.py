@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .datasets import load_dataset
 from .errors import BudgetExhausted
-from .payload import HEADER_SIZE
+from .payload import dense_size
 from .protocol import Instruction, Reply
 from .reporting import format_round, plot_runs, read_metrics, summarize, write_metrics, write_summary
 from .server import FederatedServer, RoundRecord
@@ -124,7 +124,7 @@ class Experiment:
 
     def finalize(self) -> dict[str, Any]:
         """Write ``summary.json`` and the plots; return the summary."""
-        dense = self.server.numel * 4 + HEADER_SIZE
+        dense = dense_size(self.server.numel)
         summary = summarize(
             self.server.records,
             self.cfg.to_run_config(),

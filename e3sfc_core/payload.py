@@ -100,7 +100,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .compact import decode_levels, decode_positions, encode_levels, encode_positions
+from .compact import (
+    decode_levels,
+    decode_positions,
+    encode_levels,
+    encode_positions,
+    levels_bytes_bound,
+    positions_bytes_bound,
+)
 from .errors import PayloadError, UnsupportedVersion
 from .tensors import DIGEST_SIZE
 
@@ -379,8 +386,57 @@ def _encode_bundle(b: BundleBody, numel: int) -> bytes:
     return b"".join(parts)
 
 
+# ------------------------------------------------------------------------------- sizes
+# ``len(encode(...))`` from a payload's layout parameters, without building it: what
+# budgets, byte limits and benchmarks use. They follow the layout above; a test checks
+# each against ``encode`` for every codec.
+
+_SYNTHETIC_FIXED = 4 + 2 + 2 + 1 + 1 + 2  # scale, n, n_classes, ndim, zero byte, n_layer_scales
+
+
+def float_width(float_type: FloatType) -> int:
+    """Bytes per float of the body's float arrays."""
+    return 2 if float_type == FloatType.FLOAT16 else 4
+
+
+def dense_size(numel: int, float_type: FloatType = FloatType.FLOAT32) -> int:
+    """Exact size of a dense update or a full-weights payload."""
+    return HEADER_SIZE + float_width(float_type) * numel
+
+
+def synthetic_size(
+    n: int, input_shape: Sequence[int], n_classes: int, float_type: FloatType, n_layer_scales: int = 0
+) -> int:
+    """Exact size of a synthetic (3SFC) payload with ``n`` samples."""
+    fixed = HEADER_SIZE + _SYNTHETIC_FIXED + 4 * len(input_shape) + 4 * n_layer_scales
+    return fixed + n * (math.prod(input_shape) + n_classes) * float_width(float_type)
+
+
+def sparse_size(numel: int, k: int, float_type: FloatType = FloatType.FLOAT32) -> int:
+    """Most bytes a top-k payload keeping ``k`` of ``numel`` entries can take (exact
+    for ``k`` = 0 or ``numel``: the positions are then a bitmap or nothing)."""
+    return HEADER_SIZE + 6 + float_width(float_type) * k + positions_bytes_bound(numel, k)
+
+
+def ternary_size(numel: int, k: int) -> int:
+    """Most bytes an STC payload keeping ``k`` of ``numel`` entries can take (exact as
+    :func:`sparse_size` is)."""
+    return HEADER_SIZE + 10 + (k + 7) // 8 + positions_bytes_bound(numel, k)
+
+
+def sign_size(numel: int) -> int:
+    """Exact size of a sign payload."""
+    return HEADER_SIZE + 4 + (numel + 7) // 8
+
+
+def qsgd_size(numel: int, levels: int, bucket_size: int) -> int:
+    """Most bytes a QSGD payload can take: its levels packed, never exceeded (exact
+    when the packed section is the one chosen)."""
+    return HEADER_SIZE + 6 + 4 * _buckets(numel, bucket_size) + levels_bytes_bound(numel, levels)
+
+
 def bundle_size(lengths: Sequence[int]) -> int:
-    """``len(encode(...))`` of a bundle of payloads with these encoded lengths."""
+    """Exact size of a bundle of payloads with these encoded lengths."""
     return HEADER_SIZE + 2 + sum(12 + n for n in lengths)
 
 

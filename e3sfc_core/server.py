@@ -31,13 +31,13 @@ from .decompressor import parameter_sizes
 from .errors import BudgetExhausted, PayloadError
 from .models import build_model
 from .payload import (
-    HEADER_SIZE,
     BundleBody,
     Codec,
     DenseBody,
     Direction,
     Payload,
     bundle_size,
+    dense_size,
     encode,
 )
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
@@ -313,7 +313,7 @@ class FederatedServer:
         else:
             factors, rec.clipped = aggregation_multipliers(updates, weights, self.cfg.clip_norm_factor)
             bundle_bytes = bundle_size([len(p) for p in accepted])
-            if self.cfg.relays(bundle_bytes, self.numel * 4 + HEADER_SIZE):
+            if self.cfg.relays(bundle_bytes, dense_size(self.numel)):
                 self._relay(server_round, BundleBody(tuple(factors), tuple(accepted)), rec)
             else:
                 self._apply(server_round, weighted_sum(updates, factors), rec)

@@ -30,14 +30,12 @@ from torch import nn
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
 from .decompressor import parameter_sizes, synthesize_update, synthetic_gradient
 from .errors import ConfigError, PayloadRejected
-from .payload import HEADER_SIZE as _HEADER
-from .payload import Codec, FloatType, Payload, SyntheticBody
+from .payload import Codec, FloatType, Payload, SyntheticBody, synthetic_size
 from .seeds import SYNTHETIC, derive_seed
 from .tensors import num_params
 
 logger = logging.getLogger(__name__)
 
-_SYNTH_FIXED = 4 + 2 + 2 + 1 + 1 + 2  # scale, n, n_classes, ndim, padding, n_layer_scales
 _FLOAT16_MAX = 65504.0
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LBFGS_HISTORY = 10  # correction pairs kept by L-BFGS-B
@@ -63,15 +61,11 @@ class SyntheticFeatureCompressor:
         self.layerwise = settings.scale_mode == "layer"
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
-        """Header + fixed fields + dims + layer scales + ``n * (prod(input_shape) + n_classes)``
-        floats."""
-        width = 2 if self.float_type == FloatType.FLOAT16 else 4
-        per_sample = math.prod(self.input_shape) + self.n_classes
+        """Exact size of this compressor's payload with ``budget.n_samples`` samples."""
         if self.layerwise and self.settings.layer_count < 1:
             raise ConfigError("per-layer scales need the model's layer_count to size a payload")
-        layers = 4 * self.settings.layer_count if self.layerwise else 0
-        fixed = _HEADER + _SYNTH_FIXED + 4 * len(self.input_shape) + layers
-        return fixed + budget.n_samples * per_sample * width
+        layers = self.settings.layer_count if self.layerwise else 0
+        return synthetic_size(budget.n_samples, self.input_shape, self.n_classes, self.float_type, layers)
 
     def compress(
         self, target: torch.Tensor, model: nn.Module, meta: PayloadMeta, budget: Budget
