@@ -455,15 +455,13 @@ def mean_uplink_cosine(runs: Sequence[dict[str, Any]]) -> float:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["lr=0.1", "iid=true"]`` -> kebab-case dict, values parsed as the CLI does."""
-    from e3sfc_core.simulate import _parse_scalar
+    from e3sfc_core.config import parse_pairs
+    from e3sfc_core.errors import ConfigError
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override {item!r} is not key=value")
-        out[key.strip()] = _parse_scalar(value.strip())
-    return out
+    try:
+        return parse_pairs(items)
+    except ConfigError as exc:
+        raise SystemExit(f"override: {exc}") from None
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:

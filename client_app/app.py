@@ -18,10 +18,15 @@ from e3sfc_core.client import (
 )
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec
-from e3sfc_core.payload import STATE_RESIDUAL
 from e3sfc_core.protocol import PartitionAnswer
 from e3sfc_core.training import resolve_device
-from server_app.records import check_query, instruction_from, partition_content, reply_content
+from e3sfc_flower.records import (
+    STATE_RESIDUAL,
+    check_query,
+    instruction_from,
+    partition_content,
+    reply_content,
+)
 
 app = ClientApp()
 

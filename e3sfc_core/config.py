@@ -7,7 +7,8 @@ round 1 with :class:`ConfigError` naming the key and what is allowed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -157,3 +158,30 @@ class ExperimentConfig(BaseModel):
                 key = ".".join(str(p) for p in err["loc"]) or "config"
                 problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
             raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def parse_value(text: str) -> Any:
+    """A value as Flower's ``--run-config`` reads it: a TOML scalar (``3``, ``0.5``,
+    ``true``, ``"x"``); bare words become strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_pairs(pairs: Iterable[str]) -> dict[str, Any]:
+    """``["lr=0.1", "iid=true"]`` -> ``{"lr": 0.1, "iid": True}`` (the one parser of
+    ``key=value`` text: the launchers, the in-process CLI and the benchmarks use it).
+
+    Raises
+    ------
+    ConfigError
+        For an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out

@@ -125,14 +125,6 @@ MAX_QSGD_BUCKET = 65536
 MAX_LAYER_SCALES = 65535
 MAX_BUNDLE = 65535
 
-# Wire-contract names shared by the Flower apps (plain strings: no flwr import here).
-RECORD_UPLINK = "e3sfc.uplink"
-RECORD_DOWNLINK = "e3sfc.downlink"
-RECORD_CONFIG = "e3sfc.config"
-RECORD_METRICS = "metrics"
-STATE_RESIDUAL = "e3sfc.residual"
-STATE_WEIGHTS = "e3sfc.weights"
-
 
 class Direction(enum.IntEnum):
     """Which way a payload travels."""

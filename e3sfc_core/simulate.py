@@ -26,7 +26,7 @@ from .client import (
     load_client_state,
     save_client_state,
 )
-from .config import ExperimentConfig
+from .config import ExperimentConfig, parse_pairs
 from .datasets import DatasetSpec
 from .experiment import Experiment, resolve_path
 from .protocol import STATUS_ERROR, Instruction, Reply
@@ -119,26 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="kebab-case key=value pairs, e.g. method=topk")
     parser.add_argument("--state-dir", type=Path, help="keep client states on disk (exact resume)")
     args = parser.parse_args(argv)
-    raw: dict[str, Any] = {}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        raw[key] = _parse_scalar(value)
+    raw = parse_pairs(args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _, summary = run_reference(ExperimentConfig.from_run_config(raw), state_dir=args.state_dir)
     print(f"final accuracy {summary.get('final_accuracy')}, total bytes {summary.get('total_bytes')}")
-
-
-def _parse_scalar(text: str) -> Any:
-    """Parse a command-line value like TOML would (bools, ints, floats, else string)."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip("'\"")
 
 
 if __name__ == "__main__":

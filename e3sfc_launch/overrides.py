@@ -13,18 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.config import ExperimentConfig, parse_pairs
 from e3sfc_core.errors import ConfigError
 
 PATH_KEYS = ("output-dir", "data-root")
-
-
-def parse_value(text: str) -> Any:
-    """A TOML scalar (``3``, ``0.5``, ``true``, ``"x"``); bare words become strings."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def collect(config_file: Path | None, pairs: Sequence[str], base_dir: Path) -> dict[str, Any]:
@@ -34,17 +26,12 @@ def collect(config_file: Path | None, pairs: Sequence[str], base_dir: Path) -> d
     ------
     ConfigError
         For unknown keys or bad values, before anything is started.
-    ValueError
-        For a pair without ``=``.
+        Also for a pair without ``=``.
     """
     overrides: dict[str, Any] = {}
     if config_file is not None:
         overrides.update(tomllib.loads(config_file.read_text()))
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"expected key=value, got {pair!r}")
-        overrides[key.strip()] = parse_value(value.strip())
+    overrides.update(parse_pairs(pairs))
     ExperimentConfig.from_run_config(overrides)  # fail fast, naming the key
     for key in PATH_KEYS:
         path = Path(str(overrides.get(key, ExperimentConfig().to_run_config()[key]))).expanduser()

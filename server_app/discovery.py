@@ -20,8 +20,7 @@ from flwr.serverapp import Grid
 from e3sfc_core.errors import PayloadError
 from e3sfc_core.protocol import PartitionAnswer
 from e3sfc_core.roster import Admission, Roster
-
-from .records import partition_from, query_content
+from e3sfc_flower.records import partition_from, query_content
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.2

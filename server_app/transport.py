@@ -18,9 +18,9 @@ from flwr.serverapp import Grid
 
 from e3sfc_core.protocol import Instruction, Reply
 from e3sfc_core.transport import Roll
+from e3sfc_flower.records import instruction_content, reply_from
 
 from .discovery import PartitionDiscovery
-from .records import instruction_content, reply_from
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.2

@@ -11,11 +11,11 @@ from client_app.app import train
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec
 from e3sfc_core.errors import PayloadError
-from e3sfc_core.payload import RECORD_CONFIG, STATE_RESIDUAL, decode
+from e3sfc_core.payload import decode
 from e3sfc_core.protocol import Instruction
 from e3sfc_core.server import FederatedServer
 from e3sfc_core.training import resolve_device
-from server_app.records import instruction_content, reply_from
+from e3sfc_flower.records import RECORD_CONFIG, STATE_RESIDUAL, instruction_content, reply_from
 
 
 def _setup(tmp_path: Path, node_config: dict | None = None) -> tuple[FederatedServer, Context, Instruction]:
@@ -96,7 +96,7 @@ def test_state_dir_survives_a_supernode_restart(tmp_path: Path) -> None:
 def test_query_answers_the_partition_of_the_node_config_and_refuses_other_queries(tmp_path: Path) -> None:
     # Prepare
     from client_app.app import query
-    from server_app.records import partition_from, query_content
+    from e3sfc_flower.records import partition_from, query_content
 
     _, ctx, _ = _setup(tmp_path, {"partition-id": "3", "num-partitions": "4"})  # strings, as a CLI gives
     other = Message(RecordDict({"e3sfc.query": ConfigRecord({"ask": "weights"})}), 7, MessageType.QUERY)

@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, Error, Message
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
-from e3sfc_core.payload import RECORD_UPLINK, STATE_RESIDUAL, decode, encode
-from server_app.records import RAW_STYPE
+from e3sfc_core.payload import decode, encode
+from e3sfc_flower.records import RAW_STYPE, RECORD_UPLINK, STATE_RESIDUAL
 from server_app.strategy import E3SFCStrategy
 
 from .conftest import FakeGrid

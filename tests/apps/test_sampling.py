@@ -13,10 +13,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
-from e3sfc_core.payload import RECORD_CONFIG
 from e3sfc_core.protocol import Instruction, Reply
 from e3sfc_core.simulate import run_reference
-from server_app.records import RECORD_PARTITION
+from e3sfc_flower.records import RECORD_CONFIG, RECORD_PARTITION
 from server_app.strategy import E3SFCStrategy
 
 from .conftest import FakeGrid

@@ -10,9 +10,8 @@ from flwr.app import Array, ArrayRecord, Error, Message
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
-from e3sfc_core.payload import RECORD_UPLINK
 from e3sfc_core.simulate import run_reference
-from server_app.records import RAW_STYPE
+from e3sfc_flower.records import RAW_STYPE, RECORD_UPLINK
 from server_app.strategy import E3SFCStrategy
 
 from .conftest import FakeGrid

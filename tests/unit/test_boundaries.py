@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("e3sfc_core", "server_app", "client_app")
+PACKAGES = ("e3sfc_core", "e3sfc_flower", "server_app", "client_app")
 PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 
 
@@ -102,3 +102,22 @@ def test_no_pickle_anywhere_in_the_shipped_packages() -> None:
 
     # Assert
     assert found == {}
+
+
+def _imported_packages(pkg: str) -> set[str]:
+    """Top-level packages that the modules of ``pkg`` import (absolute imports)."""
+    found: set[str] = set()
+    for path in (ROOT / pkg).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_two_apps_do_not_import_each_other() -> None:
+    # Execute / Assert: what they share lives in e3sfc_flower (records) or e3sfc_core
+    assert "server_app" not in _imported_packages("client_app")
+    assert "client_app" not in _imported_packages("server_app")
+    assert not {"server_app", "client_app"} & _imported_packages("e3sfc_flower")

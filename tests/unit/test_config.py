@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from e3sfc_core.compressor import COMPRESSORS
-from e3sfc_core.config import METHODS, ExperimentConfig
+from e3sfc_core.config import METHODS, ExperimentConfig, parse_pairs
 from e3sfc_core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,3 +158,17 @@ def test_conf_files_are_valid_overrides(path: Path) -> None:
     assert set(overrides) <= set(ExperimentConfig().to_run_config())
     assert all(not isinstance(v, dict) for v in overrides.values())
     assert cfg.to_run_config()["dataset"] == overrides.get("dataset", "digits")
+
+
+def test_key_value_text_is_parsed_as_toml_values() -> None:
+    # Execute
+    raw = parse_pairs(["lr=0.1", "iid=true", "num-rounds=3", 'dataset="mnist"', "method=topk", "x = 1e3"])
+    # Assert: TOML scalars, bare words as strings, keys and values trimmed
+    assert raw == {"lr": 0.1, "iid": True, "num-rounds": 3, "dataset": "mnist", "method": "topk", "x": 1000.0}
+    cfg = ExperimentConfig.from_run_config({k: raw[k] for k in ("lr", "num-rounds", "dataset", "method")})
+    assert (cfg.lr, cfg.num_rounds, cfg.dataset, cfg.method) == (0.1, 3, "mnist", "topk")
+
+
+def test_a_pair_without_equals_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_pairs(["lr"])

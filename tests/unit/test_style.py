@@ -16,7 +16,17 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_finds_nothing() -> None:
-    result = _run("ruff", "check", "e3sfc_core", "server_app", "client_app", "e3sfc_launch", "tests", "bench")
+    result = _run(
+        "ruff",
+        "check",
+        "e3sfc_core",
+        "e3sfc_flower",
+        "server_app",
+        "client_app",
+        "e3sfc_launch",
+        "tests",
+        "bench",
+    )
     assert result.returncode == 0, result.stdout[-3000:]
 
 

@@ -1,4 +1,5 @@
-"""Flower record <-> plain data conversions shared by both apps (no math here).
+"""Flower record <-> plain data conversions shared by both apps (no math here), and the
+names of every record the apps exchange or keep: the one place for them.
 
 Payload bytes travel as raw ``uint8`` Arrays (so Flower chunks big ones, e.g. full-weight
 re-syncs) and are read back with our own tag checked; nothing is pickled.
@@ -11,10 +12,14 @@ from collections.abc import Sequence
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from e3sfc_core.errors import PayloadError
-from e3sfc_core.payload import RECORD_CONFIG, RECORD_DOWNLINK, RECORD_METRICS, RECORD_UPLINK
 from e3sfc_core.protocol import STATUS_ERROR, Instruction, PartitionAnswer, Reply
 
 RAW_STYPE = "e3sfc/raw-bytes"
+RECORD_UPLINK = "e3sfc.uplink"
+RECORD_DOWNLINK = "e3sfc.downlink"
+RECORD_CONFIG = "e3sfc.config"
+RECORD_METRICS = "metrics"
+STATE_RESIDUAL = "e3sfc.residual"  # the client's state in ``context.state``
 REPLY_FIELDS = "e3sfc.reply"
 RECORD_QUERY = "e3sfc.query"
 RECORD_PARTITION = "e3sfc.partition"

@@ -1,0 +1,1 @@
+"""Flower glue shared by the ServerApp and the ClientApp: the records they exchange."""
