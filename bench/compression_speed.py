@@ -72,11 +72,11 @@ from _common import (  # noqa: E402
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta  # noqa: E402
 from e3sfc_core.config import ExperimentConfig  # noqa: E402
 from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec  # noqa: E402
-from e3sfc_core.decompressor import synthetic_gradient  # noqa: E402
 from e3sfc_core.experiment import resolve_path  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.rounds import compress_update  # noqa: E402
 from e3sfc_core.synthetic import SyntheticFeatureCompressor, _CosineObjective, init_seed  # noqa: E402
+from e3sfc_core.synthetic_gradient import synthetic_gradient  # noqa: E402
 from e3sfc_core.tensors import get_flat, set_flat  # noqa: E402
 from e3sfc_core.training import train_local  # noqa: E402
 

@@ -158,8 +158,8 @@ def _e3sfc_sizes(raw: dict[str, Any]) -> tuple[Any, Any, list[int], int]:
     from e3sfc_core.compressor import Budget, build_compressor
     from e3sfc_core.config import ExperimentConfig
     from e3sfc_core.datasets import get_spec
-    from e3sfc_core.decompressor import parameter_sizes
     from e3sfc_core.models import build_model
+    from e3sfc_core.synthetic_gradient import parameter_sizes
 
     cfg = ExperimentConfig.from_run_config({**raw, "method": "e3sfc"})
     spec = get_spec(cfg.dataset)

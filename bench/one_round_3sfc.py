@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     from e3sfc_core.compressor import Budget, PayloadMeta
     from e3sfc_core.config import ExperimentConfig
     from e3sfc_core.datasets import load_dataset
-    from e3sfc_core.decompressor import parameter_sizes
     from e3sfc_core.experiment import resolve_path
     from e3sfc_core.models import build_model
     from e3sfc_core.payload import Direction
     from e3sfc_core.rounds import compress_update
+    from e3sfc_core.synthetic_gradient import parameter_sizes
     from e3sfc_core.tensors import cosine, digest_flat, get_flat, set_flat
     from e3sfc_core.training import evaluate, train_local
 

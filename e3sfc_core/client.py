@@ -16,13 +16,13 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .compressor import Budget, Compressor, CompressorSettings, PayloadMeta, build_compressor
 from .config import ExperimentConfig
 from .datasets import DatasetSpec, TensorData, load_partition
-from .decompressor import parameter_sizes
 from .errors import DesyncError, PayloadError
 from .models import build_model
 from .payload import Direction
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
 from .rounds import apply_downlink, bounded_residual, compress_update
 from .seeds import COMPRESSOR, SHUFFLE, derive_seed
+from .synthetic_gradient import parameter_sizes
 from .tensors import digest_flat, get_flat, num_params, set_flat
 from .training import apply_threads, train_local
 

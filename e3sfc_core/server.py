@@ -27,7 +27,6 @@ from .budget import BudgetFeedback, BudgetScheduler
 from .compressor import Budget, PayloadMeta, build_compressor
 from .config import ExperimentConfig
 from .datasets import DatasetSpec
-from .decompressor import parameter_sizes
 from .errors import BudgetExhausted, PayloadError
 from .models import build_model
 from .payload import (
@@ -52,6 +51,7 @@ from .rounds import (
     weighted_sum,
 )
 from .seeds import SAMPLE, derive_seed
+from .synthetic_gradient import parameter_sizes
 from .tensors import add_flat_, digest_flat, get_flat, num_params, set_flat
 
 logger = logging.getLogger(__name__)

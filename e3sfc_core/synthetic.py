@@ -28,10 +28,10 @@ from scipy.optimize import minimize
 from torch import nn
 
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
-from .decompressor import parameter_sizes, synthesize_update, synthetic_gradient
 from .errors import ConfigError, PayloadRejected
 from .payload import Codec, FloatType, Payload, SyntheticBody, synthetic_size
 from .seeds import SYNTHETIC, derive_seed
+from .synthetic_gradient import parameter_sizes, synthesize_update, synthetic_gradient
 from .tensors import num_params
 
 logger = logging.getLogger(__name__)

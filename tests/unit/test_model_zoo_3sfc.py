@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta
 from e3sfc_core.config import ExperimentConfig
-from e3sfc_core.decompressor import parameter_sizes
 from e3sfc_core.models import build_model
 from e3sfc_core.payload import Direction, SyntheticBody, decode
 from e3sfc_core.rounds import compress_update, exact_decompress
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.synthetic import SyntheticFeatureCompressor
+from e3sfc_core.synthetic_gradient import parameter_sizes
 from e3sfc_core.tensors import digest_flat, get_flat, set_flat
 
 MODELS = ("mlp", "convnet", "lenet5", "vgg11", "resnet18", "regnetx_200mf")

@@ -14,13 +14,13 @@ from e3sfc_core.client import client_compressor
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import load_partition
-from e3sfc_core.decompressor import apply_layer_scales, parameter_sizes, synthesize_update
 from e3sfc_core.errors import ConfigError, PayloadRejected
 from e3sfc_core.models import build_model
 from e3sfc_core.payload import Codec, Direction, SyntheticBody, decode, encode
 from e3sfc_core.rounds import apply_downlink, bounded_residual, compress_update, exact_decompress
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.synthetic import SyntheticFeatureCompressor
+from e3sfc_core.synthetic_gradient import apply_layer_scales, parameter_sizes, synthesize_update
 from e3sfc_core.tensors import digest_flat, get_flat, set_flat
 from e3sfc_core.training import train_local
 

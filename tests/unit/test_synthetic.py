@@ -13,7 +13,6 @@ from torch import nn
 from e3sfc_core import synthetic
 from e3sfc_core.compressor import COMPRESSORS, Budget, CompressorSettings, PayloadMeta
 from e3sfc_core.datasets import load_partition
-from e3sfc_core.decompressor import synthesize_update, synthetic_gradient
 from e3sfc_core.errors import PayloadRejected
 from e3sfc_core.models import build_model
 from e3sfc_core.payload import (
@@ -29,6 +28,7 @@ from e3sfc_core.payload import (
 )
 from e3sfc_core.rounds import compress_update
 from e3sfc_core.synthetic import SyntheticFeatureCompressor
+from e3sfc_core.synthetic_gradient import synthesize_update, synthetic_gradient
 from e3sfc_core.tensors import cosine, digest_flat, get_flat, num_params, set_flat
 from e3sfc_core.training import train_local
 
