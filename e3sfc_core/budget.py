@@ -37,14 +37,15 @@ import logging
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import BudgetExhausted, ConfigError
+from .payload import Direction
 
 logger = logging.getLogger(__name__)
 
-DIRECTIONS: tuple[str, ...] = ("uplink", "downlink")
+DIRECTIONS: tuple[Direction, ...] = (Direction.UPLINK, Direction.DOWNLINK)
 FACTOR_MIN = 0.25
 FACTOR_MAX = 4.0
 N_LIMIT = 65535  # the synthetic payload stores n as u16
@@ -62,6 +63,36 @@ class BudgetFeedback:
 
     cosine: float
     residual_ratio: float
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One direction's feedback, waiting for the next plan."""
+
+    direction: Direction
+    cosine: float
+    residual_ratio: float
+
+
+@dataclass(frozen=True)
+class RoundBudget:
+    """One round's planned allowance (``None``: not planned, or unlimited) and the bytes
+    it spent per direction."""
+
+    planned: float | None = None
+    uplink: int = 0
+    downlink: int = 0
+
+    @property
+    def spent(self) -> int:
+        """Bytes of both directions."""
+        return self.uplink + self.downlink
+
+    def adding(self, direction: Direction, nbytes: int) -> RoundBudget:
+        """This record with ``nbytes`` more spent in ``direction``."""
+        if direction is Direction.UPLINK:
+            return replace(self, uplink=self.uplink + nbytes)
+        return replace(self, downlink=self.downlink + nbytes)
 
 
 # ---------------------------------------------------------------------------
@@ -93,7 +124,7 @@ def _decay(sched: BudgetScheduler, server_round: int, remaining: int, factor: fl
     d = sched.decay
     denom = float(left) if d == 1.0 else (1.0 - d**left) / (1.0 - d)
     share = remaining / denom
-    previous = sched._planned_before(server_round)
+    previous = sched.planned_before(server_round)
     return share if previous is None else min(share, previous)
 
 
@@ -144,12 +175,20 @@ def _as_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_ope
     return fvalue
 
 
-def _direction(direction: Any) -> str:
-    """Normalise ``"uplink"``/``"downlink"`` (or an enum named so, e.g. payload.Direction)."""
-    name = direction.name.lower() if isinstance(direction, enum.Enum) else direction
-    if name not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {list(DIRECTIONS)}, got {direction!r}")
-    return name
+def _direction(direction: Any) -> Direction:
+    """A :class:`Direction` from itself or its name (``"uplink"``/``"downlink"``, as
+    callers and saved states write it)."""
+    if isinstance(direction, Direction):
+        return direction
+    name = direction.name if isinstance(direction, enum.Enum) else direction
+    if not isinstance(name, str) or name.upper() not in Direction.__members__:
+        raise ValueError(f"direction must be one of {[d.name.lower() for d in Direction]}, got {direction!r}")
+    return Direction[name.upper()]
+
+
+def _name(direction: Direction) -> str:
+    """``"uplink"`` / ``"downlink"``: how reports, logs and saved states name it."""
+    return direction.name.lower()
 
 
 def _nonneg_int(name: str, value: Any) -> int:
@@ -208,14 +247,14 @@ class BudgetScheduler:
     adaptive_up: float = 1.25
     adaptive_down: float = 0.8
 
-    _spent: dict[str, int] = field(init=False, repr=False)
+    _spent: dict[Direction, int] = field(init=False, repr=False)
     _factor: float = field(init=False, repr=False, default=1.0)
-    # feedback observed since the last plan_round: (direction, cosine, residual_ratio)
-    _pending: list[tuple[str, float, float]] = field(init=False, repr=False)
-    _last_feedback: dict[str, BudgetFeedback] = field(init=False, repr=False)
-    # round -> {"planned": float | None, "uplink": int, "downlink": int}; round 0 holds
-    # traffic recorded before any round was planned (e.g. an initial broadcast).
-    _rounds: dict[int, dict[str, Any]] = field(init=False, repr=False)
+    # feedback observed since the last plan_round
+    _pending: list[Observation] = field(init=False, repr=False)
+    _last_feedback: dict[Direction, BudgetFeedback] = field(init=False, repr=False)
+    # round -> its plan and spending; round 0 holds traffic recorded before any round
+    # was planned (e.g. an initial broadcast).
+    _rounds: dict[int, RoundBudget] = field(init=False, repr=False)
     _current_round: int = field(init=False, repr=False, default=0)
     # bytes of the cheapest possible round, kept in reserve for every later round
     _round_floor: int = field(init=False, repr=False, compare=False, default=0)
@@ -260,7 +299,7 @@ class BudgetScheduler:
     @property
     def spent_total(self) -> int:
         """Bytes recorded so far in both directions (may exceed the total after force)."""
-        return self._spent["uplink"] + self._spent["downlink"]
+        return self._spent[Direction.UPLINK] + self._spent[Direction.DOWNLINK]
 
     @property
     def factor(self) -> float:
@@ -268,7 +307,7 @@ class BudgetScheduler:
         return self._factor
 
     @property
-    def last_feedback(self) -> dict[str, BudgetFeedback]:
+    def last_feedback(self) -> dict[Direction, BudgetFeedback]:
         """Most recent feedback per direction (kept for every policy, for reporting)."""
         return dict(self._last_feedback)
 
@@ -296,8 +335,8 @@ class BudgetScheduler:
         """
         if self.policy not in FEEDBACK_POLICIES or not self._pending:
             return self._factor
-        cos = math.fsum(p[1] for p in self._pending) / len(self._pending)
-        res = math.fsum(p[2] for p in self._pending) / len(self._pending)
+        cos = math.fsum(p.cosine for p in self._pending) / len(self._pending)
+        res = math.fsum(p.residual_ratio for p in self._pending) / len(self._pending)
         factor = self._factor
         if cos < self.cos_low or res > self.residual_high:
             factor *= self.adaptive_up  # compression error is high: buy more samples
@@ -305,10 +344,10 @@ class BudgetScheduler:
             factor *= self.adaptive_down  # already accurate: save bytes for later
         return min(FACTOR_MAX, max(FACTOR_MIN, factor))
 
-    def _planned_before(self, server_round: int) -> float | None:
+    def planned_before(self, server_round: int) -> float | None:
         """The plan of the latest planned round before ``server_round`` (None if none)."""
-        earlier = [r for r, rec in self._rounds.items() if r < server_round and rec["planned"] is not None]
-        return float(self._rounds[max(earlier)]["planned"]) if earlier else None
+        earlier = [r for r, rec in self._rounds.items() if r < server_round and rec.planned is not None]
+        return self._rounds[max(earlier)].planned if earlier else None
 
     def round_allowance(self, server_round: int) -> float | None:
         """Bytes round ``server_round`` may spend in both directions together.
@@ -320,8 +359,8 @@ class BudgetScheduler:
         if self.unlimited:
             return None
         rec = self._rounds.get(r)
-        if rec is not None and rec["planned"] is not None:
-            return float(rec["planned"])
+        if rec is not None and rec.planned is not None:
+            return rec.planned
         remaining = self.remaining()
         assert remaining is not None
         allowance = POLICIES[self.policy](self, r, remaining, self._next_factor())
@@ -378,15 +417,13 @@ class BudgetScheduler:
         """
         r = _check_round(server_round)
         rec = self._rounds.get(r)
-        if rec is not None and (rec["planned"] is not None or self.unlimited):
+        if rec is not None and (rec.planned is not None or self.unlimited):
             self._current_round = r
-            return None if self.unlimited else float(rec["planned"])
+            return None if self.unlimited else rec.planned
         allowance = self.round_allowance(r)
         self._factor = self._next_factor()
         self._pending = []
-        if rec is None:
-            rec = self._rounds[r] = {"planned": None, "uplink": 0, "downlink": 0}
-        rec["planned"] = allowance
+        self._rounds[r] = replace(rec or RoundBudget(), planned=allowance)
         self._current_round = r
         if allowance is None:
             logger.debug("budget round %d: unlimited (policy %s)", r, self.policy)
@@ -403,13 +440,13 @@ class BudgetScheduler:
 
     def spend(
         self,
-        direction: str,
+        direction: Direction | str,
         nbytes: int,
         *,
         server_round: int | None = None,
         force: bool = False,
     ) -> None:
-        """Record ``nbytes`` that moved in ``direction`` ("uplink" or "downlink").
+        """Record ``nbytes`` that moved in ``direction`` (a :class:`Direction` or its name).
 
         Charged to ``server_round`` (planned first if it was not) or else to the latest
         planned round (round 0 before any). Raises :class:`BudgetExhausted` without
@@ -426,17 +463,16 @@ class BudgetScheduler:
             r = self._current_round
         if not self.can_afford(nbytes):
             msg = (
-                f"{d} of {nbytes} bytes in round {r} exceeds the budget: spent "
+                f"{_name(d)} of {nbytes} bytes in round {r} exceeds the budget: spent "
                 f"{self.spent_total}, asked {nbytes}, total {self.total_bytes}"
             )
             if not force:
                 raise BudgetExhausted(msg)
             logger.warning("recording anyway (force): %s", msg)
-        rec = self._rounds.setdefault(r, {"planned": None, "uplink": 0, "downlink": 0})
-        rec[d] += nbytes
+        self._rounds[r] = self._rounds.get(r, RoundBudget()).adding(d, nbytes)
         self._spent[d] += nbytes
 
-    def observe(self, direction: str, feedback: BudgetFeedback) -> None:
+    def observe(self, direction: Direction | str, feedback: BudgetFeedback) -> None:
         """Record a round's achieved accuracy in one direction for the next plan.
 
         Non-finite values (e.g. from an all-zero target) are ignored with a warning, so a
@@ -445,10 +481,10 @@ class BudgetScheduler:
         d = _direction(direction)
         cos, res = float(feedback.cosine), float(feedback.residual_ratio)
         if not (math.isfinite(cos) and math.isfinite(res)):
-            logger.warning("ignoring non-finite %s feedback %r", d, feedback)
+            logger.warning("ignoring non-finite %s feedback %r", _name(d), feedback)
             return
         self._last_feedback[d] = BudgetFeedback(cos, res)
-        self._pending.append((d, cos, res))
+        self._pending.append(Observation(d, cos, res))
 
     # ------------------------------------------------------------------ reporting
 
@@ -457,22 +493,21 @@ class BudgetScheduler:
         rounds = []
         for r in sorted(self._rounds):
             rec = self._rounds[r]
-            planned = rec["planned"]
             rounds.append(
                 {
                     "round": r,
-                    "planned": None if planned is None else math.floor(planned),
-                    "spent": rec["uplink"] + rec["downlink"],
-                    "spent_uplink": rec["uplink"],
-                    "spent_downlink": rec["downlink"],
+                    "planned": None if rec.planned is None else math.floor(rec.planned),
+                    "spent": rec.spent,
+                    "spent_uplink": rec.uplink,
+                    "spent_downlink": rec.downlink,
                 }
             )
         return {
             "policy": self.policy,
             "total": self.total_bytes,
             "unlimited": self.unlimited,
-            "spent_uplink": self._spent["uplink"],
-            "spent_downlink": self._spent["downlink"],
+            "spent_uplink": self._spent[Direction.UPLINK],
+            "spent_downlink": self._spent[Direction.DOWNLINK],
             "spent_total": self.spent_total,
             "remaining": self.remaining(),
             "overspent": 0 if self.unlimited else max(0, self.spent_total - self.total_bytes),
@@ -498,19 +533,16 @@ class BudgetScheduler:
                 "adaptive_up": self.adaptive_up,
                 "adaptive_down": self.adaptive_down,
             },
-            "spent_uplink": self._spent["uplink"],
-            "spent_downlink": self._spent["downlink"],
+            "spent_uplink": self._spent[Direction.UPLINK],
+            "spent_downlink": self._spent[Direction.DOWNLINK],
             "factor": self._factor,
             "current_round": self._current_round,
-            "pending": [[d, c, r] for d, c, r in self._pending],
-            "last_feedback": {d: [fb.cosine, fb.residual_ratio] for d, fb in self._last_feedback.items()},
+            "pending": [[_name(p.direction), p.cosine, p.residual_ratio] for p in self._pending],
+            "last_feedback": {
+                _name(d): [fb.cosine, fb.residual_ratio] for d, fb in self._last_feedback.items()
+            },
             "rounds": [
-                {
-                    "round": r,
-                    "planned": rec["planned"],
-                    "uplink": rec["uplink"],
-                    "downlink": rec["downlink"],
-                }
+                {"round": r, "planned": rec.planned, "uplink": rec.uplink, "downlink": rec.downlink}
                 for r, rec in sorted(self._rounds.items())
             ],
         }
@@ -524,25 +556,25 @@ class BudgetScheduler:
         try:
             sched = cls(**d["config"])
             spent = {
-                "uplink": _nonneg_int("spent_uplink", d["spent_uplink"]),
-                "downlink": _nonneg_int("spent_downlink", d["spent_downlink"]),
+                Direction.UPLINK: _nonneg_int("spent_uplink", d["spent_uplink"]),
+                Direction.DOWNLINK: _nonneg_int("spent_downlink", d["spent_downlink"]),
             }
             factor = float(d["factor"])
             if not FACTOR_MIN <= factor <= FACTOR_MAX:
                 raise ValueError(f"factor must be in [{FACTOR_MIN}, {FACTOR_MAX}], got {factor}")
             current = _nonneg_int("current_round", d["current_round"])
-            pending = [(_direction(p[0]), float(p[1]), float(p[2])) for p in d["pending"]]
+            pending = [Observation(_direction(p[0]), float(p[1]), float(p[2])) for p in d["pending"]]
             last = {
                 _direction(k): BudgetFeedback(float(v[0]), float(v[1])) for k, v in d["last_feedback"].items()
             }
-            rounds: dict[int, dict[str, Any]] = {}
+            rounds: dict[int, RoundBudget] = {}
             for rec in d["rounds"]:
                 planned = rec["planned"]
-                rounds[_nonneg_int("round", rec["round"])] = {
-                    "planned": None if planned is None else float(planned),
-                    "uplink": _nonneg_int("uplink", rec["uplink"]),
-                    "downlink": _nonneg_int("downlink", rec["downlink"]),
-                }
+                rounds[_nonneg_int("round", rec["round"])] = RoundBudget(
+                    planned=None if planned is None else float(planned),
+                    uplink=_nonneg_int("uplink", rec["uplink"]),
+                    downlink=_nonneg_int("downlink", rec["downlink"]),
+                )
         except ConfigError:
             raise
         except (KeyError, TypeError, ValueError, IndexError) as exc:

@@ -211,7 +211,7 @@ class FederatedServer:
             raise BudgetExhausted(
                 f"round {server_round} needs {needed} bytes, {self.scheduler.remaining()} left"
             )
-        self.scheduler.spend("downlink", down_bytes, server_round=server_round)
+        self.scheduler.spend(Direction.DOWNLINK, down_bytes, server_round=server_round)
         record = RoundRecord(
             round=server_round, downlink_bytes=down_bytes, n_uplink=n_up, sampled=len(chosen)
         )
@@ -292,13 +292,13 @@ class FederatedServer:
                 "round %d: no reply from %d node(s): %s", server_round, len(missing), sorted(missing)
             )
             rec.dropped += len(missing)
-        self.scheduler.spend("uplink", rec.uplink_bytes, server_round=server_round, force=True)
+        self.scheduler.spend(Direction.UPLINK, rec.uplink_bytes, server_round=server_round, force=True)
         rec.accepted = len(updates)
         if cosines:
             rec.mean_cosine = float(sum(cosines) / len(cosines))
             rec.compress_seconds = float(sum(comp) / len(comp))
             rec.train_seconds = float(sum(train) / len(train))
-            self.scheduler.observe("uplink", BudgetFeedback(rec.mean_cosine, 0.0))
+            self.scheduler.observe(Direction.UPLINK, BudgetFeedback(rec.mean_cosine, 0.0))
         if len(updates) < min(self.cfg.min_train_nodes, len(self._plan)) or not updates:
             logger.warning(
                 "round %d skipped: %d valid replies, need %d",
@@ -339,7 +339,7 @@ class FederatedServer:
             self.residual = enc.residual
             rec.downlink_cosine = enc.cosine
             rec.compress_seconds += enc.stats.seconds
-            self.scheduler.observe("downlink", BudgetFeedback(enc.cosine, enc.residual_ratio))
+            self.scheduler.observe(Direction.DOWNLINK, BudgetFeedback(enc.cosine, enc.residual_ratio))
             add_flat_(self.model, enc.transmitted)
             self._advance(enc.data)
         else:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from e3sfc_core.budget import POLICIES, BudgetFeedback, BudgetScheduler
 from e3sfc_core.errors import BudgetExhausted, ConfigError
+from e3sfc_core.payload import Direction
 
 PC = 10
 
@@ -130,7 +131,7 @@ def test_adaptive_raises_n_after_poor_feedback(feedback: BudgetFeedback) -> None
     assert adaptive.choose_samples(2, **kw) > constant.choose_samples(2, **kw)
     assert adaptive.factor == pytest.approx(1.25)
     assert constant.factor == 1.0
-    assert constant.last_feedback["uplink"] == feedback  # kept, but not acted upon
+    assert constant.last_feedback[Direction.UPLINK] == feedback  # kept, but not acted upon
 
 
 def test_adaptive_lowers_n_after_good_feedback() -> None:
