@@ -54,7 +54,7 @@ class Experiment:
         self.checkpoint_path = self.run_dir / "checkpoint.npz"
         self.start_round = 1
         self.started = time.perf_counter()
-        self.stopped_early = ""
+        self._stopped_early = ""
         if cfg.resume and self.checkpoint_path.exists():
             tensors, meta = load_checkpoint(self.checkpoint_path)
             self.server.load_state_dict(tensors, meta)
@@ -62,6 +62,11 @@ class Experiment:
             logger.info("resumed %s at round %d", self.checkpoint_path, self.start_round)
         elif not cfg.resume and self.checkpoint_path.exists():
             self.checkpoint_path.unlink()  # a fresh run must not be resumed from an old one
+
+    @property
+    def stopped_early(self) -> str:
+        """Why the run ended before its last round ('' if it did not): set by :meth:`run`."""
+        return self._stopped_early
 
     @property
     def rounds(self) -> range:
@@ -86,23 +91,23 @@ class Experiment:
             roll = transport.roll(server_round)
             for client in roll.rejoined:
                 self.server.rejoined(client)
-            plan = self.plan(server_round, roll.clients) if roll.clients else {}
+            plan = self._plan(server_round, roll.clients) if roll.clients else {}
             if plan is None:
                 break
             if not plan:
                 self._stop(server_round, roll.absent or "no client can train")
                 break
-            self.complete(server_round, transport.exchange(server_round, plan))
+            self._complete(server_round, transport.exchange(server_round, plan))
             if stop_after is not None and server_round >= stop_after:
                 return False
         return True
 
     def _stop(self, server_round: int, reason: str) -> None:
         """Record why the run ends before ``server_round`` (shown in ``summary.json``)."""
-        self.stopped_early = reason
+        self._stopped_early = reason
         logger.warning("stopping before round %d: %s", server_round, reason)
 
-    def plan(self, server_round: int, clients: Sequence[int]) -> dict[int, Instruction] | None:
+    def _plan(self, server_round: int, clients: Sequence[int]) -> dict[int, Instruction] | None:
         """Instructions for the round, or ``None`` when the byte budget is spent."""
         try:
             return self.server.plan_round(server_round, clients)
@@ -110,7 +115,7 @@ class Experiment:
             self._stop(server_round, str(exc))
             return None
 
-    def complete(self, server_round: int, replies: Sequence[Reply]) -> RoundRecord:
+    def _complete(self, server_round: int, replies: Sequence[Reply]) -> RoundRecord:
         """Aggregate, evaluate, report and checkpoint one round."""
         rec = self.server.aggregate_round(server_round, replies)
         loss, acc = evaluate(self.server.model, self.test, device=self.device)
