@@ -19,13 +19,13 @@ round's allowance. Baselines have a fixed size; for them the scheduler only acco
 by ``can_afford`` before sending; ``spend(..., force=True)`` still records bytes that
 already moved, because a report that hides them would lie.
 
-Typical server flow for round ``r``::
+Typical server flow for round ``r`` (``sched = BudgetScheduler(cfg.budget_params())``)::
 
     sched.plan_round(r)                       # fixes this round's allowance
     n_down = sched.choose_samples(r, payload_count=m, size_of=size_of)
-    if sched.can_afford(down_bytes): ...send...; sched.spend("downlink", down_bytes)
-    ...receive...;                             sched.spend("uplink", up_bytes, force=True)
-    sched.observe("uplink", BudgetFeedback(cosine, residual_ratio))
+    if sched.can_afford(down_bytes): ...send...; sched.spend(Direction.DOWNLINK, down_bytes)
+    ...receive...;                             sched.spend(Direction.UPLINK, up_bytes, force=True)
+    sched.observe(Direction.UPLINK, BudgetFeedback(cosine, residual_ratio))
 
 Framework-free: no flwr import; state is JSON-serialisable for server checkpoints.
 """
@@ -37,7 +37,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import BudgetExhausted, ConfigError
@@ -103,7 +103,7 @@ class RoundBudget:
 
 def _rounds_left(sched: BudgetScheduler, server_round: int) -> int:
     """Rounds still to pay for, this one included (at least 1 past the planned end)."""
-    return max(1, sched.num_rounds - server_round + 1)
+    return max(1, sched.params.num_rounds - server_round + 1)
 
 
 def _constant(sched: BudgetScheduler, server_round: int, remaining: int, factor: float) -> float:
@@ -121,7 +121,7 @@ def _decay(sched: BudgetScheduler, server_round: int, remaining: int, factor: fl
     capped at the previous planned round's: early rounds never get less than later ones.
     """
     left = _rounds_left(sched, server_round)
-    d = sched.decay
+    d = sched.params.decay
     denom = float(left) if d == 1.0 else (1.0 - d**left) / (1.0 - d)
     share = remaining / denom
     previous = sched.planned_before(server_round)
@@ -225,13 +225,15 @@ def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int | None
     return lo
 
 
-@dataclass
-class BudgetScheduler:
-    """Plans per-round byte allowances under a hard total and records what was spent.
+@dataclass(frozen=True)
+class BudgetParams:
+    """The scheduler's settings, checked once, here, when they are built (by
+    :meth:`e3sfc_core.config.ExperimentConfig.budget_params` for a run).
 
-    ``total_bytes = 0`` means unlimited: allowances are ``None``, every send is
-    affordable and :meth:`choose_samples` returns ``n_default``. Rounds are 1-based;
-    a round ``r > num_rounds`` (an extended run) may use everything that is left.
+    ``total_bytes = 0`` means unlimited. ``n_min``/``n_max`` bound the samples per
+    payload and ``n_default`` is used when unlimited. ``decay`` is the ``decay`` policy's
+    ratio; ``cos_low``/``cos_high``/``residual_high`` are the ``adaptive`` policy's
+    thresholds and ``adaptive_up``/``adaptive_down`` its steps.
     """
 
     policy: str
@@ -247,6 +249,39 @@ class BudgetScheduler:
     adaptive_up: float = 1.25
     adaptive_down: float = 0.8
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        n_min = _as_int("n_min", self.n_min, 1, N_LIMIT)
+        cos_low = _as_float("cos_low", self.cos_low, 0.0, 1.0, False, False)
+        checked = {
+            "total_bytes": _as_int("total_bytes", self.total_bytes, 0, note=" (0 = unlimited)"),
+            "num_rounds": _as_int("num_rounds", self.num_rounds, 1),
+            "n_min": n_min,
+            "n_max": _as_int("n_max", self.n_max, n_min, N_LIMIT, note=" (n_min..u16 max)"),
+            "n_default": _as_int("n_default", self.n_default, 1, N_LIMIT),
+            "decay": _as_float("decay", self.decay, 0.0, 1.0, True, False),
+            "cos_low": cos_low,
+            "cos_high": _as_float("cos_high", self.cos_high, cos_low, 1.0, False, False),
+            "residual_high": _as_float("residual_high", self.residual_high, 0.0, math.inf, True, True),
+            "adaptive_up": _as_float("adaptive_up", self.adaptive_up, 1.0, FACTOR_MAX, False, False),
+            "adaptive_down": _as_float("adaptive_down", self.adaptive_down, 0.0, 1.0, True, False),
+        }
+        for name, value in checked.items():  # coerced values (e.g. numpy ints) on a frozen object
+            object.__setattr__(self, name, value)
+
+
+@dataclass
+class BudgetScheduler:
+    """Plans per-round byte allowances under a hard total and records what was spent.
+
+    ``params.total_bytes = 0`` means unlimited: allowances are ``None``, every send is
+    affordable and :meth:`choose_samples` returns ``n_default``. Rounds are 1-based;
+    a round ``r > num_rounds`` (an extended run) may use everything that is left.
+    """
+
+    params: BudgetParams
+
     _spent: dict[Direction, int] = field(init=False, repr=False)
     _factor: float = field(init=False, repr=False, default=1.0)
     # feedback observed since the last plan_round
@@ -260,19 +295,6 @@ class BudgetScheduler:
     _round_floor: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.policy, str) or self.policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
-        self.total_bytes = _as_int("total_bytes", self.total_bytes, 0, note=" (0 = unlimited)")
-        self.num_rounds = _as_int("num_rounds", self.num_rounds, 1)
-        self.n_min = _as_int("n_min", self.n_min, 1, N_LIMIT)
-        self.n_max = _as_int("n_max", self.n_max, self.n_min, N_LIMIT, note=" (n_min..u16 max)")
-        self.n_default = _as_int("n_default", self.n_default, 1, N_LIMIT)
-        self.decay = _as_float("decay", self.decay, 0.0, 1.0, True, False)
-        self.cos_low = _as_float("cos_low", self.cos_low, 0.0, 1.0, False, False)
-        self.cos_high = _as_float("cos_high", self.cos_high, self.cos_low, 1.0, False, False)
-        self.residual_high = _as_float("residual_high", self.residual_high, 0.0, math.inf, True, True)
-        self.adaptive_up = _as_float("adaptive_up", self.adaptive_up, 1.0, FACTOR_MAX, False, False)
-        self.adaptive_down = _as_float("adaptive_down", self.adaptive_down, 0.0, 1.0, True, False)
         self._spent = {d: 0 for d in DIRECTIONS}
         self._factor = 1.0
         self._pending = []
@@ -294,7 +316,7 @@ class BudgetScheduler:
     @property
     def unlimited(self) -> bool:
         """True when ``total_bytes == 0``."""
-        return self.total_bytes == 0
+        return self.params.total_bytes == 0
 
     @property
     def spent_total(self) -> int:
@@ -315,7 +337,7 @@ class BudgetScheduler:
         """Bytes still spendable (never negative); ``None`` when unlimited."""
         if self.unlimited:
             return None
-        return max(0, self.total_bytes - self.spent_total)
+        return max(0, self.params.total_bytes - self.spent_total)
 
     def can_afford(self, nbytes: int) -> bool:
         """Whether sending ``nbytes`` more keeps the run within its total: the hard check.
@@ -325,7 +347,7 @@ class BudgetScheduler:
         nbytes = _nonneg_int("nbytes", nbytes)
         if self.unlimited or nbytes == 0:
             return True
-        return self.spent_total + nbytes <= self.total_bytes
+        return self.spent_total + nbytes <= self.params.total_bytes
 
     def _next_factor(self) -> float:
         """The factor the next plan will use, from feedback observed since the last plan.
@@ -333,15 +355,15 @@ class BudgetScheduler:
         Feedback of both directions is averaged, so the factor moves at most one step per
         round however many observations arrived.
         """
-        if self.policy not in FEEDBACK_POLICIES or not self._pending:
+        if self.params.policy not in FEEDBACK_POLICIES or not self._pending:
             return self._factor
         cos = math.fsum(p.cosine for p in self._pending) / len(self._pending)
         res = math.fsum(p.residual_ratio for p in self._pending) / len(self._pending)
         factor = self._factor
-        if cos < self.cos_low or res > self.residual_high:
-            factor *= self.adaptive_up  # compression error is high: buy more samples
-        elif cos > self.cos_high:
-            factor *= self.adaptive_down  # already accurate: save bytes for later
+        if cos < self.params.cos_low or res > self.params.residual_high:
+            factor *= self.params.adaptive_up  # compression error is high: buy more samples
+        elif cos > self.params.cos_high:
+            factor *= self.params.adaptive_down  # already accurate: save bytes for later
         return min(FACTOR_MAX, max(FACTOR_MIN, factor))
 
     def planned_before(self, server_round: int) -> float | None:
@@ -363,8 +385,8 @@ class BudgetScheduler:
             return rec.planned
         remaining = self.remaining()
         assert remaining is not None
-        allowance = POLICIES[self.policy](self, r, remaining, self._next_factor())
-        later_rounds = max(0, self.num_rounds - r)
+        allowance = POLICIES[self.params.policy](self, r, remaining, self._next_factor())
+        later_rounds = max(0, self.params.num_rounds - r)
         reserve_cap = max(float(self._round_floor), float(remaining - self._round_floor * later_rounds))
         return max(0.0, min(float(remaining), allowance, reserve_cap))
 
@@ -393,16 +415,16 @@ class BudgetScheduler:
             raise ValueError(f"share must be a number in (0, 1], got {share!r}")
         allowance = self.round_allowance(r)
         if allowance is None:
-            return min(self.n_max, max(self.n_min, self.n_default))
+            return min(self.params.n_max, max(self.params.n_min, self.params.n_default))
         cap = share * allowance
 
         def fits(n: int) -> bool:
             return reserved + payload_count * int(size_of(n)) <= cap
 
-        n = largest_fitting(fits, self.n_min, self.n_max)
+        n = largest_fitting(fits, self.params.n_min, self.params.n_max)
         if n is None:
-            logger.debug("round %d: n_min=%d does not fit %.0f bytes", r, self.n_min, cap)
-            return self.n_min
+            logger.debug("round %d: n_min=%d does not fit %.0f bytes", r, self.params.n_min, cap)
+            return self.params.n_min
         logger.debug("round %d: n=%d for %d payloads within %.0f bytes", r, n, payload_count, cap)
         return n
 
@@ -426,14 +448,14 @@ class BudgetScheduler:
         self._rounds[r] = replace(rec or RoundBudget(), planned=allowance)
         self._current_round = r
         if allowance is None:
-            logger.debug("budget round %d: unlimited (policy %s)", r, self.policy)
+            logger.debug("budget round %d: unlimited (policy %s)", r, self.params.policy)
         else:
             logger.info(
                 "budget round %d: planned %.0f bytes of %d remaining (policy %s, factor %.3f)",
                 r,
                 allowance,
                 self.remaining(),
-                self.policy,
+                self.params.policy,
                 self._factor,
             )
         return allowance
@@ -464,7 +486,7 @@ class BudgetScheduler:
         if not self.can_afford(nbytes):
             msg = (
                 f"{_name(d)} of {nbytes} bytes in round {r} exceeds the budget: spent "
-                f"{self.spent_total}, asked {nbytes}, total {self.total_bytes}"
+                f"{self.spent_total}, asked {nbytes}, total {self.params.total_bytes}"
             )
             if not force:
                 raise BudgetExhausted(msg)
@@ -503,14 +525,14 @@ class BudgetScheduler:
                 }
             )
         return {
-            "policy": self.policy,
-            "total": self.total_bytes,
+            "policy": self.params.policy,
+            "total": self.params.total_bytes,
             "unlimited": self.unlimited,
             "spent_uplink": self._spent[Direction.UPLINK],
             "spent_downlink": self._spent[Direction.DOWNLINK],
             "spent_total": self.spent_total,
             "remaining": self.remaining(),
-            "overspent": 0 if self.unlimited else max(0, self.spent_total - self.total_bytes),
+            "overspent": 0 if self.unlimited else max(0, self.spent_total - self.params.total_bytes),
             "factor": self._factor,
             "rounds": rounds,
         }
@@ -519,20 +541,7 @@ class BudgetScheduler:
         """Everything needed to resume, as JSON-serialisable values only."""
         return {
             "format": _STATE_FORMAT,
-            "config": {
-                "policy": self.policy,
-                "total_bytes": self.total_bytes,
-                "num_rounds": self.num_rounds,
-                "n_min": self.n_min,
-                "n_max": self.n_max,
-                "n_default": self.n_default,
-                "decay": self.decay,
-                "cos_low": self.cos_low,
-                "cos_high": self.cos_high,
-                "residual_high": self.residual_high,
-                "adaptive_up": self.adaptive_up,
-                "adaptive_down": self.adaptive_down,
-            },
+            "config": asdict(self.params),
             "spent_uplink": self._spent[Direction.UPLINK],
             "spent_downlink": self._spent[Direction.DOWNLINK],
             "factor": self._factor,
@@ -554,7 +563,7 @@ class BudgetScheduler:
             fmt = d.get("format") if isinstance(d, dict) else None
             raise ConfigError(f"budget state format must be {_STATE_FORMAT}, got {fmt!r}")
         try:
-            sched = cls(**d["config"])
+            sched = cls(BudgetParams(**d["config"]))
             spent = {
                 Direction.UPLINK: _nonneg_int("spent_uplink", d["spent_uplink"]),
                 Direction.DOWNLINK: _nonneg_int("spent_downlink", d["spent_downlink"]),

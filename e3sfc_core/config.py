@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .budget import BudgetParams
 from .compressor import CompressorSettings
 from .errors import ConfigError
 
@@ -135,6 +136,18 @@ class ExperimentConfig(BaseModel):
             seed=self.seed,
             scale_mode=self.scale_mode,
             layer_count=layer_count,
+        )
+
+    def budget_params(self) -> BudgetParams:
+        """The byte-budget scheduler's settings: the run's policy, total and rounds, and
+        3SFC's sample range (``synthetic-samples`` when unlimited)."""
+        return BudgetParams(
+            policy=self.budget_policy,
+            total_bytes=self.budget_total_bytes,
+            num_rounds=self.num_rounds,
+            n_min=1,
+            n_max=self.synthetic_samples_max,
+            n_default=self.synthetic_samples,
         )
 
     def to_run_config(self) -> dict[str, Any]:

@@ -96,14 +96,7 @@ class FederatedServer:
         )
         self.numel = num_params(self.model)
         self.residual = torch.zeros(self.numel, device=device)
-        self.scheduler = BudgetScheduler(
-            policy=cfg.budget_policy,
-            total_bytes=cfg.budget_total_bytes,
-            num_rounds=cfg.num_rounds,
-            n_min=1,
-            n_max=cfg.synthetic_samples_max,
-            n_default=cfg.synthetic_samples,
-        )
+        self.scheduler = BudgetScheduler(cfg.budget_params())
         self.version = 0
         self.digest = digest_flat(get_flat(self.model))
         self.history: dict[int, bytes] = {}  # version -> payload producing it

@@ -6,16 +6,22 @@ import itertools
 import json
 import logging
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e3sfc_core.budget import POLICIES, BudgetFeedback, BudgetScheduler
+from e3sfc_core.budget import POLICIES, BudgetFeedback, BudgetParams, BudgetScheduler
 from e3sfc_core.errors import BudgetExhausted, ConfigError
 from e3sfc_core.payload import Direction
 
 PC = 10
+
+
+def make(*args: Any, **kwargs: Any) -> BudgetScheduler:
+    """A fresh scheduler with these :class:`BudgetParams`."""
+    return BudgetScheduler(BudgetParams(*args, **kwargs))
 
 
 def size_of(n: int) -> int:
@@ -48,7 +54,7 @@ def simulate(sched: BudgetScheduler, rounds: int, feedback: BudgetFeedback | Non
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("total", [1, 5_000, 338_000, 10**9])
 def test_choice_always_within_bounds(policy: str, total: int) -> None:
-    sched = BudgetScheduler(policy, total, 10, n_min=2, n_max=20)
+    sched = make(policy, total, 10, n_min=2, n_max=20)
     ns = simulate(sched, 12, BudgetFeedback(0.1, 0.99))
     assert all(2 <= n <= 20 for n in ns)
     if total == 1:
@@ -59,7 +65,7 @@ def test_choice_always_within_bounds(policy: str, total: int) -> None:
 
 
 def test_choice_is_largest_fitting_and_respects_share_and_reserved() -> None:
-    sched = BudgetScheduler("constant", 100_000, 1, n_max=1000)
+    sched = make("constant", 100_000, 1, n_max=1000)
     allowance = sched.round_allowance(1)
     assert allowance == 100_000
     n = sched.choose_samples(1, payload_count=PC, size_of=size_of)
@@ -76,7 +82,7 @@ def test_choice_is_largest_fitting_and_respects_share_and_reserved() -> None:
 
 def test_constant_spends_evenly_and_uses_most_of_budget() -> None:
     total, rounds = 338_000, 10
-    sched = BudgetScheduler("constant", total, rounds, n_max=64)
+    sched = make("constant", total, rounds, n_max=64)
     ns = simulate(sched, rounds)
     rep = sched.report()
     assert rep["spent_total"] <= total
@@ -89,7 +95,7 @@ def test_constant_spends_evenly_and_uses_most_of_budget() -> None:
 
 def test_decay_is_non_increasing_and_front_loaded() -> None:
     total, rounds = 500_000, 12
-    sched = BudgetScheduler("decay", total, rounds, decay=0.85)
+    sched = make("decay", total, rounds, decay=0.85)
     ns = simulate(sched, rounds)
     assert all(a >= b for a, b in itertools.pairwise(ns)), ns
     assert ns[0] > ns[-1]
@@ -103,8 +109,8 @@ def test_decay_is_non_increasing_and_front_loaded() -> None:
 
 
 def test_decay_one_starts_like_constant_but_never_rises() -> None:
-    a = BudgetScheduler("decay", 338_000, 10, decay=1.0)
-    b = BudgetScheduler("constant", 338_000, 10)
+    a = make("decay", 338_000, 10, decay=1.0)
+    b = make("constant", 338_000, 10)
     assert a.round_allowance(1) == b.round_allowance(1)
     ns_decay, ns_constant = simulate(a, 10), simulate(b, 10)
     assert len(set(ns_decay)) == 1  # rounding slack is not piled onto late rounds
@@ -112,7 +118,7 @@ def test_decay_one_starts_like_constant_but_never_rises() -> None:
 
 
 def _after_round_one(policy: str) -> BudgetScheduler:
-    sched = BudgetScheduler(policy, 1_000_000, 10, n_max=200)
+    sched = make(policy, 1_000_000, 10, n_max=200)
     run_round(sched, 1)
     return sched
 
@@ -149,8 +155,8 @@ def test_adaptive_neutral_feedback_keeps_constant_and_factor_is_clamped() -> Non
     adaptive, constant = _after_round_one("adaptive"), _after_round_one("constant")
     adaptive.observe("uplink", BudgetFeedback(0.45, 0.8))
     assert adaptive.round_allowance(2) == constant.round_allowance(2)
-    up = BudgetScheduler("adaptive", 10**12, 100)
-    down = BudgetScheduler("adaptive", 10**12, 100)
+    up = make("adaptive", 10**12, 100)
+    down = make("adaptive", 10**12, 100)
     for r in range(1, 30):
         up.plan_round(r)
         down.plan_round(r)
@@ -174,7 +180,7 @@ def test_non_finite_feedback_is_ignored() -> None:
 
 
 def test_spend_past_total_raises_and_force_records(caplog: pytest.LogCaptureFixture) -> None:
-    sched = BudgetScheduler("constant", 1000, 2)
+    sched = make("constant", 1000, 2)
     sched.plan_round(1)
     sched.spend("downlink", 600)
     assert sched.can_afford(400) and not sched.can_afford(401)
@@ -197,7 +203,7 @@ def test_spend_past_total_raises_and_force_records(caplog: pytest.LogCaptureFixt
 
 
 def test_spend_attribution_and_validation() -> None:
-    sched = BudgetScheduler("constant", 10_000, 4)
+    sched = make("constant", 10_000, 4)
     sched.spend("downlink", 100)  # before any round: round 0, unplanned
     sched.spend("uplink", 50, server_round=2)  # plans round 2 on the fly
     sched.spend("downlink", 25)  # latest planned round
@@ -219,7 +225,7 @@ def test_spend_attribution_and_validation() -> None:
 
 
 def test_plan_is_fixed_within_round_and_queries_are_pure() -> None:
-    sched = BudgetScheduler("adaptive", 100_000, 5)
+    sched = make("adaptive", 100_000, 5)
     sched.observe("uplink", BudgetFeedback(0.1, 0.9))
     before = sched.state_dict()
     a = sched.round_allowance(1)
@@ -232,15 +238,15 @@ def test_plan_is_fixed_within_round_and_queries_are_pure() -> None:
 
 
 def test_unlimited_uses_n_default() -> None:
-    sched = BudgetScheduler("decay", 0, 5, n_min=2, n_max=8, n_default=4)
+    sched = make("decay", 0, 5, n_min=2, n_max=8, n_default=4)
     assert sched.round_allowance(1) is None
     assert sched.plan_round(1) is None
     assert sched.choose_samples(1, payload_count=PC, size_of=size_of) == 4
     assert sched.remaining() is None and sched.can_afford(10**15)
     sched.spend("uplink", 10**12)
     assert sched.report()["spent_total"] == 10**12
-    low = BudgetScheduler("constant", 0, 5, n_min=2, n_max=8, n_default=1)
-    high = BudgetScheduler("constant", 0, 5, n_min=2, n_max=8, n_default=50)
+    low = make("constant", 0, 5, n_min=2, n_max=8, n_default=1)
+    high = make("constant", 0, 5, n_min=2, n_max=8, n_default=50)
     assert low.choose_samples(1, payload_count=PC, size_of=size_of) == 2
     assert high.choose_samples(1, payload_count=PC, size_of=size_of) == 8
 
@@ -267,7 +273,7 @@ def test_unlimited_uses_n_default() -> None:
 def test_config_validation(kwargs: dict, name: str) -> None:
     args = {"policy": "constant", "total_bytes": 1000, "num_rounds": 3, **kwargs}
     with pytest.raises(ConfigError, match=name) as exc:
-        BudgetScheduler(**args)
+        make(**args)
     if name == "policy":
         for allowed in POLICIES:
             assert allowed in str(exc.value)
@@ -280,7 +286,7 @@ def test_config_validation(kwargs: dict, name: str) -> None:
 def test_state_dict_json_round_trip_gives_identical_decisions(policy: str) -> None:
     rounds = 10
     feedback = [BudgetFeedback(0.1 + 0.09 * r, 1.0 - 0.05 * r) for r in range(rounds + 1)]
-    sched = BudgetScheduler(policy, 400_000, rounds, n_max=40, decay=0.8)
+    sched = make(policy, 400_000, rounds, n_max=40, decay=0.8)
     for r in range(1, 5):
         run_round(sched, r)
         sched.observe("uplink", feedback[r])
@@ -297,7 +303,7 @@ def test_state_dict_json_round_trip_gives_identical_decisions(policy: str) -> No
 
 
 def test_from_state_dict_rejects_garbage() -> None:
-    good = BudgetScheduler("constant", 1000, 3).state_dict()
+    good = make("constant", 1000, 3).state_dict()
     with pytest.raises(ConfigError, match="format"):
         BudgetScheduler.from_state_dict({**good, "format": 99})
     with pytest.raises(ConfigError, match="malformed"):
@@ -324,7 +330,7 @@ def test_from_state_dict_rejects_garbage() -> None:
 def test_property_hard_total_never_exceeded(
     policy, total, rounds, fixed, per_sample, n_min, n_span, counts, cosines
 ) -> None:
-    sched = BudgetScheduler(policy, total, rounds, n_min=n_min, n_max=n_min + n_span)
+    sched = make(policy, total, rounds, n_min=n_min, n_max=n_min + n_span)
 
     def size(n: int) -> int:
         return fixed + n * per_sample
@@ -335,7 +341,7 @@ def test_property_hard_total_never_exceeded(
         down_count, up_count = counts[(2 * r) % 20], counts[(2 * r + 1) % 20]
         n_down = sched.choose_samples(r, payload_count=down_count, size_of=size)
         n_up = sched.choose_samples(r, payload_count=up_count, size_of=size)
-        assert sched.n_min <= min(n_down, n_up) <= max(n_down, n_up) <= sched.n_max
+        assert sched.params.n_min <= min(n_down, n_up) <= max(n_down, n_up) <= sched.params.n_max
         down, up = down_count * size(n_down), up_count * size(n_up)
         # the plan is self-consistent: a choice that fits its share is always affordable
         if down <= 0.5 * allowance:
@@ -357,7 +363,7 @@ def _rounds_completed(reserve: bool) -> int:
     """Adaptive policy fed low cosines (so it keeps buying samples): how many of 20
     rounds can be paid for, with or without a per-round floor kept in reserve."""
     size_of = lambda n: 40 + 300 * n  # noqa: E731
-    sched = BudgetScheduler(policy="adaptive", total_bytes=200_000, num_rounds=20, n_max=16)
+    sched = make(policy="adaptive", total_bytes=200_000, num_rounds=20, n_max=16)
     floor = 2 * 10 * size_of(1)
     if reserve:
         sched.reserve_round_floor(floor)
