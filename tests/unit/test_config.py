@@ -163,7 +163,13 @@ def test_conf_files_are_valid_overrides(path: Path) -> None:
 def test_float16_auto_means_float16_for_3sfc_payloads_only() -> None:
     """``float16 = "auto"`` (the default): 3SFC / E-3SFC payloads in float16, every other
     method (FedAvg above all) in float32; an explicit setting wins for every method."""
-    for method, expected in [("e3sfc", True), ("3sfc", True), ("fedavg", False), ("topk", False), ("qsgd", False)]:
+    for method, expected in [
+        ("e3sfc", True),
+        ("3sfc", True),
+        ("fedavg", False),
+        ("topk", False),
+        ("qsgd", False),
+    ]:
         cfg = ExperimentConfig.from_run_config({"method": method})
         assert cfg.compressor_settings().float16 is expected, method
     for method in ("e3sfc", "fedavg"):
