@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,50 @@ from _common import (  # noqa: E402
 SCRIPT = "model_matrix.py"
 JSONL = RESULTS / "model_matrix.jsonl"
 LAST = 5
-METHODS = ("fedavg", "topk", "topk-eq", "e3sfc", "e3sfc-relay", "e3sfc-n1", "e3sfc-relay-n1", "e3sfc-paper")
-# E-3SFC's downlink is pinned per column: "e3sfc*" compress it with 3SFC (the paper's
-# double-way method; rows written before the relay existed ran with downlink "auto",
-# which meant exactly that), "e3sfc-relay*" relay the round's uplink payloads.
+METHODS = (
+    "fedavg",
+    "topk",
+    "topk-eq",
+    "e3sfc",
+    "e3sfc-relay",
+    "e3sfc-n1",
+    "e3sfc-relay-n1",
+    "e3sfc-paper",
+    "e3sfc-fp16-n8",
+    "topk-eq-fp16",
+    "e3sfc-relay-fp16-n16",
+)
+# E-3SFC's downlink and payload are pinned per column, whatever the defaults: "e3sfc*"
+# compress the downlink with 3SFC (the paper's double-way method; rows written before the
+# relay existed ran with downlink "auto", which then meant exactly that), "e3sfc-relay*"
+# relay the round's uplink payloads; without a suffix n = 4 in float32 (the first
+# release's payload), "-fp16-n8" twice the samples in float16 (the same bytes).
+FP32 = {"float16": False}
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "e3sfc": {"method": "e3sfc", "downlink": "compressed"},
-    "e3sfc-relay": {"method": "e3sfc", "downlink": "relay"},
-    "e3sfc-n1": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 1},
-    "e3sfc-relay-n1": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 1},
-    "e3sfc-paper": {"method": "e3sfc", "downlink": "compressed", "scale-mode": "global"},  # one scale
+    "e3sfc": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 4, **FP32},
+    "e3sfc-relay": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 4, **FP32},
+    "e3sfc-n1": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 1, **FP32},
+    "e3sfc-relay-n1": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 1, **FP32},
+    "e3sfc-paper": {  # one global scale
+        "method": "e3sfc",
+        "downlink": "compressed",
+        "synthetic-samples": 4,
+        "scale-mode": "global",
+        **FP32,
+    },
+    "e3sfc-fp16-n8": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 8, "float16": True},
+    "e3sfc-relay-fp16-n16": {
+        "method": "e3sfc",
+        "downlink": "relay",
+        "synthetic-samples": 16,
+        "float16": True,
+    },
+}
+# Top-k compressed both ways at the payload size of an E-3SFC column, with the same float width:
+# "topk-eq" matches "e3sfc" (float32), "topk-eq-fp16" matches "e3sfc-fp16-n8" (float16 values).
+EQUAL_BYTES: dict[str, dict[str, Any]] = {
+    "topk-eq": {"synthetic-samples": 4, **FP32},
+    "topk-eq-fp16": {"float16": True, "synthetic-samples": 8},
 }
 ALL_SAMPLED = {"num-partitions": 10, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
 HALF_SAMPLED = {"num-partitions": 20, "dirichlet-alpha": 0.1, "fraction-train": 0.5}
@@ -182,25 +216,27 @@ def default_downlink(cell: Cell) -> str:
 
 def equal_bytes_topk_ratio(raw: dict[str, Any]) -> float:
     """The Top-k ratio whose payload is as large as E-3SFC's (``len(encode)`` of both)."""
-    from e3sfc_core.compressor import Budget, build_compressor
+    from e3sfc_core.baselines import TopKCompressor
+    from e3sfc_core.compressor import build_compressor
 
     cfg, spec, sizes, target = _e3sfc_sizes(raw)
     numel = sum(sizes)
 
-    def topk_size(k: int) -> int:
-        settings = replace(cfg.compressor_settings(len(sizes)), topk_ratio=(k + 0.5) / numel)
-        return build_compressor("topk", settings, spec).encoded_size(numel, Budget())
-
-    per_value = topk_size(2) - topk_size(1)
-    k = max(1, (target - (topk_size(1) - per_value)) // per_value)
-    while k > 1 and topk_size(k) > target:
-        k -= 1
+    topk = build_compressor("topk", cfg.compressor_settings(len(sizes)), spec)
+    assert isinstance(topk, TopKCompressor)
+    k = max(1, topk.k_for_bytes(numel, target))  # its payload never exceeds E-3SFC's
     return (k + 0.5) / numel
 
 
 def method_overrides(method: str, base: dict[str, Any]) -> dict[str, Any]:
-    if method == "topk-eq":
-        return {"method": "topk", "downlink": "compressed", "topk-ratio": equal_bytes_topk_ratio(base)}
+    if method in EQUAL_BYTES:
+        matched = {**base, **EQUAL_BYTES[method]}  # the E-3SFC settings whose bytes it matches
+        return {
+            "method": "topk",
+            "downlink": "compressed",
+            **EQUAL_BYTES[method],
+            "topk-ratio": equal_bytes_topk_ratio(matched),
+        }
     return METHOD_OVERRIDES.get(method, {"method": method})
 
 
@@ -288,32 +324,53 @@ def _swing(rows: list[dict[str, Any]]) -> str:
 
 def byte_goal(cell: Cell) -> float:
     """100x, or a quarter of what one synthetic sample per payload would save where one
-    sample is a large share of the model (dense payload / n = 1 payload, per message)."""
+    sample is a large share of the model (dense payload / n = 1 float32 payload, per
+    message, as the paper sends it)."""
     from e3sfc_core.payload import dense_size
 
-    _, _, sizes, one = _e3sfc_sizes({**cell.config(), "synthetic-samples": 1})
+    _, _, sizes, one = _e3sfc_sizes({**cell.config(), "synthetic-samples": 1, **FP32})
     return min(100.0, dense_size(sum(sizes)) / one / 4)
 
 
-def verdict(by_method: dict[str, list[dict[str, Any]]], method: str, needed: float) -> str:
-    """``method`` against the goal: >= 95% of FedAvg's accuracy, >= 100x fewer total
-    bytes, above Top-k at E-3SFC's payload size (``topk-eq``)."""
-    fed, mine, eq = by_method.get("fedavg", []), by_method.get(method, []), by_method.get("topk-eq", [])
+# E-3SFC columns judged against the goal, each with its equal-bytes Top-k (same float width).
+CANDIDATES: dict[str, str | None] = {
+    "e3sfc-fp16-n8": "topk-eq-fp16",  # the default since format v3 (float16 = "auto", n = 8)
+    "e3sfc": "topk-eq",
+    "e3sfc-relay": None,
+    "e3sfc-relay-fp16-n16": None,
+}
+
+
+def verdict(by_method: dict[str, list[dict[str, Any]]], method: str, needed: float) -> list[str]:
+    """``method`` against the goal: >= 95% of FedAvg's accuracy, >= ``needed`` x fewer
+    total bytes, above Top-k at its payload size: [bytes, ratio, % of FedAvg, Top-k at
+    equal bytes, verdict]."""
+    fed, mine = by_method.get("fedavg", []), by_method.get(method, [])
+    rival = CANDIDATES[method]
+    eq = by_method.get(rival, []) if rival else []
     if not fed or not mine:
-        return "-"
+        return ["-"] * 5
     acc = mean_std([r["acc_last5"] for r in mine])[0]
     acc_ratio = acc / mean_std([r["acc_last5"] for r in fed])[0]
     byte_ratio = _bytes(fed) / _bytes(mine)
     parts = [
-        f"{100 * acc_ratio:.0f}% of FedAvg {'ok' if acc_ratio >= 0.95 else 'SHORT'}",
-        f"{byte_ratio:.0f}x fewer bytes (goal {needed:.0f}x) {'ok' if byte_ratio >= needed else 'SHORT'}",
+        "accuracy ok" if acc_ratio >= 0.95 else "accuracy SHORT",
+        "bytes ok" if byte_ratio >= needed else f"bytes SHORT (goal {needed:.0f}x)",
     ]
     if eq and abs(_bytes(eq) / _bytes(mine) - 1.0) > 0.1:
-        parts.append("topk-eq not at equal bytes")
+        parts.append(f"{rival} not at equal bytes")
     elif eq:
         beats = acc > mean_std([r["acc_last5"] for r in eq])[0]
-        parts.append("beats topk-eq" if beats else "LOSES to topk-eq")
-    return "; ".join(parts)
+        parts.append(f"beats {rival}" if beats else f"LOSES to {rival}")
+    elif rival:
+        parts.append(f"{rival} not run")
+    return [
+        fmt_bytes(_bytes(mine)),
+        f"{byte_ratio:.0f}x",
+        f"{100 * acc_ratio:.0f}%",
+        _acc(eq) if rival else "-",
+        "; ".join(parts),
+    ]
 
 
 def report(argv: list[str] | None) -> str:
@@ -322,26 +379,23 @@ def report(argv: list[str] | None) -> str:
         if JSONL.exists()
         else []
     )
-    table = []
+    acc_table, goal_table = [], []
     for name, cell in CELLS.items():
         by_method = {m: [r for r in rows if r["cell"] == name and r["method"] == m] for m in METHODS}
         if not any(by_method.values()):
             continue
-        fed = federation_text(cell)
-        table.append(
-            [name, fed, default_downlink(cell)]
+        acc_table.append(
+            [name, federation_text(cell), default_downlink(cell)]
             + [_acc(by_method[m]) for m in METHODS]
-            + [fmt_bytes(_bytes(by_method[m])) for m in ("fedavg", "topk", "e3sfc", "e3sfc-relay")]
-            + [_swing(by_method["fedavg"]), _swing(by_method["e3sfc"])]
-            + [verdict(by_method, m, byte_goal(cell)) for m in ("e3sfc", "e3sfc-relay")]
+            + [fmt_bytes(_bytes(by_method["fedavg"])), _swing(by_method["fedavg"])]
         )
-    headers = (
-        ["cell", "federation", "auto downlink"]
-        + [f"{m} acc" for m in METHODS]
-        + ["FedAvg bytes", "Top-k bytes", "e3sfc bytes", "e3sfc-relay bytes"]
-        + ["FedAvg swing", "e3sfc swing"]
-        + ["goal (e3sfc): >= 95% of FedAvg, >= 100x, beats topk-eq", "goal (e3sfc-relay)"]
-    )
+        for method in CANDIDATES:
+            if by_method[method]:
+                goal_table.append(
+                    [name, method, _acc(by_method[method])]
+                    + verdict(by_method, method, byte_goal(cell))
+                    + [_swing(by_method[method])]
+                )
     lines = report_head(
         "Model matrix: FedAvg, Top-k + EF and E-3SFC on every model",
         env_info("cpu"),
@@ -350,20 +404,49 @@ def report(argv: list[str] | None) -> str:
         "In-process loop (`e3sfc_core.simulate.run_reference`), CPU, one torch thread per run. "
         f"Accuracy: mean over the last {LAST} rounds, then mean ± standard deviation over seeds "
         "(number of seeds in brackets). Bytes: total uplink + downlink of a run (catch-up included), "
-        "mean over seeds. `topk` is Top-k 1% with error feedback and a dense downlink (its paper "
-        "setting); `topk-eq` keeps as many values as fit in E-3SFC's payload and compresses both "
-        "ways with error feedback on both sides, so its total bytes equal E-3SFC's (`e3sfc`). "
-        "`e3sfc` compresses the downlink with 3SFC (the paper; rows written before the relay "
-        'existed ran with `downlink = "auto"`, which then meant exactly that), `e3sfc-relay` '
-        "relays the round's uplink payloads, `-n1` uses one synthetic sample, `e3sfc-paper` the "
-        "paper's single scale; 'auto downlink' is what the default `downlink = \"auto\"` picks in "
-        "that cell. Defaults unless the federation column says otherwise: 5 local epochs, lr "
-        "0.05, batch 32, synthetic-samples 4; every method in a row shares the row's settings. "
-        "The byte goal is 100x, or a quarter of the n = 1 ratio where one synthetic sample is a "
-        "large share of the model. 'swing': the largest round-to-round change of accuracy over "
-        "the last 10 rounds, in points, worst seed.",
+        "mean over seeds, `len()` of every payload in format v3. `topk` is Top-k 1% with error "
+        "feedback and a dense downlink (its paper setting); `topk-eq` keeps as many values as fit "
+        "in the payload of `e3sfc` (4 samples, float32) and compresses both ways with error "
+        "feedback on both sides, so its total bytes equal that column's; `topk-eq-fp16` likewise "
+        "for `e3sfc-fp16-n8` (8 samples in float16, the same bytes; Top-k's values in float16 "
+        "too). `e3sfc*` compress the downlink with 3SFC (the paper's double-way method; rows "
+        'written before the relay existed ran with `downlink = "auto"`, which then meant exactly '
+        "that), `e3sfc-relay*` relay the round's uplink payloads, `-n1` uses one synthetic sample "
+        "(float32), `e3sfc-paper` the paper's single scale. The default configuration is "
+        "`e3sfc-fp16-n8` with `downlink = \"auto\"`: 'auto downlink' is what that picks in the "
+        "cell. Training defaults unless the federation column says otherwise: 5 local epochs, "
+        "lr 0.05, batch 32; every method in a row shares the row's settings. The byte goal is "
+        "100x, or a quarter of the n = 1 ratio where one synthetic sample is a large share of "
+        "the model. 'swing': the largest round-to-round change of accuracy over the last 10 "
+        "rounds, in points, worst seed.",
     )
-    lines.append(md_table(headers, table))
+    lines += [
+        "## Accuracy",
+        "",
+        md_table(
+            ["cell", "federation", "auto downlink"]
+            + [f"{m} acc" for m in METHODS]
+            + ["FedAvg bytes", "FedAvg swing"],
+            acc_table,
+        ),
+        "",
+        "## E-3SFC against the goal (>= 95% of FedAvg, >= 100x fewer bytes, beats Top-k at equal bytes)",
+        "",
+        md_table(
+            [
+                "cell",
+                "E-3SFC column",
+                "acc",
+                "total bytes",
+                "fewer bytes than FedAvg",
+                "of FedAvg's acc",
+                "Top-k at equal bytes",
+                "verdict",
+                "swing",
+            ],
+            goal_table,
+        ),
+    ]
     return "\n".join(lines)
 
 

@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--samples", default="4", help="3SFC n values")
     p.add_argument("--scale-modes", default="global,layer")
+    p.add_argument("--max-evals", default="", help="search caps to compare (default: the config's)")
+    p.add_argument("--after-rounds", type=int, default=0, help="FedAvg rounds to run before measuring")
+    p.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also: the true mean with one tensor swapped for its reconstruction",
+    )
     p.add_argument("--out-name", default="")
     args = p.parse_args(argv)
     set_threads(1)
@@ -74,26 +81,33 @@ def main(argv: list[str] | None = None) -> None:
     _, test, spec = load_dataset(args.dataset, root, False)
     model = build_model(base_cfg.model, tuple(spec.input_shape), spec.n_classes, base_cfg.seed)
     w0 = get_flat(model)
-    updates, weights = [], []
-    for pid in range(args.num_partitions):
-        data = client_data(base_cfg, pid, args.num_partitions, root)
-        set_flat(model, w0)
-        train_local(
-            model,
-            data,
-            epochs=base_cfg.local_epochs,
-            lr=base_cfg.lr,
-            batch_size=base_cfg.batch_size,
-            device=cpu,
-            seed=pid + 1,
-        )
-        updates.append(get_flat(model) - w0)
-        weights.append(float(len(data)))
+    datasets = [client_data(base_cfg, pid, args.num_partitions, root) for pid in range(args.num_partitions)]
+    weights = [float(len(d)) for d in datasets]
+    total = sum(weights)
+
+    def fedavg_round(seed_offset: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        ups = []
+        for pid, data in enumerate(datasets):
+            set_flat(model, w0)
+            train_local(
+                model,
+                data,
+                epochs=base_cfg.local_epochs,
+                lr=base_cfg.lr,
+                batch_size=base_cfg.batch_size,
+                device=cpu,
+                seed=pid + 1 + seed_offset,
+            )
+            ups.append(get_flat(model) - w0)
+        avg = sum(u * (w / total) for u, w in zip(ups, weights, strict=True))
+        assert isinstance(avg, torch.Tensor)
+        return ups, avg
+
+    for r in range(args.after_rounds):
+        w0 = w0 + fedavg_round(1000 * (r + 1))[1]
+    updates, mean = fedavg_round(0)
     set_flat(model, w0)
     model.eval()
-    total = sum(weights)
-    mean = sum(u * (w / total) for u, w in zip(updates, weights, strict=True))
-    assert isinstance(mean, torch.Tensor)
 
     def after(step: torch.Tensor) -> tuple[float, float]:
         set_flat(model, w0 + step)
@@ -105,15 +119,60 @@ def main(argv: list[str] | None = None) -> None:
     def cell(result: tuple[float, float]) -> str:
         return f"{result[0]:.3f} / {100 * result[1]:.1f}%"
 
-    meta = PayloadMeta(Direction.UPLINK, 1, digest_flat(w0))
+    meta = PayloadMeta(Direction.UPLINK, 1 + args.after_rounds, digest_flat(w0))
     rows: list[list[Any]] = [
         ["(no step)", "-", "-", cell(after(torch.zeros_like(w0)))] + ["-"] * len(MULTIPLES)
     ]
     rows.append(["FedAvg (true mean)", "1.000", "1.000", cell(after(mean))] + ["-"] * len(MULTIPLES))
     data_rows = []
-    for mode in args.scale_modes.split(","):
-        cfg = base_cfg.model_copy(update={"scale_mode": mode})
-        for n in parse_ints(args.samples):
+    layer_rows: list[list[Any]] = []
+    sizes = parameter_sizes(model)
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [tuple(p.shape) for p in model.parameters()]
+
+    def rank_bound(rec: torch.Tensor, true: torch.Tensor, shape: tuple[int, ...]) -> tuple[str, str]:
+        """A weight tensor as an (out, rest) matrix: the rank of the reconstruction, and the
+        best cosine any matrix of that rank could reach with the true mean (its top singular
+        values' share of the energy)."""
+        if len(shape) < 2:
+            return "-", "-"
+        r = int(torch.linalg.matrix_rank(rec.reshape(shape[0], -1).double()))
+        sv = torch.linalg.svdvals(true.reshape(shape[0], -1).double())
+        return str(r), f"{float((sv[:r] ** 2).sum() / (sv**2).sum()) ** 0.5:.3f}"
+
+    def per_layer_rows(label: str, agg: torch.Tensor) -> list[list[Any]]:
+        """Loss of the true mean with tensor l replaced by the reconstruction's tensor l."""
+        out = []
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        for i, name in enumerate(names):
+            a, b = offsets[i], offsets[i + 1]
+            swapped = mean.clone()
+            swapped[a:b] = agg[a:b]
+            share = float(mean[a:b].norm() ** 2 / mean.norm() ** 2)
+            rank, best = rank_bound(agg[a:b], mean[a:b], shapes[i])
+            out.append(
+                [
+                    label,
+                    name,
+                    sizes[i],
+                    f"{share:.3f}",
+                    f"{cosine(agg[a:b], mean[a:b]):.3f}",
+                    rank,
+                    best,
+                    f"{float(agg[a:b].norm() / mean[a:b].norm().clamp_min(1e-30)):.2f}",
+                    cell(after(swapped)),
+                ]
+            )
+        return out
+
+    caps = parse_ints(args.max_evals) if args.max_evals else [base_cfg.max_evals]
+    for mode, cap, n in [
+        (m, c, n) for m in args.scale_modes.split(",") for c in caps for n in parse_ints(args.samples)
+    ]:
+        cfg = base_cfg.model_copy(update={"scale_mode": mode, "max_evals": cap})
+        if True:
             recs, coss = [], []
             for pid, u in enumerate(updates):
                 comp = client_compressor(cfg, spec, pid, len(parameter_sizes(model)))
@@ -126,13 +185,21 @@ def main(argv: list[str] | None = None) -> None:
             client_cos = sum(coss) / len(coss)
             agg_cos = cosine(agg, mean)
             rows.append(
-                [f"3SFC {mode} scale, n = {n}", f"{client_cos:.3f}", f"{agg_cos:.3f}", "-"]
+                [
+                    f"3SFC {mode} scale, n = {n}" + (f", {cap} evals" if args.max_evals else ""),
+                    f"{client_cos:.3f}",
+                    f"{agg_cos:.3f}",
+                    "-",
+                ]
                 + [cell(r) for r in results]
             )
+            if args.per_layer:
+                layer_rows.extend(per_layer_rows(f"{mode}, n = {n}", agg))
             data_rows.append(
                 {
                     "scale_mode": mode,
                     "n": n,
+                    "max_evals": cap,
                     "client_cosine": client_cos,
                     "aggregate_cosine": agg_cos,
                     "loss_acc_by_multiple": {str(m): r for m, r in zip(MULTIPLES, results, strict=True)},
@@ -147,10 +214,35 @@ def main(argv: list[str] | None = None) -> None:
         SCRIPT,
         argv,
         f"{args.num_partitions} clients, Dirichlet {base_cfg.dirichlet_alpha}, {args.local_epochs} local "
-        f"epochs, lr {args.lr}, batch {base_cfg.batch_size}, from the seed-0 initial weights; no "
+        f"epochs, lr {args.lr}, batch {base_cfg.batch_size}, from the seed-0 initial weights"
+        + (f" after {args.after_rounds} FedAvg rounds" if args.after_rounds else "")
+        + "; no "
         "error-feedback residual yet. Loss / accuracy on the test set.",
     )
     lines.append(md_table(headers, rows))
+    if layer_rows:
+        lines += [
+            "",
+            "Per tensor: the true mean with only this tensor replaced by the aggregated reconstruction's"
+            " ('share' = the tensor's share of |mean|^2, 'norm ratio' = |recon_l| / |mean_l|; 'rank' = the"
+            " reconstruction's rank as an (out, in * kernel) matrix, 'best cos at that rank' = the cosine of"
+            " the true mean's best approximation of that rank (truncated SVD)).",
+            "",
+            md_table(
+                [
+                    "3SFC",
+                    "tensor",
+                    "weights",
+                    "share",
+                    "cos",
+                    "rank",
+                    "best cos at that rank",
+                    "norm ratio",
+                    "loss / acc, swapped",
+                ],
+                layer_rows,
+            ),
+        ]
     out = args.out_name or f"one_round_{args.dataset}_{args.model}_e{args.local_epochs}"
     write_results(out, {"rows": data_rows, "env": env_info(cpu)}, "\n".join(lines))
     print("\n".join(lines))

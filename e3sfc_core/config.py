@@ -56,7 +56,7 @@ class ExperimentConfig(BaseModel):
     lr: float = Field(0.05, gt=0.0, le=10.0)
     dirichlet_alpha: float = Field(1.0, gt=0.0)
     iid: bool = False
-    synthetic_samples: int = Field(4, ge=1, le=4096)
+    synthetic_samples: int = Field(8, ge=1, le=4096)
     synthetic_samples_max: int = Field(16, ge=1, le=4096)
     max_evals: int = Field(20, ge=1, le=10_000)
     stall_window: int = Field(5, ge=1, le=10_000)
@@ -64,7 +64,7 @@ class ExperimentConfig(BaseModel):
     init_scale: float = Field(0.25, gt=0.0, le=100.0)
     scale_mode: Literal["layer", "global"] = "layer"
     residual_cap: float = Field(0.0, ge=0.0)
-    float16: bool = False
+    float16: bool | Literal["auto"] = "auto"
     downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
     downlink_samples: int = Field(0, ge=0, le=4096)
     relay_max_fraction: float = Field(0.02, ge=0.0, le=1.0)
@@ -121,6 +121,16 @@ class ExperimentConfig(BaseModel):
         """Registry key of the compressor: e3sfc is 3SFC on both links."""
         return "3sfc" if self.method == "e3sfc" else self.method
 
+    @property
+    def uses_float16(self) -> bool:
+        """``float16 = "auto"``: float16 for 3SFC's synthetic payloads, whose scales are
+        fitted after the rounding (twice the samples for the same bytes learned better than
+        float32, ``bench/results/model_matrix.md``), float32 for the other methods, so
+        FedAvg stays the float32 reference the papers compare against."""
+        if self.float16 == "auto":
+            return self.method in ("3sfc", "e3sfc")
+        return self.float16
+
     def compressor_settings(self, layer_count: int = 0) -> CompressorSettings:
         """The subset of knobs the compressors read (``layer_count``: the model's number of
         parameter tensors, which sizes 3SFC payloads with per-layer scales)."""
@@ -128,7 +138,7 @@ class ExperimentConfig(BaseModel):
             topk_ratio=self.topk_ratio,
             qsgd_levels=self.qsgd_levels,
             qsgd_bucket_size=self.qsgd_bucket_size,
-            float16=self.float16,
+            float16=self.uses_float16,
             max_evals=self.max_evals,
             stall_window=self.stall_window,
             min_improvement=self.min_improvement,

@@ -18,11 +18,7 @@ import math
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.regnet import BlockParams as RegNetBlockParams
-from torchvision.models.regnet import RegNet
-from torchvision.ops.misc import Conv2dNormActivation
 
 from .errors import ConfigError
 
@@ -185,6 +181,8 @@ def vgg11(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
 
 def resnet18(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     """torchvision ResNet-18 with GroupNorm; CIFAR stem (3x3/1, no maxpool) for small images."""
+    import torchvision.models  # imported here: only the torchvision-based models need it
+
     c, h, w = _check_shape(input_shape, n_classes)
     model = torchvision.models.resnet18(weights=None, num_classes=n_classes, norm_layer=group_norm)
     if max(h, w) <= SMALL_IMAGE_MAX:
@@ -203,6 +201,9 @@ def regnetx_200mf(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
     torchvision ships no 200MF builder (its smallest is 400MF), so the design-space
     parameters of the paper's 200MF model are passed to its generic ``RegNet`` class.
     """
+    from torchvision.models.regnet import BlockParams, RegNet
+    from torchvision.ops.misc import Conv2dNormActivation
+
     c, h, w = _check_shape(input_shape, n_classes)
     stride = 1 if max(h, w) <= SMALL_IMAGE_MAX else 2
 
@@ -222,7 +223,7 @@ def regnetx_200mf(input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
             activation_layer=activation_layer,
         )
 
-    params = RegNetBlockParams.from_init_params(**REGNETX_200MF)
+    params = BlockParams.from_init_params(**REGNETX_200MF)
     return RegNet(params, num_classes=n_classes, norm_layer=group_norm, stem_type=stem)
 
 

@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
 
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
@@ -140,6 +139,8 @@ class SyntheticFeatureCompressor:
         x0 = torch.randn((n, *self.input_shape), generator=gen) * s.init_scale
         y0 = torch.randn((n, self.n_classes), generator=gen)
         start = torch.cat([x0.reshape(-1), y0.reshape(-1)]).double().numpy()
+        from scipy.optimize import minimize  # imported here: only 3SFC runs need SciPy
+
         objective = _CosineObjective(model, target, x0.shape, y0.shape, s, start, self.layerwise)
         if float(objective.t_norm) > 0.0:
             try:

@@ -172,3 +172,23 @@ def test_key_value_text_is_parsed_as_toml_values() -> None:
 def test_a_pair_without_equals_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_pairs(["lr"])
+
+
+def test_float16_auto_means_float16_for_3sfc_payloads_only() -> None:
+    """``float16 = "auto"`` (the default): 3SFC / E-3SFC payloads in float16, every other
+    method (FedAvg above all) in float32; an explicit setting wins for every method."""
+    for method, expected in [
+        ("e3sfc", True),
+        ("3sfc", True),
+        ("fedavg", False),
+        ("topk", False),
+        ("qsgd", False),
+    ]:
+        cfg = ExperimentConfig.from_run_config({"method": method})
+        assert cfg.compressor_settings().float16 is expected, method
+    for method in ("e3sfc", "fedavg"):
+        for value in (True, False):
+            cfg = ExperimentConfig.from_run_config({"method": method, "float16": value})
+            assert cfg.compressor_settings().float16 is value
+    with pytest.raises(ConfigError, match="float16"):
+        ExperimentConfig.from_run_config({"float16": "sometimes"})
