@@ -18,7 +18,9 @@ What it does
    * STC: ``log2 C(numel, k)`` + ``k`` sign bits + the float32 magnitude;
    * QSGD: ``numel`` times the empirical entropy of the signed levels (over all entries
      of the update) + one float32 norm per bucket;
-   * signSGD: ``numel`` sign bits + the float32 scale.
+   * signSGD: ``numel`` sign bits + the float32 scale;
+   * PowerSGD: its floats (``P``, ``Q`` and the dense tensors), which no code shrinks, so
+     the ratio only shows what the per-tensor records (10 bytes each) add.
 
    The ratio is body bytes over bound bytes (the 28-byte header and the few bytes that
    say ``k``, the mode and the Rice parameter are the format's, not the code's: they are
@@ -68,6 +70,8 @@ from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.payload import (  # noqa: E402
     HEADER_SIZE,
     Direction,
+    FloatType,
+    LowRankBody,
     Payload,
     QuantBody,
     SparseBody,
@@ -83,7 +87,8 @@ from e3sfc_core.tensors import num_params  # noqa: E402
 
 GOAL_RATIO = 1.15
 GOAL_METHODS = ("topk", "stc", "qsgd")
-N_DEFAULTS = 4  # the first rows of ``methods``: each baseline at the project's defaults
+N_DEFAULTS = 5  # the first rows of ``methods``: each baseline at the project's defaults
+N_TIMED = 4  # the first rows are timed (PowerSGD needs the model's shapes: not the flat vector)
 TIMING_REPEATS = 5
 
 
@@ -113,12 +118,17 @@ def bound_bits(p: Payload, float_bits: int) -> tuple[float, float]:
     if isinstance(b, QuantBody):
         levels = n * entropy_bits(b.q.numpy())
         return levels + 32 * b.norms.numel(), levels
+    if isinstance(b, LowRankBody):
+        return float(float_bits * b.values.numel()), float(float_bits * b.values.numel())
     return n + 32.0, float(n)  # sign
 
 
-def v2_bytes(p: Payload, float_bytes: int) -> int:
-    """What format v2 sent for this payload (one norm for the whole vector for QSGD)."""
+def v2_bytes(p: Payload, float_bytes: int) -> float:
+    """What format v2 sent for this payload (one norm for the whole vector for QSGD;
+    NaN for PowerSGD, which v2 did not have)."""
     b, n = p.body, p.numel
+    if isinstance(b, LowRankBody):
+        return math.nan
     if isinstance(b, SparseBody):
         return HEADER_SIZE + 4 + (4 + float_bytes) * b.indices.numel()
     if isinstance(b, TernaryBody):
@@ -142,6 +152,8 @@ def code_part_bytes(data: bytes, p: Payload) -> int:
     if isinstance(b, QuantBody):
         fixed = qsgd_size(n, b.levels, b.bucket_size) - levels_bytes_bound(n, b.levels)
         return len(data) - fixed
+    if isinstance(b, LowRankBody):
+        return (2 if p.float_type == FloatType.FLOAT16 else 4) * b.values.numel()
     return len(data) - (sign_size(n) - (n + 7) // 8)
 
 
@@ -163,17 +175,21 @@ def mode_name(data: bytes, p: Payload) -> str:
         return ("rice", "bitmap")[data[HEADER_SIZE + 8]]
     if isinstance(p.body, QuantBody):
         return ("gamma", "packed")[data[HEADER_SIZE + 1]]
+    if isinstance(p.body, LowRankBody):
+        return "floats"
     return "bits"
 
 
 def methods(cfg: ExperimentConfig) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, registry name, settings overrides): the defaults first, then variants."""
     r, s, bucket = cfg.topk_ratio, cfg.qsgd_levels, cfg.qsgd_bucket_size
+    rank = cfg.powersgd_rank
     return [
         (f"topk r={r:g}", "topk", {}),
         (f"stc r={r:g}", "stc", {}),
         (f"qsgd s={s} bucket={bucket}", "qsgd", {}),
         ("signsgd", "signsgd", {}),
+        (f"powersgd rank={rank}", "powersgd", {}),
         ("topk r=0.1", "topk", {"topk_ratio": 0.1}),
         ("topk r=0.01 float16", "topk", {"float16": True}),
         ("stc r=0.1", "stc", {"topk_ratio": 0.1}),
@@ -181,6 +197,8 @@ def methods(cfg: ExperimentConfig) -> list[tuple[str, str, dict[str, Any]]]:
         (f"qsgd s=4 bucket={bucket}", "qsgd", {"qsgd_levels": 4}),
         (f"qsgd s=127 bucket={bucket}", "qsgd", {"qsgd_levels": 127}),
         (f"qsgd s={s} bucket=64", "qsgd", {"qsgd_bucket_size": 64}),
+        ("powersgd rank=1", "powersgd", {"powersgd_rank": 1}),
+        (f"powersgd rank={rank} float16", "powersgd", {"float16": True}),
     ]
 
 
@@ -310,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{s['bound_bytes_mean']:,.0f}",
                 f"{s['ratio_mean']:.3f} (max {s['ratio_max']:.3f})",
                 f"{s['code_part_ratio_mean']:.3f}",
-                f"{s['v2_bytes_mean']:,.0f}",
+                f"{s['v2_bytes_mean']:,.0f}" if math.isfinite(s["v2_bytes_mean"]) else "-",
                 f"{s['encoded_size']:,} ({s['actual_over_encoded_size_max']:.2f})",
                 "/".join(modes),
                 f"{s['nonzero_mean']:.1%}",
@@ -339,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (numel, targets[-1].update, model, uplink_meta(targets[-1])),
         (big.numel(), big, _Flat(big.numel()), None),
     ]
-    for label, name, overrides in methods(cfg)[:4]:
+    for label, name, overrides in methods(cfg)[:N_TIMED]:
         for n, vec, mdl, meta in cases:
             meta = meta or PayloadMeta(Direction.UPLINK, 1, b"\0" * 8)
             comp = build_compressor(name, replace(cfg.compressor_settings(), **overrides), spec)
@@ -371,11 +389,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{log[-1]['accuracy']:.3f}), each compressed with the client's seed. Means over targets.",
         "Bound: Top-k `log2 C(numel, k)` + k float values; STC `log2 C(numel, k)` + k sign bits + "
         "the float32 magnitude; QSGD numel x the empirical entropy of the signed levels + a float32 "
-        "norm per bucket; signSGD numel bits + the float32 scale. `body / bound` is the payload minus "
+        "norm per bucket; signSGD numel bits + the float32 scale; PowerSGD its floats (P, Q and the "
+        "dense tensors: incompressible). `body / bound` is the payload minus "
         "its 28-byte header over the bound (the bytes that state k, the code and its parameter count "
         "against the code). `code part / its bound`: the positions section against `log2 C(numel, k)` "
         "(Top-k, STC) or the levels section against the levels' entropy (QSGD). `bytes (v2)`: the "
-        "same payload in format v2 (32-bit indices, a byte per QSGD level, one norm). "
+        "same payload in format v2 (32-bit indices, a byte per QSGD level, one norm; PowerSGD: -, "
+        "new in v3). "
         "`encoded_size`: the upper bound budgets use, and the largest actual/bound over targets.",
     )
     md += [

@@ -4,7 +4,7 @@ Importing the package registers every compression method in
 :data:`e3sfc_core.compressor.COMPRESSORS`.
 """
 
-from . import baselines, synthetic  # noqa: F401  (registration side effects)
+from . import baselines, powersgd, synthetic  # noqa: F401  (registration side effects)
 from .compressor import COMPRESSORS, Budget, CompressorSettings, PayloadMeta, build_compressor
 from .errors import (
     BaseModelMismatch,

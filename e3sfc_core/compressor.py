@@ -87,7 +87,9 @@ class CompressorSettings:
     starting values (the datasets are normalised to unit std; small starts converge faster).
     ``scale_mode`` is 3SFC's scaling: ``"global"`` (the paper: one least-squares scale) or
     ``"layer"`` (one per parameter tensor; ``layer_count``, the model's number of
-    parameter tensors, sizes those payloads).
+    parameter tensors, sizes those payloads). ``powersgd_rank`` is PowerSGD's rank ``r``;
+    ``model`` (a ``models.MODELS`` key, "" if unknown) lets PowerSGD size its payloads,
+    which depend on the parameter shapes.
     """
 
     topk_ratio: float = 0.01
@@ -101,6 +103,8 @@ class CompressorSettings:
     seed: int = 0
     scale_mode: str = "global"
     layer_count: int = 0
+    powersgd_rank: int = 4
+    model: str = ""
 
 
 CompressorFactory = Callable[[CompressorSettings, tuple[int, ...], int], Compressor]

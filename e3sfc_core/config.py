@@ -17,7 +17,7 @@ from .budget import BudgetParams
 from .compressor import CompressorSettings
 from .errors import ConfigError
 
-Method = Literal["e3sfc", "3sfc", "fedavg", "topk", "stc", "signsgd", "qsgd"]
+Method = Literal["e3sfc", "3sfc", "fedavg", "topk", "stc", "signsgd", "qsgd", "powersgd"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
 
@@ -73,6 +73,7 @@ class ExperimentConfig(BaseModel):
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
     qsgd_levels: int = Field(16, ge=1, le=127)
     qsgd_bucket_size: int = Field(512, ge=1, le=65536)
+    powersgd_rank: int = Field(4, ge=1, le=1024)
     clip_norm_factor: float = Field(0.0, ge=0.0)
     seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +147,8 @@ class ExperimentConfig(BaseModel):
             seed=self.seed,
             scale_mode=self.scale_mode,
             layer_count=layer_count,
+            powersgd_rank=self.powersgd_rank,
+            model=self.model,
         )
 
     def budget_params(self) -> BudgetParams:

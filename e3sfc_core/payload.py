@@ -12,7 +12,8 @@ offset size field
 0      4    magic ``b"E3SF"``
 4      1    format version (3; versions 1 and 2 still decode, see below)
 5      1    direction: 0 uplink (client to server), 1 downlink
-6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights, 8 bundle
+6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights, 8 bundle,
+            9 low-rank (v3 and later)
 7      1    float dtype of the body's float arrays: 1 float32, 2 float16
 8      4    server round
 12     8    digest of the weights the payload is relative to (``tensors.digest_flat``)
@@ -44,6 +45,13 @@ Bodies (``F`` = the header's float dtype; offsets from the start of the body):
   order, every inner payload a complete, valid, non-bundle payload (of any readable
   version) with the same ``numel`` (a relayed downlink: the round's uplink payloads and
   their aggregation weights)
+* low-rank (PowerSGD, v3 and later; ``e3sfc_core.lowrank``): ``u32 count``, ``count x
+  (u32 rows, u32 cols, u16 rank)``, then ``F values`` to the end of the body: each
+  record's floats in record order. Record ``j`` is the next ``rows * cols`` weights of the
+  update (row-major; the records cover exactly ``numel``). Rank 0: ``rows * cols`` dense
+  values. Rank ``r`` in 1..1024: ``P[rows x r]`` then ``Q[cols x r]`` (row-major), the
+  block being ``P @ Q.T``; allowed only when ``r * (rows + cols) < rows * cols``.
+  ``rows, cols >= 1``; the values fill the rest of the body exactly. Refused in v1/v2.
 
 Bit streams (``e3sfc_core.bitcodec``): bit ``i`` is bit ``i % 8`` of byte ``i // 8``;
 fields are least significant bit first; ``unary(q)`` is ``q`` zero bits then a one;
@@ -109,6 +117,8 @@ from .compact import (
     positions_bytes_bound,
 )
 from .errors import PayloadError, UnsupportedVersion
+from .lowrank import RECORD as LOWRANK_RECORD
+from .lowrank import LowRankBody, decode_lowrank, encode_lowrank, record_floats
 from .tensors import DIGEST_SIZE
 
 MAGIC = b"E3SF"
@@ -144,6 +154,7 @@ class Codec(enum.IntEnum):
     QSGD = 6
     WEIGHTS = 7
     BUNDLE = 8
+    LOWRANK = 9
 
 
 class FloatType(enum.IntEnum):
@@ -221,7 +232,7 @@ class BundleBody:
     payloads: tuple[bytes, ...]  # each a complete encoded payload (not a bundle)
 
 
-Body = DenseBody | SyntheticBody | SparseBody | TernaryBody | SignBody | QuantBody | BundleBody
+Body = DenseBody | SyntheticBody | SparseBody | TernaryBody | SignBody | QuantBody | BundleBody | LowRankBody
 
 
 @dataclass(frozen=True)
@@ -299,6 +310,7 @@ _BODY_OF_CODEC: dict[Codec, type] = {
     Codec.SIGN: SignBody,
     Codec.QSGD: QuantBody,
     Codec.BUNDLE: BundleBody,
+    Codec.LOWRANK: LowRankBody,
 }
 
 
@@ -354,6 +366,8 @@ def _encode_body(p: Payload) -> bytes:
         return _encode_bundle(b, p.numel)
     if isinstance(b, QuantBody):
         return _encode_qsgd(b, p.numel)
+    if isinstance(b, LowRankBody):
+        return encode_lowrank(b, _NP_FLOAT[ft], p.numel)
     raise PayloadError(f"unknown body type {type(b).__name__}")
 
 
@@ -425,6 +439,13 @@ def qsgd_size(numel: int, levels: int, bucket_size: int) -> int:
     """Most bytes a QSGD payload can take: its levels packed, never exceeded (exact
     when the packed section is the one chosen)."""
     return HEADER_SIZE + 6 + 4 * _buckets(numel, bucket_size) + levels_bytes_bound(numel, levels)
+
+
+def lowrank_size(layout: Sequence[tuple[int, int, int]], float_type: FloatType) -> int:
+    """Exact size of a low-rank (PowerSGD) payload with these ``(rows, cols, rank)``
+    records (rank 0: the block is dense)."""
+    floats = sum(record_floats(*rec) for rec in layout)
+    return HEADER_SIZE + 4 + LOWRANK_RECORD.size * len(layout) + float_width(float_type) * floats
 
 
 def bundle_size(lengths: Sequence[int]) -> int:
@@ -628,6 +649,7 @@ _BODY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.SIGN: lambda r, ft, n: SignBody(scale=r.finite_f32("scale"), negative=r.bits(n, "signs")),
     Codec.QSGD: lambda r, ft, n: _decode_qsgd(r, n),
     Codec.BUNDLE: lambda r, ft, n: _decode_bundle(r, n),
+    Codec.LOWRANK: lambda r, ft, n: decode_lowrank(r.rest(), _NP_FLOAT[ft], n),
 }
 _LEGACY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.TOPK: _decode_topk_v2,
@@ -669,6 +691,8 @@ def decode(data: bytes) -> Payload:
         )
     if numel > MAX_NUMEL:
         raise PayloadError(f"numel {numel} exceeds the limit {MAX_NUMEL}")
+    if version < 3 and codec_e == Codec.LOWRANK:
+        raise PayloadError(f"low-rank payloads do not exist in format v{version} (v3 and later)")
     reader = _Reader(view[HEADER_SIZE:], codec_e)
     if codec_e in (Codec.DENSE, Codec.WEIGHTS):
         reader.count(numel, _NP_FLOAT[ftype_e].itemsize, "numel")

@@ -16,9 +16,10 @@ SHUFFLE       server round, partition id        a client's mini-batch order
 COMPRESSOR    partition id                      a client's compressor (below)
 SYNTHETIC     server round, direction           3SFC's initial synthetic data
 QSGD          server round, direction           QSGD's stochastic rounding
+POWERSGD      server round, direction, tensor   PowerSGD's starting matrix Q0
 ============  ================================  =====================================
 
-``SYNTHETIC`` and ``QSGD`` start from the compressor's own seed (the run seed on the
+``SYNTHETIC``, ``QSGD`` and ``POWERSGD`` start from the compressor's own seed (the run seed on the
 server, the ``COMPRESSOR`` seed on a client), so clients draw independent noise. The
 model's initial weights and the data partition use the run seed itself.
 """
@@ -33,6 +34,7 @@ SHUFFLE = "shuffle"
 COMPRESSOR = "compressor"
 SYNTHETIC = "synthetic"
 QSGD = "qsgd"
+POWERSGD = "powersgd"
 
 _MASK = 2**63 - 1
 

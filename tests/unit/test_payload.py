@@ -26,6 +26,7 @@ import torch
 
 from e3sfc_core.bitcodec import BitWriter
 from e3sfc_core.errors import PayloadError, UnsupportedVersion
+from e3sfc_core.lowrank import LowRankBody
 from e3sfc_core.payload import (
     HEADER,
     HEADER_SIZE,
@@ -201,6 +202,21 @@ def golden_payloads() -> dict[str, Payload]:
                 bucket_size=16,
             ),
             40,
+        ),
+        "lowrank_f32": make(
+            Codec.LOWRANK,
+            LowRankBody(
+                layout=((3, 3, 1), (2, 1, 0)),
+                values=torch.tensor([0.5, -0.25, 1.0, 2.0, 0.0, -4.0, 0.125, -1.5]),
+            ),
+            11,
+        ),
+        "lowrank_f16": make(
+            Codec.LOWRANK,
+            LowRankBody(layout=((3, 1, 0), (4, 5, 2)), values=torch.arange(-10.0, 11.0) * 0.25),
+            23,
+            float_type=F16,
+            direction=Direction.DOWNLINK,
         ),
         "bundle": make(
             Codec.BUNDLE,
@@ -444,6 +460,53 @@ def test_version_1_bundle_is_refused() -> None:
     expect_error(bytes(data), "v1", "bundle")
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_lowrank_before_version_3_is_refused(version: int) -> None:
+    # Prepare: codec 9 did not exist in v1/v2
+    data = bytearray(valid_bytes("lowrank_f32"))
+    data[4] = version
+
+    # Execute / Assert
+    expect_error(bytes(data), f"v{version}", "low-rank")
+
+
+def lowrank_bytes(records: list[tuple[int, int, int]], numel: int, floats: int, value: float = 0.5) -> bytes:
+    body = struct.pack("<I", len(records)) + b"".join(struct.pack("<IIH", *r) for r in records)
+    return header(codec=Codec.LOWRANK, numel=numel, body=body + struct.pack(f"<{floats}f", *[value] * floats))
+
+
+def test_lowrank_rules() -> None:
+    # Execute / Assert: the spec's example decodes; each broken rule is named
+    assert decode(lowrank_bytes([(3, 3, 1), (2, 1, 0)], 11, 8)).codec == Codec.LOWRANK
+    assert decode(lowrank_bytes([], 0, 0)).numel == 0
+    expect_error(lowrank_bytes([(2, 2, 1)], 4, 4), "not smaller than dense")
+    expect_error(lowrank_bytes([(3, 3, 3)], 9, 18), "not smaller than dense")
+    expect_error(lowrank_bytes([(40, 40, 1025)], 1600, 0), "exceeds")
+    expect_error(lowrank_bytes([(0, 3, 0)], 0, 0), "empty")
+    expect_error(lowrank_bytes([(3, 3, 1)], 10, 6), "cover")
+    expect_error(lowrank_bytes([(3, 3, 1)], 8, 6), "cover")
+    expect_error(lowrank_bytes([(3, 3, 1)], 9, 7), "bytes of values")
+    expect_error(lowrank_bytes([(3, 3, 1)], 9, 5), "bytes of values")
+    expect_error(lowrank_bytes([(3, 3, 1)], 9, 6, float("inf")), "nan or inf")
+    expect_error(header(codec=Codec.LOWRANK, numel=9, body=struct.pack("<I", 2**32 - 1)), "records")
+    expect_error(header(codec=Codec.LOWRANK, numel=9, body=b"\x01"), "short")
+
+
+def test_lowrank_encode_refuses_inconsistent_bodies() -> None:
+    # Prepare
+    bad = [
+        (LowRankBody(((3, 3, 1),), torch.zeros(5)), 9),  # too few values
+        (LowRankBody(((3, 3, 1),), torch.zeros(6)), 10),  # does not cover numel
+        (LowRankBody(((2, 2, 1),), torch.zeros(4)), 4),  # not smaller than dense
+        (LowRankBody(((3, 1, 0),), torch.tensor([1.0, float("nan"), 0.0])), 3),
+    ]
+
+    # Execute / Assert
+    for body, numel in bad:
+        with pytest.raises(PayloadError):
+            encode(make(Codec.LOWRANK, body, numel))
+
+
 def test_golden_header_layout_is_little_endian_at_documented_offsets() -> None:
     # Prepare
     data = bytes.fromhex(json.loads(GOLDEN.read_text())["vectors"]["topk_f32"]["hex"])
@@ -484,7 +547,7 @@ def test_unknown_version_is_unsupported_version() -> None:
 
 @pytest.mark.parametrize(
     ("offset", "value", "word"),
-    [(5, 2, "direction"), (6, 0, "codec"), (6, 9, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
+    [(5, 2, "direction"), (6, 0, "codec"), (6, 10, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
 )
 def test_unknown_enum_values(offset: int, value: int, word: str) -> None:
     # Prepare

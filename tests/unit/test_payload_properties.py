@@ -8,6 +8,7 @@ whatever the header declares.
 from __future__ import annotations
 
 import math
+import random
 import struct
 import tracemalloc
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from e3sfc_core.errors import PayloadError
+from e3sfc_core.lowrank import LowRankBody, record_floats
 from e3sfc_core.payload import (
     HEADER,
     HEADER_SIZE,
@@ -70,6 +72,25 @@ def f32_scalar() -> st.SearchStrategy[float]:
     return st.floats(allow_nan=False, allow_infinity=False, width=32)
 
 
+dense_records = st.tuples(st.integers(1, 8), st.integers(1, 3), st.just(0))
+lowrank_records = st.tuples(st.integers(3, 7), st.integers(3, 7)).flatmap(
+    lambda rc: (
+        st.tuples(st.just(rc[0]), st.just(rc[1]), st.integers(1, rc[0] * rc[1] // (rc[0] + rc[1]) - 1))
+        if rc[0] * rc[1] // (rc[0] + rc[1]) > 1
+        else st.tuples(st.just(rc[0]), st.just(rc[1]), st.just(1))
+    )
+)
+
+
+def lowrank_layout(rng: random.Random) -> tuple[tuple[int, int, int], ...]:
+    """A few dense and low-rank records (rank 1 of a 3..6 square is always smaller)."""
+    out = []
+    for _ in range(rng.randint(1, 3)):
+        n = rng.randint(3, 6)
+        out.append((n, n, 1) if rng.random() < 0.5 else (rng.randint(1, 8), 1, 0))
+    return tuple(out)
+
+
 @st.composite
 def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
     """``(numel, body)`` for ``codec``, small sizes, every field valid."""
@@ -113,6 +134,12 @@ def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
         return numel, TernaryBody(
             torch.tensor(idx, dtype=torch.int64), torch.tensor(signs, dtype=torch.bool), draw(f32_scalar())
         )
+    if codec == Codec.LOWRANK:
+        layout = draw(st.lists(st.one_of(dense_records, lowrank_records), max_size=4))
+        floats = sum(record_floats(*rec) for rec in layout)
+        values = draw(st.lists(finite(ft), min_size=floats, max_size=floats))
+        body = LowRankBody(tuple(layout), torch.tensor(values, dtype=torch.float32).reshape(floats))
+        return sum(r * c for r, c, _ in layout), body
     if codec == Codec.SIGN:
         signs = draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
         return numel, SignBody(torch.tensor(signs, dtype=torch.bool), draw(f32_scalar()))
@@ -159,8 +186,6 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
     The fuzz tests mutate these instead of drawing a payload per example: drawing
     tensors through Hypothesis costs far more than the decode under test.
     """
-    import random
-
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -194,6 +219,12 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
                 body = TernaryBody(idx, vals[: idx.numel()] < 0, rng.uniform(0, 2))
         elif codec == Codec.SIGN:
             body = SignBody(vals < 0, rng.uniform(0, 2))
+        elif codec == Codec.LOWRANK:
+            layout = lowrank_layout(rng)
+            floats = sum(record_floats(*rec) for rec in layout)
+            low = torch.randn(floats, generator=g).to(vals.dtype).float()
+            body = LowRankBody(layout, low)
+            span = sum(r * c for r, c, _ in layout)
         elif codec == Codec.BUNDLE:
             inner = [_dense_payload(numel, i + j) for j in range(rng.randint(1, 3))]
             body = BundleBody(tuple(rng.uniform(-2, 2) for _ in inner), tuple(inner))
@@ -205,7 +236,7 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
             bucket = rng.randint(1, 16)
             norms = torch.rand(-(-numel // bucket), generator=g) * 10
             body = QuantBody(norms, levels, q, bucket)
-        n = span if codec in (Codec.TOPK, Codec.STC) else numel
+        n = span if codec in (Codec.TOPK, Codec.STC, Codec.LOWRANK) else numel
         p = Payload(codec, Direction(i % 2), rng.randrange(2**32), rng.randbytes(8), n, body, ft)  # type: ignore[arg-type]
         out.append(encode(p))
     return out
@@ -233,6 +264,8 @@ def body_length(p: Payload) -> int:
         return 10 + (k + 7) // 8 + ref_positions_bytes(b.indices.tolist(), p.numel)
     if isinstance(b, SignBody):
         return 4 + (p.numel + 7) // 8
+    if isinstance(b, LowRankBody):
+        return 4 + 10 * len(b.layout) + w * sum(r * c if k == 0 else k * (r + c) for r, c, k in b.layout)
     assert isinstance(b, QuantBody)
     return 6 + 4 * b.norms.numel() + ref_levels_bytes(b.q.tolist(), b.levels)
 
@@ -371,7 +404,7 @@ def test_random_bytes_raise_only_payload_error(tracker: PeakTracker, blob: bytes
 @FUZZ
 @given(
     direction=st.integers(0, 2),
-    codec=st.integers(0, 8),
+    codec=st.integers(0, 10),
     ftype=st.integers(0, 3),
     numel=st.one_of(st.integers(0, 64), st.integers(0, 2**32 - 1)),
     body=st.binary(max_size=200),
@@ -453,7 +486,7 @@ def test_random_legacy_bodies_raise_only_payload_error(
 def test_mutated_v3_sections_raise_only_payload_error(p: Payload, data: st.DataObject) -> None:
     # Prepare: flip bits in the coded sections of the v3 codecs, keeping the header valid
     raw = bytearray(encode(p))
-    if p.codec not in (Codec.TOPK, Codec.STC, Codec.QSGD) or len(raw) == HEADER_SIZE:
+    if p.codec not in (Codec.TOPK, Codec.STC, Codec.QSGD, Codec.LOWRANK) or len(raw) == HEADER_SIZE:
         return
     for _ in range(data.draw(st.integers(1, 3))):
         bit = data.draw(st.integers(8 * HEADER_SIZE, 8 * len(raw) - 1))
@@ -484,7 +517,7 @@ def test_decoding_huge_declarations_stays_small(tracker: PeakTracker) -> None:
     # Prepare: every codec with the largest numel and a 9-byte body
     blobs = [
         HEADER.pack(MAGIC, VERSION, 0, c, f, 0, b"\0" * 8, 2**31 - 1, 9) + b"\xff" * 9
-        for c in range(1, 8)
+        for c in range(1, 10)
         for f in (1, 2)
     ]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from e3sfc_core.lowrank import LowRankBody
 from e3sfc_core.payload import (
     BundleBody,
     Codec,
@@ -20,6 +21,7 @@ from e3sfc_core.payload import (
     bundle_size,
     dense_size,
     encode,
+    lowrank_size,
     qsgd_size,
     sign_size,
     sparse_size,
@@ -29,7 +31,7 @@ from e3sfc_core.payload import (
 
 from .test_payload import golden_payloads, make
 
-EXACT = {Codec.DENSE, Codec.WEIGHTS, Codec.SYNTHETIC, Codec.SIGN, Codec.BUNDLE}
+EXACT = {Codec.DENSE, Codec.WEIGHTS, Codec.SYNTHETIC, Codec.SIGN, Codec.BUNDLE, Codec.LOWRANK}
 
 
 def size_of(p: Payload) -> int:
@@ -49,6 +51,8 @@ def size_of(p: Payload) -> int:
         return sign_size(n)
     if isinstance(b, QuantBody):
         return qsgd_size(n, b.levels, b.bucket_size)
+    if isinstance(b, LowRankBody):
+        return lowrank_size(b.layout, p.float_type)
     assert isinstance(b, BundleBody)
     return bundle_size([len(x) for x in b.payloads])
 
