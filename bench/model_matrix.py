@@ -127,6 +127,15 @@ CELLS = {
     for c in [
         Cell("digits-mlp-a1", "digits", "mlp", ALL_SAMPLED, 30, methods=SMALL),
         Cell("digits-mlp-a0.1", "digits", "mlp", HALF_SAMPLED, 30, methods=SMALL),
+        Cell(
+            "digits-mlp-default",
+            "digits",
+            "mlp",
+            ALL_SAMPLED,
+            40,
+            methods=("fedavg", "e3sfc-fp16-n8"),
+            note="the default run (e3sfc-run): 40 rounds, for the swing",
+        ),
         Cell("digits-lenet5-a1", "digits", "lenet5", ALL_SAMPLED, 30, methods=(*CORE, "e3sfc-n1")),
         Cell("digits-lenet5-a0.1", "digits", "lenet5", HALF_SAMPLED, 30, methods=(*CORE, "e3sfc-n1")),
         Cell("mnist-mlp-a1", "mnist", "mlp", ALL_SAMPLED, 30, PAPER_TRAINING),
