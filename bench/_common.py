@@ -411,6 +411,25 @@ def add_setting_args(p: argparse.ArgumentParser, *, federated: bool = True) -> N
         p.add_argument("--seeds", default="0,1,2")
 
 
+def fedavg_targets_config(args: argparse.Namespace, device: str) -> Any:
+    """The FedAvg run whose client updates a compressor benchmark takes as targets, from
+    the setting flags of :func:`add_setting_args` (``federated=False``) plus ``--seed``."""
+    from e3sfc_core.config import ExperimentConfig
+
+    return ExperimentConfig.from_run_config(
+        {
+            "method": "fedavg",
+            "dataset": args.dataset,
+            "model": args.model,
+            "data-root": args.data_root,
+            "num-partitions": args.num_partitions,
+            "local-epochs": args.local_epochs,
+            "seed": args.seed,
+            "device": device,
+        }
+    )
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """``--set``, ``--device``, ``--threads`` and ``--out-name`` of the federated scripts."""
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")

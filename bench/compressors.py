@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     client_settings,
     collect_targets,
     env_info,
+    fedavg_targets_config,
     md_table,
     mean_std,
     median,
@@ -73,7 +74,6 @@ from _common import (  # noqa: E402
 
 from e3sfc_core.baselines import TopKCompressor, topk_count  # noqa: E402
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build_compressor  # noqa: E402
-from e3sfc_core.config import ExperimentConfig  # noqa: E402
 from e3sfc_core.datasets import get_spec  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.payload import dense_size  # noqa: E402
@@ -147,18 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     set_threads(args.threads)
     device = resolve_device(args.device)
-    cfg = ExperimentConfig.from_run_config(
-        {
-            "method": "fedavg",
-            "dataset": args.dataset,
-            "model": args.model,
-            "data-root": args.data_root,
-            "num-partitions": args.num_partitions,
-            "local-epochs": args.local_epochs,
-            "seed": args.seed,
-            "device": args.device,
-        }
-    )
+    cfg = fedavg_targets_config(args, args.device)
     spec = get_spec(args.dataset)
     rounds, clients = parse_ints(args.rounds), parse_ints(args.clients)
     samples, sweep, sweep_n = (

@@ -53,6 +53,7 @@ from _common import (  # noqa: E402
     client_settings,
     collect_targets,
     env_info,
+    fedavg_targets_config,
     md_table,
     parse_ints,
     print_table,
@@ -268,18 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     set_threads(args.threads)
     device = torch.device("cpu")
-    cfg = ExperimentConfig.from_run_config(
-        {
-            "method": "fedavg",
-            "dataset": args.dataset,
-            "model": args.model,
-            "data-root": args.data_root,
-            "num-partitions": args.num_partitions,
-            "local-epochs": args.local_epochs,
-            "seed": args.seed,
-            "device": "cpu",
-        }
-    )
+    cfg = fedavg_targets_config(args, "cpu")
     spec = get_spec(args.dataset)
     rounds = parse_ints(args.rounds)
     t0 = time.perf_counter()
