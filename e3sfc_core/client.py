@@ -178,6 +178,8 @@ def client_round(
             "train-loss": stats.loss,
         },
     )
+    if not compressor.uses_error_feedback:  # FedAvg, QSGD: the weights are all a client needs
+        return reply, ClientState(base.cpu())
     new_state = ClientState(
         base.cpu(), enc.residual.cpu(), enc.transmitted.cpu(), instruction.server_round, residual.cpu()
     )

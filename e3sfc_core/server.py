@@ -144,6 +144,12 @@ class FederatedServer:
             self._full = (self.version, encode(payload))
         return self._full[1]
 
+    @property
+    def full_size(self) -> int:
+        """Bytes of a full-weights re-sync, from the size function: sizing a sync never
+        encodes the weights (only sending one does)."""
+        return dense_size(self.numel)
+
     def downlink_for(self, node_id: int) -> tuple[tuple[bytes, ...], bool]:
         """Payloads that bring ``node_id`` to the current version, and whether they are a
         full-weights re-sync.
@@ -156,18 +162,16 @@ class FederatedServer:
         have = self.synced.get(node_id, 0 if not self._restarted else None)
         if have == self.version:
             return (), False
-        full = self.full_weights()
-        if have is None:
-            return (full,), True
-        replay = [self.history.get(v) for v in range(have + 1, self.version + 1)]
-        if all(p is not None for p in replay) and sum(len(p) for p in replay if p) < len(full):
-            return tuple(p for p in replay if p is not None), False
-        return (full,), True
+        if have is not None:
+            replay = [self.history.get(v) for v in range(have + 1, self.version + 1)]
+            if all(p is not None for p in replay) and sum(len(p) for p in replay if p) < self.full_size:
+                return tuple(p for p in replay if p is not None), False
+        return (self.full_weights(),), True
 
     def _prune_history(self) -> None:
         """Forget payloads that no replay would use (replaying them costs more than a
         full re-sync)."""
-        limit, total = len(self.full_weights()), 0
+        limit, total = self.full_size, 0
         for v in sorted(self.history, reverse=True):
             total += len(self.history[v])
             if total >= limit:
@@ -190,7 +194,7 @@ class FederatedServer:
             When even the smallest round no longer fits in the byte budget.
         """
         chosen = self.sample(server_round, node_ids)
-        down_floor = self.payload_size(1) if self.cfg.compress_downlink else len(self.full_weights())
+        down_floor = self.payload_size(1) if self.cfg.compress_downlink else self.full_size
         self.scheduler.reserve_round_floor(len(chosen) * (self.payload_size(1) + down_floor))
         self.scheduler.plan_round(server_round)
         downs = {n: self.downlink_for(n) for n in chosen}

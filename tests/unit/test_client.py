@@ -11,8 +11,8 @@ from e3sfc_core.server import FederatedServer
 from e3sfc_core.training import resolve_device
 
 
-def _round(accepted_round: int, state: ClientState) -> ClientState:
-    cfg = ExperimentConfig.from_run_config({"method": "topk", "local-epochs": 1, "device": "cpu"})
+def _round(accepted_round: int, state: ClientState, method: str = "topk") -> ClientState:
+    cfg = ExperimentConfig.from_run_config({"method": method, "local-epochs": 1, "device": "cpu"})
     spec, device = get_spec("digits"), resolve_device("cpu")
     server = FederatedServer(cfg, spec, device)
     instr = server.plan_round(2, [0])[0]
@@ -46,3 +46,14 @@ def test_client_state_round_trip_and_size_check() -> None:
     assert back.pending_round == 3 and back.pending is None
     torch.testing.assert_close(back.weights, state.weights)
     assert back.fitted(5).weights is None and back.fitted(4).residual is not None
+
+
+def test_a_client_keeps_only_the_state_its_method_needs() -> None:
+    # Execute: one round of a method with error feedback and two without
+    kept = {m: _round(-1, ClientState(), m) for m in ("topk", "fedavg", "qsgd")}
+    # Assert: every client keeps its weights (to replay downlinks); only error feedback
+    # needs the residual and the round's update (four model-size vectors instead of one)
+    for method, state in kept.items():
+        tensors = set(state.to_tensors()) - {"pending-round"}
+        expected = {"weights", "residual", "pending", "previous"} if method == "topk" else {"weights"}
+        assert tensors == expected, method
