@@ -56,6 +56,7 @@ METHODS = (
     "e3sfc-paper",
     "e3sfc-fp16-n8",
     "topk-eq-fp16",
+    "e3sfc-relay-fp16-n8",
     "e3sfc-relay-fp16-n16",
 )
 # E-3SFC's downlink and payload are pinned per column, whatever the defaults: "e3sfc*"
@@ -77,6 +78,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
         **FP32,
     },
     "e3sfc-fp16-n8": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 8, "float16": True},
+    "e3sfc-relay-fp16-n8": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 8, "float16": True},
     "e3sfc-relay-fp16-n16": {
         "method": "e3sfc",
         "downlink": "relay",
@@ -346,6 +348,7 @@ CANDIDATES: dict[str, str | None] = {
     "e3sfc-fp16-n8": "topk-eq-fp16",  # the default since format v3 (float16 = "auto", n = 8)
     "e3sfc": "topk-eq",
     "e3sfc-relay": None,
+    "e3sfc-relay-fp16-n8": None,  # the default where "auto" relays (conv models)
     "e3sfc-relay-fp16-n16": None,
 }
 
