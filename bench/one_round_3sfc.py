@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         values' share of the energy)."""
         if len(shape) < 2:
             return "-", "-"
-        r = int(torch.linalg.matrix_rank(rec.reshape(shape[0], -1).double()))
+        # float32 sums: singular values below 1e-5 of the largest are rounding noise
+        r = int(torch.linalg.matrix_rank(rec.reshape(shape[0], -1).double(), rtol=1e-5))
         sv = torch.linalg.svdvals(true.reshape(shape[0], -1).double())
         return str(r), f"{float((sv[:r] ** 2).sum() / (sv**2).sum()) ** 0.5:.3f}"
 
@@ -168,43 +169,43 @@ def main(argv: list[str] | None = None) -> None:
         return out
 
     caps = parse_ints(args.max_evals) if args.max_evals else [base_cfg.max_evals]
-    for mode, cap, n in [
+    settings = [
         (m, c, n) for m in args.scale_modes.split(",") for c in caps for n in parse_ints(args.samples)
-    ]:
+    ]
+    for mode, cap, n in settings:
         cfg = base_cfg.model_copy(update={"scale_mode": mode, "max_evals": cap})
-        if True:
-            recs, coss = [], []
-            for pid, u in enumerate(updates):
-                comp = client_compressor(cfg, spec, pid, len(parameter_sizes(model)))
-                enc = compress_update(comp, u, model, meta, Budget(n))
-                recs.append(enc.transmitted)
-                coss.append(enc.cosine)
-            agg = sum(r * (w / total) for r, w in zip(recs, weights, strict=True))
-            assert isinstance(agg, torch.Tensor)
-            results = [after(m * agg) for m in MULTIPLES]
-            client_cos = sum(coss) / len(coss)
-            agg_cos = cosine(agg, mean)
-            rows.append(
-                [
-                    f"3SFC {mode} scale, n = {n}" + (f", {cap} evals" if args.max_evals else ""),
-                    f"{client_cos:.3f}",
-                    f"{agg_cos:.3f}",
-                    "-",
-                ]
-                + [cell(r) for r in results]
-            )
-            if args.per_layer:
-                layer_rows.extend(per_layer_rows(f"{mode}, n = {n}", agg))
-            data_rows.append(
-                {
-                    "scale_mode": mode,
-                    "n": n,
-                    "max_evals": cap,
-                    "client_cosine": client_cos,
-                    "aggregate_cosine": agg_cos,
-                    "loss_acc_by_multiple": {str(m): r for m, r in zip(MULTIPLES, results, strict=True)},
-                }
-            )
+        recs, coss = [], []
+        for pid, u in enumerate(updates):
+            comp = client_compressor(cfg, spec, pid, len(parameter_sizes(model)))
+            enc = compress_update(comp, u, model, meta, Budget(n))
+            recs.append(enc.transmitted)
+            coss.append(enc.cosine)
+        agg = sum(r * (w / total) for r, w in zip(recs, weights, strict=True))
+        assert isinstance(agg, torch.Tensor)
+        results = [after(m * agg) for m in MULTIPLES]
+        client_cos = sum(coss) / len(coss)
+        agg_cos = cosine(agg, mean)
+        rows.append(
+            [
+                f"3SFC {mode} scale, n = {n}" + (f", {cap} evals" if args.max_evals else ""),
+                f"{client_cos:.3f}",
+                f"{agg_cos:.3f}",
+                "-",
+            ]
+            + [cell(r) for r in results]
+        )
+        if args.per_layer:
+            layer_rows.extend(per_layer_rows(f"{mode}, n = {n}", agg))
+        data_rows.append(
+            {
+                "scale_mode": mode,
+                "n": n,
+                "max_evals": cap,
+                "client_cosine": client_cos,
+                "aggregate_cosine": agg_cos,
+                "loss_acc_by_multiple": {str(m): r for m, r in zip(MULTIPLES, results, strict=True)},
+            }
+        )
     headers = ["update applied", "clients' mean cos", "cos(aggregate, true mean)", "test loss / acc"] + [
         f"loss / acc, {m:g}x aggregate" for m in MULTIPLES
     ]
