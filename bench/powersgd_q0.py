@@ -44,17 +44,17 @@ _LAST_Q: dict[tuple[int, int, int], torch.Tensor] = {}
 class WarmPowerSGD(PowerSGDCompressor):
     """PowerSGD whose ``Q0`` is the sender's previous ``Q`` for the tensor (bench only)."""
 
+    def _q0(self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int) -> torch.Tensor:
+        prev = _LAST_Q.get((self.settings.seed, int(meta.direction), index))
+        if prev is None or tuple(prev.shape) != (m.shape[1], rank):
+            return super()._q0(m, rank, meta, index)
+        return prev.to(m.device, torch.float64)
+
     def _factors(
         self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.settings.seed, int(meta.direction), index)
-        prev = _LAST_Q.get(key)
-        if prev is None or tuple(prev.shape) != (m.shape[1], rank):
-            p, q = super()._factors(m, rank, meta, index)
-        else:
-            p = self._wire_floats(torch.linalg.qr(m @ prev.to(m.device, torch.float64)).Q.float())
-            q = self._wire_floats((m.T @ p.double()).float())
-        _LAST_Q[key] = q.detach().cpu().clone()
+        p, q = super()._factors(m, rank, meta, index)
+        _LAST_Q[(self.settings.seed, int(meta.direction), index)] = q.detach().cpu().clone()
         return p, q
 
 

@@ -56,6 +56,7 @@ from .compressor import (
 )
 from .errors import ConfigError, PayloadRejected
 from .payload import (
+    FLOAT32_MAX,
     MAX_QSGD_BUCKET,
     MAX_QSGD_LEVELS,
     Codec,
@@ -72,12 +73,10 @@ from .payload import (
     sign_size,
     sparse_size,
     ternary_size,
+    wire_rounded,
 )
 from .seeds import QSGD, derive_seed
 from .tensors import num_params
-
-_FLOAT16_MAX = 65504.0
-_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def topk_count(ratio: float, numel: int) -> int:
@@ -129,12 +128,6 @@ class _Baseline:
         if not bool(torch.isfinite(flat).all()):
             raise ValueError(f"{self.name}: target contains NaN or Inf")
         return flat
-
-    def _wire_floats(self, values: torch.Tensor) -> torch.Tensor:
-        """Round float body values to the wire dtype now, so encoding loses nothing more."""
-        if self.float_type is FloatType.FLOAT16:
-            return values.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16).to(torch.float32)
-        return values
 
     def _payload(self, meta: PayloadMeta, numel: int, body: object) -> Payload:
         return Payload(
@@ -189,7 +182,7 @@ class FedAvgCompressor(_Baseline):
     body_type = DenseBody
 
     def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> DenseBody:
-        return DenseBody(values=self._wire_floats(flat.clone()))
+        return DenseBody(values=wire_rounded(flat, self.float_type))
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
         _, device = self._check(payload, model)
@@ -231,7 +224,7 @@ class TopKCompressor(_Baseline):
 
     def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SparseBody | TernaryBody:
         idx = _topk_indices(flat, self.k(flat.numel()))
-        return SparseBody(indices=idx, values=self._wire_floats(flat[idx]))
+        return SparseBody(indices=idx, values=wire_rounded(flat[idx], self.float_type))
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
         n, device = self._check(payload, model)
@@ -274,7 +267,7 @@ class STCCompressor(TopKCompressor):
         idx = _topk_indices(flat, self.k(flat.numel()))
         kept = flat[idx]
         mu = float(kept.abs().double().mean()) if kept.numel() else 0.0
-        mu = _f32(min(mu, _FLOAT32_MAX))
+        mu = _f32(min(mu, FLOAT32_MAX))
         return TernaryBody(indices=idx, negative=kept < 0, magnitude=mu)
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
@@ -308,7 +301,7 @@ class SignCompressor(_Baseline):
     def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SignBody:
         n = flat.numel()
         scale = float(flat.double().abs().sum()) / n if n else 0.0
-        return SignBody(negative=flat < 0, scale=_f32(min(scale, _FLOAT32_MAX)))
+        return SignBody(negative=flat < 0, scale=_f32(min(scale, FLOAT32_MAX)))
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
         _, device = self._check(payload, model)
@@ -358,7 +351,7 @@ class QSGDCompressor(_Baseline):
         n_buckets = -(-n // bucket)
         padded = torch.zeros(n_buckets * bucket, dtype=torch.float64, device=flat.device)
         padded[:n] = flat.double()
-        norms = torch.linalg.vector_norm(padded.view(n_buckets, bucket), dim=1).clamp_(max=_FLOAT32_MAX)
+        norms = torch.linalg.vector_norm(padded.view(n_buckets, bucket), dim=1).clamp_(max=FLOAT32_MAX)
         up = norms.float()
         inf = torch.tensor(math.inf, device=up.device)
         return torch.where(up.double() < norms, torch.nextafter(up, inf), up).double()

@@ -164,6 +164,19 @@ class FloatType(enum.IntEnum):
     FLOAT16 = 2
 
 
+FLOAT16_MAX = 65504.0
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def wire_rounded(values: torch.Tensor, float_type: FloatType) -> torch.Tensor:
+    """``values`` as a body of ``float_type`` will decode them: clamped into that dtype's
+    finite range (a value past float16's 65504 would encode as inf) and rounded to it.
+    Compressors fit their scales and residuals to this, so encoding loses nothing more."""
+    limit = FLOAT16_MAX if float_type == FloatType.FLOAT16 else FLOAT32_MAX
+    out = values.detach().float().clamp(-limit, limit)
+    return out.half().float() if float_type == FloatType.FLOAT16 else out
+
+
 _NP_FLOAT: dict[FloatType, np.dtype[Any]] = {
     FloatType.FLOAT32: np.dtype("<f4"),
     FloatType.FLOAT16: np.dtype("<f2"),

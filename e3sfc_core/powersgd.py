@@ -39,18 +39,19 @@ shapes come from the model named in ``settings.model`` (the registry builds it o
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .baselines import _FLOAT32_MAX, _Baseline, _sync
+from .baselines import _Baseline, _sync
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
 from .errors import ConfigError, PayloadRejected
 from .lowrank import MAX_RANK, LowRankBody, record_floats
 from .models import build_model
-from .payload import Codec, Payload, lowrank_size
+from .payload import FLOAT32_MAX, Codec, Payload, lowrank_size, wire_rounded
 from .seeds import POWERSGD, derive_seed
 
 Layout = tuple[tuple[int, int, int], ...]
@@ -60,9 +61,7 @@ def plan_layout(shapes: Sequence[tuple[int, ...]], rank: int) -> Layout:
     """``(rows, cols, rank or 0)`` per non-empty tensor: low-rank where it saves bytes."""
     out = []
     for shape in shapes:
-        numel = 1
-        for d in shape:
-            numel *= int(d)
+        numel = math.prod(int(d) for d in shape)
         if numel == 0:
             continue
         rows, cols = (int(shape[0]), numel // int(shape[0])) if len(shape) >= 2 else (numel, 1)
@@ -100,18 +99,21 @@ class PowerSGDCompressor(_Baseline):
             raise ConfigError("powersgd: the model's parameter shapes differ from the configured model's")
         return plan_layout(shapes, self.rank)
 
-    def _factors(
-        self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One power iteration in float64; ``Q`` is fitted to the wire-rounded ``P``."""
+    def _q0(self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int) -> torch.Tensor:
+        """The power iteration's start for record ``index``: seeded, never sent."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(
             derive_seed(self.settings.seed, POWERSGD, meta.server_round, int(meta.direction), index)
         )
-        q0 = torch.randn(m.shape[1], rank, generator=gen, dtype=torch.float64).to(m.device)
-        p = self._wire_floats(torch.linalg.qr(m @ q0).Q.float())
-        q = (m.T @ p.double()).clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
-        return p, self._wire_floats(q)
+        return torch.randn(m.shape[1], rank, generator=gen, dtype=torch.float64).to(m.device)
+
+    def _factors(
+        self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One power iteration in float64; ``Q`` is fitted to the wire-rounded ``P``."""
+        p = wire_rounded(torch.linalg.qr(m @ self._q0(m, rank, meta, index)).Q, self.float_type)
+        q = (m.T @ p.double()).clamp(-FLOAT32_MAX, FLOAT32_MAX).float()
+        return p, wire_rounded(q, self.float_type)
 
     def compress(
         self, target: torch.Tensor, model: nn.Module, meta: PayloadMeta, budget: Budget
@@ -124,7 +126,7 @@ class PowerSGDCompressor(_Baseline):
             block = flat[offset : offset + rows * cols]
             offset += rows * cols
             if rank == 0:
-                parts.append(self._wire_floats(block.clone()))
+                parts.append(wire_rounded(block, self.float_type))
                 continue
             p, q = self._factors(block.double().view(rows, cols), rank, meta, index)
             parts += [p.reshape(-1), q.reshape(-1)]

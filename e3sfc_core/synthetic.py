@@ -28,15 +28,13 @@ from torch import nn
 
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
 from .errors import ConfigError, PayloadRejected
-from .payload import Codec, FloatType, Payload, SyntheticBody, synthetic_size
+from .payload import FLOAT32_MAX, Codec, FloatType, Payload, SyntheticBody, synthetic_size, wire_rounded
 from .seeds import SYNTHETIC, derive_seed
 from .synthetic_gradient import parameter_sizes, synthesize_update, synthetic_gradient
 from .tensors import num_params
 
 logger = logging.getLogger(__name__)
 
-_FLOAT16_MAX = 65504.0
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 LBFGS_HISTORY = 10  # correction pairs kept by L-BFGS-B
 
 
@@ -75,7 +73,8 @@ class SyntheticFeatureCompressor:
         target = target.to(device, torch.float32)
         model.eval()
         inputs, labels, evals = self._search(target, model, budget.n_samples, meta)
-        inputs, labels = self._as_encoded(inputs), self._as_encoded(labels)
+        # a search may wander past float16's range: the scales are fitted to what decodes
+        inputs, labels = wire_rounded(inputs, self.float_type), wire_rounded(labels, self.float_type)
         g = synthesize_update(model, inputs, labels, 1.0)
         if self.layerwise:
             scale, layer_scales, degenerate = 1.0, *_layer_scales(g, target, parameter_sizes(model))
@@ -122,14 +121,6 @@ class SyntheticFeatureCompressor:
 
     # ------------------------------------------------------------------------ internals
 
-    def _as_encoded(self, t: torch.Tensor) -> torch.Tensor:
-        """Clamp into the wire dtype's range (a search may wander past float16's 65504,
-        which would encode as inf) and round to its precision, so the scale is fitted to
-        what is decoded."""
-        if self.float_type == FloatType.FLOAT16:
-            return t.detach().float().clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().float()
-        return t.detach().float().clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
-
     def _search(
         self, target: torch.Tensor, model: nn.Module, n: int, meta: PayloadMeta
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -158,7 +149,7 @@ class SyntheticFeatureCompressor:
 
 
 def _finite_f32(x: float) -> bool:
-    return math.isfinite(x) and abs(x) <= _FLOAT32_MAX
+    return math.isfinite(x) and abs(x) <= FLOAT32_MAX
 
 
 def _layer_scales(g: torch.Tensor, target: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, bool]:
