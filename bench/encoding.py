@@ -71,7 +71,6 @@ from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.payload import (  # noqa: E402
     HEADER_SIZE,
     Direction,
-    FloatType,
     LowRankBody,
     Payload,
     QuantBody,
@@ -79,6 +78,7 @@ from e3sfc_core.payload import (  # noqa: E402
     TernaryBody,
     decode,
     encode,
+    float_width,
     qsgd_size,
     sign_size,
     sparse_size,
@@ -154,7 +154,7 @@ def code_part_bytes(data: bytes, p: Payload) -> int:
         fixed = qsgd_size(n, b.levels, b.bucket_size) - levels_bytes_bound(n, b.levels)
         return len(data) - fixed
     if isinstance(b, LowRankBody):
-        return (2 if p.float_type == FloatType.FLOAT16 else 4) * b.values.numel()
+        return float_width(p.float_type) * b.values.numel()
     return len(data) - (sign_size(n) - (n + 7) // 8)
 
 

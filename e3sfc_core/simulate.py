@@ -2,8 +2,9 @@
 
 It runs the same round loop (:meth:`~e3sfc_core.experiment.Experiment.run`) and
 :func:`~e3sfc_core.client.client_round` as the Flower apps, over an in-process transport,
-so tests and benchmarks measure exactly the algorithm that ``flwr run`` runs. Clients run one after another in
-this process; their state is kept in a dict, as a SuperNode keeps ``context.state``. A
+so tests and benchmarks measure exactly the algorithm that ``flwr run`` runs. Clients run
+one after another in this process; their state is kept in a dict, as a SuperNode keeps
+``context.state``. A
 client is known by its partition id here and in the Flower apps (which map Flower's node
 IDs to partitions), so both sample the same clients with the same seed.
 """

@@ -23,7 +23,7 @@ from e3sfc_core.roster import Admission, Roster
 from e3sfc_flower.records import partition_from, query_content
 
 logger = logging.getLogger(__name__)
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.2  # how often the server pulls replies (Flower's own default is 3 s)
 LATE_WAIT_SECONDS = 10.0  # how long a round waits for nodes that joined after the first
 
 

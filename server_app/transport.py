@@ -20,10 +20,9 @@ from e3sfc_core.protocol import Instruction, Reply
 from e3sfc_core.transport import Roll
 from e3sfc_flower.records import instruction_content, reply_from
 
-from .discovery import PartitionDiscovery
+from .discovery import POLL_SECONDS, PartitionDiscovery
 
 logger = logging.getLogger(__name__)
-POLL_SECONDS = 0.2
 
 
 class GridTransport:
@@ -68,7 +67,8 @@ class GridTransport:
         return [roster.keyed_by_partition(reply_from(m)) for m in self._send_and_receive(messages)]
 
     def _send_and_receive(self, messages: list[Message]) -> list[Message]:
-        """Push, then pull every 0.2 s until all replies are in or the round times out."""
+        """Push, then pull every ``POLL_SECONDS`` until all replies are in or the round
+        times out."""
         pending = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + self.timeout
         replies: list[Message] = []
