@@ -45,7 +45,8 @@ from _common import (  # noqa: E402
 SCRIPT = "model_matrix.py"
 JSONL = RESULTS / "model_matrix.jsonl"
 LAST = 5
-METHODS = (
+# the paper's 3SFC (no correction) in our successive settings, and the baselines next to it
+PLAIN = (
     "fedavg",
     "topk",
     "topk-eq",
@@ -59,12 +60,27 @@ METHODS = (
     "e3sfc-relay-fp16-n8",
     "e3sfc-relay-fp16-n16",
 )
+# 3SFC with the sparse correction (the default since format v4) and its equal-bytes Top-k
+CORRECTED_METHODS = (
+    "fedavg",
+    "e3sfc-corr-n2",
+    "topk-eq-corr-n2",
+    "e3sfc-relay-corr-n2",
+    "e3sfc-corr-n1",
+    "e3sfc-corr-n4",
+    "e3sfc-relay-corr-n4",
+    "e3sfc-corr-n2-s95",
+    "topk-eq-corr-n2-s95",
+)
+METHODS = tuple(dict.fromkeys(PLAIN + CORRECTED_METHODS))
 # E-3SFC's downlink and payload are pinned per column, whatever the defaults: "e3sfc*"
 # compress the downlink with 3SFC (the paper's double-way method; rows written before the
 # relay existed ran with downlink "auto", which then meant exactly that), "e3sfc-relay*"
 # relay the round's uplink payloads; without a suffix n = 4 in float32 (the first
 # release's payload), "-fp16-n8" twice the samples in float16 (the same bytes).
 FP32 = {"float16": False}
+CORRECTED = {"method": "e3sfc", "synthetic-samples": 4, "float16": True, "correction-share": 0.5}
+CORRECTED_N2 = {**CORRECTED, "synthetic-samples": 2, "correction-share": 0.75}
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "e3sfc": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 4, **FP32},
     "e3sfc-relay": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 4, **FP32},
@@ -85,12 +101,22 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
         "synthetic-samples": 16,
         "float16": True,
     },
+    # 4 float16 samples and a Top-k correction of what they miss in the other half of the
+    # payload: about the bytes of "e3sfc-fp16-n8"
+    "e3sfc-corr-n4": {**CORRECTED, "downlink": "compressed"},
+    "e3sfc-relay-corr-n4": {**CORRECTED, "downlink": "relay"},
+    "e3sfc-corr-n2": {**CORRECTED_N2, "downlink": "compressed"},
+    "e3sfc-relay-corr-n2": {**CORRECTED_N2, "downlink": "relay"},
+    "e3sfc-corr-n2-s95": {**CORRECTED_N2, "downlink": "compressed", "correction-share": 0.95},
+    "e3sfc-corr-n1": {**CORRECTED_N2, "downlink": "compressed", "synthetic-samples": 1},
 }
 # Top-k compressed both ways at the payload size of an E-3SFC column, with the same float width:
 # "topk-eq" matches "e3sfc" (float32), "topk-eq-fp16" matches "e3sfc-fp16-n8" (float16 values).
 EQUAL_BYTES: dict[str, dict[str, Any]] = {
     "topk-eq": {"synthetic-samples": 4, **FP32},
     "topk-eq-fp16": {"float16": True, "synthetic-samples": 8},
+    "topk-eq-corr-n2": {"float16": True, "synthetic-samples": 2, "correction-share": 0.75},
+    "topk-eq-corr-n2-s95": {"float16": True, "synthetic-samples": 2, "correction-share": 0.95},
 }
 ALL_SAMPLED = {"num-partitions": 10, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
 HALF_SAMPLED = {"num-partitions": 20, "dirichlet-alpha": 0.1, "fraction-train": 0.5}
@@ -345,11 +371,17 @@ def byte_goal(cell: Cell) -> float:
 
 # E-3SFC columns judged against the goal, each with its equal-bytes Top-k (same float width).
 CANDIDATES: dict[str, str | None] = {
-    "e3sfc-fp16-n8": "topk-eq-fp16",  # the default since format v3 (float16 = "auto", n = 8)
+    "e3sfc-fp16-n8": "topk-eq-fp16",  # the format v3 default (float16 = "auto", n = 8)
     "e3sfc": "topk-eq",
     "e3sfc-relay": None,
-    "e3sfc-relay-fp16-n8": None,  # the default where "auto" relays (conv models)
+    "e3sfc-relay-fp16-n8": None,  # the v3 default where "auto" relays (conv models)
     "e3sfc-relay-fp16-n16": None,
+    "e3sfc-corr-n2": "topk-eq-corr-n2",  # the default since format v4
+    "e3sfc-relay-corr-n2": None,  # the default where "auto" relays (conv models)
+    "e3sfc-corr-n2-s95": "topk-eq-corr-n2-s95",
+    "e3sfc-corr-n1": None,
+    "e3sfc-corr-n4": None,
+    "e3sfc-relay-corr-n4": None,
 }
 
 
@@ -391,16 +423,19 @@ def report(argv: list[str] | None) -> str:
         if JSONL.exists()
         else []
     )
-    acc_table, goal_table = [], []
+    acc_tables: dict[tuple[str, ...], list[list[str]]] = {PLAIN: [], CORRECTED_METHODS: []}
+    goal_table = []
     for name, cell in CELLS.items():
         by_method = {m: [r for r in rows if r["cell"] == name and r["method"] == m] for m in METHODS}
         if not any(by_method.values()):
             continue
-        acc_table.append(
-            [name, federation_text(cell), default_downlink(cell)]
-            + [_acc(by_method[m]) for m in METHODS]
-            + [fmt_bytes(_bytes(by_method["fedavg"])), _swing(by_method["fedavg"])]
-        )
+        for columns, table in acc_tables.items():
+            if any(by_method[m] for m in columns if m != "fedavg"):
+                table.append(
+                    [name, federation_text(cell), default_downlink(cell)]
+                    + [_acc(by_method[m]) for m in columns]
+                    + [fmt_bytes(_bytes(by_method["fedavg"])), _swing(by_method["fedavg"])]
+                )
         for method in CANDIDATES:
             if by_method[method]:
                 goal_table.append(
@@ -416,7 +451,8 @@ def report(argv: list[str] | None) -> str:
         "In-process loop (`e3sfc_core.simulate.run_reference`), CPU, one torch thread per run. "
         f"Accuracy: mean over the last {LAST} rounds, then mean ± standard deviation over seeds "
         "(number of seeds in brackets). Bytes: total uplink + downlink of a run (catch-up included), "
-        "mean over seeds, `len()` of every payload in format v3. `topk` is Top-k 1% with error "
+        "mean over seeds, `len()` of every payload (format v3; v4 adds only the corrected codec, "
+        "so the older rows price the same). `topk` is Top-k 1% with error "
         "feedback and a dense downlink (its paper setting); `topk-eq` keeps as many values as fit "
         "in the payload of `e3sfc` (4 samples, float32) and compresses both ways with error "
         "feedback on both sides, so its total bytes equal that column's; `topk-eq-fp16` likewise "
@@ -424,24 +460,35 @@ def report(argv: list[str] | None) -> str:
         "too). `e3sfc*` compress the downlink with 3SFC (the paper's double-way method; rows "
         'written before the relay existed ran with `downlink = "auto"`, which then meant exactly '
         "that), `e3sfc-relay*` relay the round's uplink payloads, `-n1` uses one synthetic sample "
-        "(float32), `e3sfc-paper` the paper's single scale. The default configuration is "
-        "`e3sfc-fp16-n8` with `downlink = \"auto\"`: 'auto downlink' is what that picks in the "
+        "(float32), `e3sfc-paper` the paper's single scale. In the first table no column has the "
+        "sparse correction (`correction-share = 0`). In the second, `e3sfc-corr-n2` is the "
+        "default (2 float16 samples, a Top-k correction in 3/4 of the payload; downlink pinned "
+        "to 3SFC, `e3sfc-relay-corr-n2` relays it), `-n1`/`-n4` the same with 1 or 4 samples "
+        "(share 0.75 / 0.5), `-s95` a correction in 95% of the payload; `topk-eq-corr-n2` and "
+        "`topk-eq-corr-n2-s95` are Top-k both ways at exactly those payload bounds. "
+        "'auto downlink' is what the default (`downlink = \"auto\"`) picks in the "
         "cell. Training defaults unless the federation column says otherwise: 5 local epochs, "
         "lr 0.05, batch 32; every method in a row shares the row's settings. The byte goal is "
         "100x, or a quarter of the n = 1 ratio where one synthetic sample is a large share of "
         "the model. 'swing': the largest round-to-round change of accuracy over the last 10 "
         "rounds, in points, worst seed.",
     )
+    for title, columns in (
+        ("## Accuracy: the paper's 3SFC (no correction) and the baselines", PLAIN),
+        ("## Accuracy: 3SFC with the sparse correction (the default)", CORRECTED_METHODS),
+    ):
+        lines += [
+            title,
+            "",
+            md_table(
+                ["cell", "federation", "auto downlink"]
+                + [f"{m} acc" for m in columns]
+                + ["FedAvg bytes", "FedAvg swing"],
+                acc_tables[columns],
+            ),
+            "",
+        ]
     lines += [
-        "## Accuracy",
-        "",
-        md_table(
-            ["cell", "federation", "auto downlink"]
-            + [f"{m} acc" for m in METHODS]
-            + ["FedAvg bytes", "FedAvg swing"],
-            acc_table,
-        ),
-        "",
         "## E-3SFC against the goal (>= 95% of FedAvg, >= 100x fewer bytes, beats Top-k at equal bytes)",
         "",
         md_table(

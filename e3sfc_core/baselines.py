@@ -196,7 +196,7 @@ class FedAvgCompressor(_Baseline):
 # -------------------------------------------------------------------------- Top-k
 
 
-def _topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest magnitudes, sorted ascending (int64)."""
     if k >= flat.numel():
         return torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
@@ -223,7 +223,7 @@ class TopKCompressor(_Baseline):
         return topk_count(self.ratio, numel)
 
     def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SparseBody | TernaryBody:
-        idx = _topk_indices(flat, self.k(flat.numel()))
+        idx = topk_indices(flat, self.k(flat.numel()))
         return SparseBody(indices=idx, values=wire_rounded(flat[idx], self.float_type))
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
@@ -264,7 +264,7 @@ class STCCompressor(TopKCompressor):
     body_type = TernaryBody
 
     def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> TernaryBody:
-        idx = _topk_indices(flat, self.k(flat.numel()))
+        idx = topk_indices(flat, self.k(flat.numel()))
         kept = flat[idx]
         mu = float(kept.abs().double().mean()) if kept.numel() else 0.0
         mu = _f32(min(mu, FLOAT32_MAX))

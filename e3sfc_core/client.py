@@ -39,7 +39,9 @@ class ClientState:
     the update goes back into the residual instead of being lost. ``previous`` is the
     residual from before ``pending_round``: a server that restarted from a checkpoint
     may ask for that same round again, and the client then redoes it from there (so the
-    round is neither lost nor counted twice).
+    round is neither lost nor counted twice). A server that norm-clipped the pending
+    update says by how much (``Instruction.applied_scale``); the part it did not apply
+    goes back into the residual too.
     """
 
     weights: torch.Tensor | None = None
@@ -54,10 +56,14 @@ class ClientState:
             return self.residual
         if instruction.server_round <= self.pending_round:
             return self.previous  # the same round again: forget the uncommitted attempt
+        held_back = 1.0 - instruction.applied_scale  # what norm clipping did not apply
         if instruction.accepted_round != self.pending_round:
             logger.info("round %d was not applied; its update returns to the residual", self.pending_round)
-            return self.pending if self.residual is None else self.residual + self.pending
-        return self.residual
+            held_back = 1.0
+        if held_back <= 0.0:
+            return self.residual
+        kept = self.pending * held_back
+        return kept if self.residual is None else self.residual + kept
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors for storage (the round number rides along as a 1-element tensor)."""

@@ -89,7 +89,9 @@ class CompressorSettings:
     ``"layer"`` (one per parameter tensor; ``layer_count``, the model's number of
     parameter tensors, sizes those payloads). ``powersgd_rank`` is PowerSGD's rank ``r``;
     ``model`` (a ``models.MODELS`` key, "" if unknown) lets PowerSGD size its payloads,
-    which depend on the parameter shapes.
+    which depend on the parameter shapes. ``correction_share`` (0 for the paper's 3SFC)
+    is the share of a 3SFC payload's bytes given to a Top-k correction of what the
+    synthetic batch misses (``corrected``).
     """
 
     topk_ratio: float = 0.01
@@ -105,6 +107,7 @@ class CompressorSettings:
     layer_count: int = 0
     powersgd_rank: int = 4
     model: str = ""
+    correction_share: float = 0.0
 
 
 CompressorFactory = Callable[[CompressorSettings, tuple[int, ...], int], Compressor]

@@ -32,6 +32,10 @@ class ExperimentConfig(BaseModel):
     payload grow linearly in n, cosine to the target grows fast for small n). With
     ``budget_total_bytes > 0`` the ``budget_policy`` chooses n per round and direction in
     ``[1, synthetic_samples_max]`` and the run never spends more than the total.
+    ``correction_share`` is the share of each 3SFC payload's bytes given to a Top-k
+    correction of what the synthetic batch misses (0: the paper's 3SFC; see
+    ``corrected``): without it, error feedback piles up what a few samples cannot
+    express and convolutional models do not learn (``bench/results/model_matrix.md``).
     ``downlink="auto"`` compresses the downlink for ``e3sfc`` only (the paper's
     double-way method), except in rounds where relaying the clients' synthetic payloads
     costs at most ``relay_max_fraction`` of the dense weights (without a byte budget);
@@ -56,7 +60,7 @@ class ExperimentConfig(BaseModel):
     lr: float = Field(0.05, gt=0.0, le=10.0)
     dirichlet_alpha: float = Field(1.0, gt=0.0)
     iid: bool = False
-    synthetic_samples: int = Field(8, ge=1, le=4096)
+    synthetic_samples: int = Field(2, ge=1, le=4096)
     synthetic_samples_max: int = Field(16, ge=1, le=4096)
     max_evals: int = Field(20, ge=1, le=10_000)
     stall_window: int = Field(5, ge=1, le=10_000)
@@ -64,6 +68,7 @@ class ExperimentConfig(BaseModel):
     init_scale: float = Field(0.25, gt=0.0, le=100.0)
     scale_mode: Literal["layer", "global"] = "layer"
     residual_cap: float = Field(0.0, ge=0.0)
+    correction_share: float = Field(0.75, ge=0.0, le=0.95)
     float16: bool | Literal["auto"] = "auto"
     downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
     downlink_samples: int = Field(0, ge=0, le=4096)
@@ -149,6 +154,7 @@ class ExperimentConfig(BaseModel):
             layer_count=layer_count,
             powersgd_rank=self.powersgd_rank,
             model=self.model,
+            correction_share=self.correction_share,
         )
 
     def budget_params(self) -> BudgetParams:

@@ -1,4 +1,4 @@
-"""Versioned, pickle-free wire format for every compressed update (format v3).
+"""Versioned, pickle-free wire format for every compressed update (format v4).
 
 Everything that crosses the network for a model update is ``encode(payload)``; its
 ``len()`` is the byte count we report. ``decode`` trusts nothing: it checks every size
@@ -10,10 +10,10 @@ Layout (little-endian; integers unsigned unless noted). Common header, 28 bytes:
 offset size field
 ====== ==== ==================================================================
 0      4    magic ``b"E3SF"``
-4      1    format version (3; versions 1 and 2 still decode, see below)
+4      1    format version (4; versions 1 to 3 still decode, see below)
 5      1    direction: 0 uplink (client to server), 1 downlink
 6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights, 8 bundle,
-            9 low-rank (v3 and later)
+            9 low-rank (v3 and later), 10 corrected (v4 and later)
 7      1    float dtype of the body's float arrays: 1 float32, 2 float16
 8      4    server round
 12     8    digest of the weights the payload is relative to (``tensors.digest_flat``)
@@ -52,6 +52,10 @@ Bodies (``F`` = the header's float dtype; offsets from the start of the body):
   values. Rank ``r`` in 1..1024: ``P[rows x r]`` then ``Q[cols x r]`` (row-major), the
   block being ``P @ Q.T``; allowed only when ``r * (rows + cols) < rows * cols``.
   ``rows, cols >= 1``; the values fill the rest of the body exactly. Refused in v1/v2.
+* corrected (3SFC with a Top-k correction, v4 and later; ``e3sfc_core.corrected``):
+  ``u32 length``, then a synthetic body of exactly ``length`` bytes (none when 0), then a
+  top-k body to the end: the update is the synthetic part's (if any) plus the top-k
+  part's. Refused before v4.
 
 Bit streams (``e3sfc_core.bitcodec``): bit ``i`` is bit ``i % 8`` of byte ``i // 8``;
 fields are least significant bit first; ``unary(q)`` is ``q`` zero bits then a one;
@@ -88,9 +92,9 @@ u16 n_layer_scales``, so a v1 synthetic payload is a v2 payload with no layer sc
 v1 and v2 sent top-k as ``u32 k, u32 indices[k], F values[k]``, STC as ``u32 k,
 f32 magnitude, u32 indices[k], sign bits[ceil(k/8)]`` and QSGD as ``f32 norm, u8 s,
 i8 q[numel]`` (one bucket); v3 codes positions and levels as above. Every other codec is
-byte-identical in v1, v2 and v3 apart from the version byte (bundles exist from v2).
-All three versions decode (a v1/v2 QSGD body becomes one bucket of ``max(numel, 1)``
-entries); ``encode`` writes v3.
+byte-identical in v1 to v4 apart from the version byte (bundles exist from v2).
+v4 added the corrected codec and changed nothing else. All four versions decode (a v1/v2
+QSGD body becomes one bucket of ``max(numel, 1)`` entries); ``encode`` writes v4.
 
 Sign bits are packed little-endian within each byte (bit set = negative); unused bits of
 the last byte must be zero. All floats must be finite.
@@ -122,8 +126,8 @@ from .lowrank import LowRankBody, decode_lowrank, encode_lowrank, record_floats
 from .tensors import DIGEST_SIZE
 
 MAGIC = b"E3SF"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 HEADER = struct.Struct("<4sBBBBI8sII")
 HEADER_SIZE = HEADER.size  # 28
 MAX_NUMEL = 2**31 - 1
@@ -155,6 +159,7 @@ class Codec(enum.IntEnum):
     WEIGHTS = 7
     BUNDLE = 8
     LOWRANK = 9
+    CORRECTED = 10
 
 
 class FloatType(enum.IntEnum):
@@ -210,6 +215,16 @@ class SparseBody:
 
 
 @dataclass(frozen=True)
+class CorrectedBody:
+    """3SFC with a Top-k correction: the update is the synthetic part's plus the sparse
+    part's (the largest entries of what the synthetic gradient missed). ``synthetic`` is
+    None when the sender found the bytes better spent on the sparse part alone."""
+
+    synthetic: SyntheticBody | None
+    correction: SparseBody
+
+
+@dataclass(frozen=True)
 class TernaryBody:
     """STC: ``magnitude * sign`` at the kept indices, zeros elsewhere."""
 
@@ -245,7 +260,17 @@ class BundleBody:
     payloads: tuple[bytes, ...]  # each a complete encoded payload (not a bundle)
 
 
-Body = DenseBody | SyntheticBody | SparseBody | TernaryBody | SignBody | QuantBody | BundleBody | LowRankBody
+Body = (
+    DenseBody
+    | SyntheticBody
+    | SparseBody
+    | TernaryBody
+    | SignBody
+    | QuantBody
+    | BundleBody
+    | LowRankBody
+    | CorrectedBody
+)
 
 
 @dataclass(frozen=True)
@@ -324,7 +349,36 @@ _BODY_OF_CODEC: dict[Codec, type] = {
     Codec.QSGD: QuantBody,
     Codec.BUNDLE: BundleBody,
     Codec.LOWRANK: LowRankBody,
+    Codec.CORRECTED: CorrectedBody,
 }
+
+
+def _encode_synthetic(b: SyntheticBody, ft: FloatType) -> bytes:
+    n, dims = b.inputs.shape[0], tuple(b.inputs.shape[1:])
+    if not 1 <= n <= MAX_SAMPLES or not 1 <= len(dims) <= MAX_NDIM:
+        raise PayloadError(f"synthetic inputs shape {tuple(b.inputs.shape)} not encodable")
+    if b.labels.ndim != 2 or b.labels.shape[0] != n or not 1 <= b.labels.shape[1] <= 65535:
+        raise PayloadError(f"labels shape {tuple(b.labels.shape)} does not match {n} inputs")
+    if not 1 <= math.prod(dims) <= MAX_INPUT_NUMEL:
+        raise PayloadError(f"synthetic input dims {dims} out of range")
+    layers = b.layer_scales
+    n_layers = 0 if layers is None else layers.numel()
+    if layers is not None and not 1 <= n_layers <= MAX_LAYER_SCALES:
+        raise PayloadError(f"{n_layers} layer scales not encodable (1..{MAX_LAYER_SCALES})")
+    head = _finite_f32(b.scale, "scale")
+    head += struct.pack("<HHBxH", n, b.labels.shape[1], len(dims), n_layers)
+    head += struct.pack(f"<{len(dims)}I", *dims)
+    if layers is not None:
+        head += _floats(layers, FloatType.FLOAT32, "layer scales")
+    return head + _floats(b.inputs, ft, "inputs") + _floats(b.labels, ft, "labels")
+
+
+def _encode_sparse(b: SparseBody, ft: FloatType, numel: int) -> bytes:
+    k = b.indices.numel()
+    if b.values.numel() != k:
+        raise PayloadError("top-k values and indices differ in length")
+    mode, rice, positions = encode_positions(_indices(b.indices, numel), numel)
+    return struct.pack("<IBB", k, mode, rice) + _floats(b.values, ft, "values") + positions
 
 
 def _encode_body(p: Payload) -> bytes:
@@ -336,29 +390,12 @@ def _encode_body(p: Payload) -> bytes:
             raise PayloadError(f"dense body has {b.values.numel()} values, numel is {p.numel}")
         return _floats(b.values, ft, "dense values")
     if isinstance(b, SyntheticBody):
-        n, dims = b.inputs.shape[0], tuple(b.inputs.shape[1:])
-        if not 1 <= n <= MAX_SAMPLES or not 1 <= len(dims) <= MAX_NDIM:
-            raise PayloadError(f"synthetic inputs shape {tuple(b.inputs.shape)} not encodable")
-        if b.labels.ndim != 2 or b.labels.shape[0] != n or not 1 <= b.labels.shape[1] <= 65535:
-            raise PayloadError(f"labels shape {tuple(b.labels.shape)} does not match {n} inputs")
-        if not 1 <= math.prod(dims) <= MAX_INPUT_NUMEL:
-            raise PayloadError(f"synthetic input dims {dims} out of range")
-        layers = b.layer_scales
-        n_layers = 0 if layers is None else layers.numel()
-        if layers is not None and not 1 <= n_layers <= MAX_LAYER_SCALES:
-            raise PayloadError(f"{n_layers} layer scales not encodable (1..{MAX_LAYER_SCALES})")
-        head = _finite_f32(b.scale, "scale")
-        head += struct.pack("<HHBxH", n, b.labels.shape[1], len(dims), n_layers)
-        head += struct.pack(f"<{len(dims)}I", *dims)
-        if layers is not None:
-            head += _floats(layers, FloatType.FLOAT32, "layer scales")
-        return head + _floats(b.inputs, ft, "inputs") + _floats(b.labels, ft, "labels")
+        return _encode_synthetic(b, ft)
     if isinstance(b, SparseBody):
-        k = b.indices.numel()
-        if b.values.numel() != k:
-            raise PayloadError("top-k values and indices differ in length")
-        mode, rice, positions = encode_positions(_indices(b.indices, p.numel), p.numel)
-        return struct.pack("<IBB", k, mode, rice) + _floats(b.values, ft, "values") + positions
+        return _encode_sparse(b, ft, p.numel)
+    if isinstance(b, CorrectedBody):
+        synthetic = b"" if b.synthetic is None else _encode_synthetic(b.synthetic, ft)
+        return struct.pack("<I", len(synthetic)) + synthetic + _encode_sparse(b.correction, ft, p.numel)
     if isinstance(b, TernaryBody):
         k = b.indices.numel()
         if b.negative.numel() != k:
@@ -459,6 +496,12 @@ def lowrank_size(layout: Sequence[tuple[int, int, int]], float_type: FloatType) 
     records (rank 0: the block is dense)."""
     floats = sum(record_floats(*rec) for rec in layout)
     return HEADER_SIZE + 4 + LOWRANK_RECORD.size * len(layout) + float_width(float_type) * floats
+
+
+def corrected_size(synthetic_bytes: int, sparse_bytes: int) -> int:
+    """Size of a corrected payload whose synthetic and sparse parts would take these many
+    bytes as payloads of their own (exact or a bound as the sparse size is)."""
+    return synthetic_bytes + sparse_bytes - HEADER_SIZE + 4
 
 
 def bundle_size(lengths: Sequence[int]) -> int:
@@ -579,6 +622,17 @@ def _decode_topk(r: _Reader, ft: FloatType, numel: int) -> SparseBody:
     return SparseBody(indices=torch.from_numpy(idx), values=values)
 
 
+def _decode_corrected(r: _Reader, ft: FloatType, numel: int) -> CorrectedBody:
+    (length,) = r.unpack("<I", "synthetic part length")
+    synthetic = None
+    if length:
+        part = _Reader(r.take(int(length), "synthetic part"), r.codec)
+        synthetic = _decode_synthetic(part, ft)
+        if part.pos != len(part.data):
+            raise PayloadError(f"{len(part.data) - part.pos} trailing bytes after the synthetic part")
+    return CorrectedBody(synthetic=synthetic, correction=_decode_topk(r, ft, numel))
+
+
 def _decode_stc(r: _Reader, numel: int) -> TernaryBody:
     (k,) = r.unpack("<I", "k")
     magnitude = r.finite_f32("magnitude")
@@ -663,6 +717,7 @@ _BODY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.QSGD: lambda r, ft, n: _decode_qsgd(r, n),
     Codec.BUNDLE: lambda r, ft, n: _decode_bundle(r, n),
     Codec.LOWRANK: lambda r, ft, n: decode_lowrank(r.rest(), _NP_FLOAT[ft], n),
+    Codec.CORRECTED: _decode_corrected,
 }
 _LEGACY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.TOPK: _decode_topk_v2,
@@ -706,6 +761,8 @@ def decode(data: bytes) -> Payload:
         raise PayloadError(f"numel {numel} exceeds the limit {MAX_NUMEL}")
     if version < 3 and codec_e == Codec.LOWRANK:
         raise PayloadError(f"low-rank payloads do not exist in format v{version} (v3 and later)")
+    if version < 4 and codec_e == Codec.CORRECTED:
+        raise PayloadError(f"corrected payloads do not exist in format v{version} (v4 and later)")
     reader = _Reader(view[HEADER_SIZE:], codec_e)
     if codec_e in (Codec.DENSE, Codec.WEIGHTS):
         reader.count(numel, _NP_FLOAT[ftype_e].itemsize, "numel")

@@ -30,9 +30,10 @@ class Instruction:
     target_digest: bytes
     max_uplink_bytes: int
     accepted_round: int  # last round whose uplink from this node the server applied (-1: none)
+    applied_scale: float = 1.0  # share of that uplink the server applied (< 1: norm-clipped)
     downlink: tuple[bytes, ...] = ()
 
-    def fields(self) -> dict[str, int | bytes]:
+    def fields(self) -> dict[str, int | float | bytes]:
         """Scalar fields (the downlink payloads travel separately)."""
         return {
             "server-round": self.server_round,
@@ -40,6 +41,7 @@ class Instruction:
             "target-digest": self.target_digest,
             "max-uplink-bytes": self.max_uplink_bytes,
             "accepted-round": self.accepted_round,
+            "applied-scale": self.applied_scale,
         }
 
     @classmethod
@@ -55,12 +57,16 @@ class Instruction:
         for k, v in ints.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < (-1 if k == "accepted-round" else 0):
                 raise PayloadError(f"instruction field {k} must be a non-negative integer, got {v!r}")
+        scale = f.get("applied-scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale <= 1.0:
+            raise PayloadError(f"instruction field applied-scale must be a number in [0, 1], got {scale!r}")
         return cls(
             server_round=ints["server-round"],
             n_samples=max(1, ints["n-samples"]),
             target_digest=digest,
             max_uplink_bytes=ints["max-uplink-bytes"],
             accepted_round=ints["accepted-round"],
+            applied_scale=float(scale),
             downlink=tuple(bytes(d) for d in downlink),
         )
 

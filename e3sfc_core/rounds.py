@@ -23,7 +23,17 @@ from torch import nn
 
 from .compressor import Budget, Compressor, CompressStats, PayloadMeta
 from .errors import BaseModelMismatch, DesyncError, PayloadRejected
-from .payload import BundleBody, Codec, DenseBody, Direction, Payload, SyntheticBody, decode, encode
+from .payload import (
+    BundleBody,
+    Codec,
+    CorrectedBody,
+    DenseBody,
+    Direction,
+    Payload,
+    SyntheticBody,
+    decode,
+    encode,
+)
 from .tensors import add_flat_, cosine, digest_flat, get_flat, num_params, set_flat
 
 
@@ -122,7 +132,7 @@ def check_payload(data: bytes, expect: Expectation) -> Payload:
         raise BaseModelMismatch(
             f"payload base digest {p.base_digest.hex()} != global model {expect.base_digest.hex()}"
         )
-    body = p.body
+    body = p.body.synthetic if isinstance(p.body, CorrectedBody) else p.body
     if expect.max_samples is not None and isinstance(body, SyntheticBody):
         if body.inputs.shape[0] > expect.max_samples:
             raise PayloadRejected(
@@ -166,27 +176,28 @@ def decompress_checked(compressor: Compressor, payload: Payload, model: nn.Modul
 
 def aggregation_multipliers(
     updates: Sequence[torch.Tensor], weights: Sequence[float], clip_factor: float
-) -> tuple[list[float], int]:
+) -> tuple[list[float], list[float]]:
     """Each update's factor in the example-weighted mean, its norm first clipped to
     ``clip_factor`` x the round's median norm (0: no clipping).
 
     Clipping relative to the round's median norm bounds what one abusive client can do
-    without a dataset-specific absolute threshold. Returns the factors and how many
-    updates were clipped.
+    without a dataset-specific absolute threshold. Returns the factors and each update's
+    clip scale (1.0 where it was not clipped): the server tells each client its scale, so
+    that error feedback keeps what clipping held back (``ClientState.residual_for``).
     """
     if not updates:
         raise ValueError("no updates to aggregate")
     total = float(sum(weights))
     factors = [w / total for w in weights]
-    clipped = 0
+    scales = [1.0] * len(updates)
     if clip_factor > 0 and len(updates) > 1:
         norms = torch.stack([u.norm() for u in updates])
         bound = float(norms.median()) * clip_factor
         for i, n in enumerate(norms.tolist()):
             if n > bound > 0:
-                factors[i] *= bound / n
-                clipped += 1
-    return factors, clipped
+                scales[i] = bound / n
+                factors[i] *= scales[i]
+    return factors, scales
 
 
 def weighted_sum(updates: Sequence[torch.Tensor], factors: Sequence[float]) -> torch.Tensor:
@@ -204,8 +215,8 @@ def clip_and_average(
 ) -> tuple[torch.Tensor, int]:
     """Example-weighted mean with median-relative clipping (see :func:`aggregation_multipliers`);
     returns the mean and how many updates were clipped."""
-    factors, clipped = aggregation_multipliers(updates, weights, clip_factor)
-    return weighted_sum(updates, factors), clipped
+    factors, scales = aggregation_multipliers(updates, weights, clip_factor)
+    return weighted_sum(updates, factors), sum(1 for s in scales if s < 1.0)
 
 
 def bundle_update(compressor: Compressor, body: BundleBody, model: nn.Module) -> torch.Tensor:

@@ -103,6 +103,7 @@ class FederatedServer:
         self.synced: dict[int, int | None] = {}  # node -> version it holds (None: unknown)
         self._restarted = False  # after a resume, unknown nodes get full weights
         self.accepted: dict[int, int] = {}  # node -> last round its uplink was applied
+        self.applied_scale: dict[int, float] = {}  # node -> clip scale of that uplink (< 1 only)
         self.records: list[RoundRecord] = []
         self.n_down = cfg.synthetic_samples
         self._plan: dict[int, Instruction] = {}
@@ -222,6 +223,7 @@ class FederatedServer:
                 target_digest=self.digest,
                 max_uplink_bytes=up_size,
                 accepted_round=self.accepted.get(n, -1),
+                applied_scale=self.applied_scale.get(n, 1.0),
                 downlink=d,
             )
             for n, (d, _) in downs.items()
@@ -242,7 +244,7 @@ class FederatedServer:
             max_bytes=self.payload_size(rec.n_uplink),
             max_samples=rec.n_uplink,
         )
-        updates, weights, cosines, comp, train, accepted = [], [], [], [], [], []
+        updates, weights, cosines, comp, train, accepted, nodes = [], [], [], [], [], [], []
         # decompress as the clients did (CPU, one thread): see rounds.exact_decompress
         cpu_model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
         # Arrival order and deployed node IDs are arbitrary; a fixed order (by the
@@ -282,6 +284,7 @@ class FederatedServer:
             cosines.append(reply.metrics.get("cosine", float("nan")))
             comp.append(reply.metrics.get("compress-seconds", 0.0))
             train.append(reply.metrics.get("train-seconds", 0.0))
+            nodes.append(reply.node_id)
             self.accepted[reply.node_id] = server_round
         missing = set(self._plan) - {r.node_id for r in replies}
         if missing:
@@ -308,7 +311,8 @@ class FederatedServer:
                     del self.accepted[node]
             rec.skipped = True
         else:
-            factors, rec.clipped = aggregation_multipliers(updates, weights, self.cfg.clip_norm_factor)
+            factors, scales = aggregation_multipliers(updates, weights, self.cfg.clip_norm_factor)
+            rec.clipped = self._note_clipping(nodes, scales)
             bundle_bytes = bundle_size([len(p) for p in accepted])
             if self.cfg.relays(bundle_bytes, dense_size(self.numel)):
                 self._relay(server_round, BundleBody(tuple(factors), tuple(accepted)), rec)
@@ -317,6 +321,16 @@ class FederatedServer:
         rec.aggregate_seconds = time.perf_counter() - start
         self._plan = {}
         return rec
+
+    def _note_clipping(self, nodes: Sequence[int], scales: Sequence[float]) -> int:
+        """Remember each node's clip scale, sent with its next instruction (its error
+        feedback then keeps what clipping held back); returns how many were clipped."""
+        for node, scale in zip(nodes, scales, strict=True):
+            if scale < 1.0:
+                self.applied_scale[node] = scale
+            else:
+                self.applied_scale.pop(node, None)
+        return sum(1 for scale in scales if scale < 1.0)
 
     def _apply(self, server_round: int, mean: torch.Tensor, rec: RoundRecord) -> None:
         """Move the global model by the aggregate (or by its compressed downlink)."""
@@ -388,6 +402,7 @@ class FederatedServer:
             "scheduler": self.scheduler.state_dict(),
             "synced": [[node, v] for node, v in self.synced.items()],
             "accepted": [[node, r] for node, r in self.accepted.items()],
+            "applied_scale": [[node, s] for node, s in self.applied_scale.items()],
             "records": [asdict(r) for r in self.records],
         }
         return tensors, meta
@@ -409,5 +424,6 @@ class FederatedServer:
         self.digest = digest_flat(get_flat(self.model))
         self.synced = {int(n): (None if v is None else int(v)) for n, v in meta.get("synced", [])}
         self.accepted = {int(n): int(r) for n, r in meta.get("accepted", [])}
+        self.applied_scale = {int(n): float(s) for n, s in meta.get("applied_scale", [])}
         self._full = None
         self._restarted = True

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
+from .compressor import Budget, Compressor, CompressorSettings, CompressStats, PayloadMeta, register
 from .errors import ConfigError, PayloadRejected
 from .payload import FLOAT32_MAX, Codec, FloatType, Payload, SyntheticBody, synthetic_size, wire_rounded
 from .seeds import SYNTHETIC, derive_seed
@@ -247,7 +247,10 @@ class _CosineObjective:
 
 
 @register("3sfc")
-def _build(
-    settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int
-) -> SyntheticFeatureCompressor:
+def _build(settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int) -> Compressor:
+    """The paper's 3SFC, or with ``correction_share > 0`` its corrected variant."""
+    if settings.correction_share > 0:
+        from .corrected import CorrectedSyntheticCompressor  # it builds on this module
+
+        return CorrectedSyntheticCompressor(settings, input_shape, n_classes)
     return SyntheticFeatureCompressor(settings, input_shape, n_classes)

@@ -43,7 +43,7 @@ def test_train_replies_with_payload_and_saves_state(tmp_path: Path) -> None:
     reply = reply_from(train(_message(instruction), ctx))
     # Assert
     assert reply.status == "ok" and reply.num_examples > 0
-    assert len(reply.payload) == instruction.max_uplink_bytes
+    assert 0.9 * instruction.max_uplink_bytes < len(reply.payload) <= instruction.max_uplink_bytes
     assert decode(reply.payload).base_digest == server.digest
     assert STATE_RESIDUAL in ctx.state.array_records
     assert set(ctx.state.array_records[STATE_RESIDUAL].keys()) >= {"weights", "residual", "pending"}

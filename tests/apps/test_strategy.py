@@ -68,7 +68,8 @@ def test_bytes_add_up_and_match_payload_lengths(tmp_path: Path) -> None:
     assert sent == summary["total_downlink_bytes"]
     rows = _rows(exp)
     assert int(rows[-1]["cum_uplink_bytes"]) == sum(int(r["uplink_bytes"]) for r in rows)
-    assert summary["total_uplink_bytes"] == 3 * 4 * exp.server.payload_size(cfg.synthetic_samples)
+    bound = 3 * 4 * exp.server.payload_size(cfg.synthetic_samples)  # Rice-coded positions vary
+    assert 0.9 * bound < summary["total_uplink_bytes"] <= bound
     assert summary["compression_ratio"] > 50
 
 

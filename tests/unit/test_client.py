@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from e3sfc_core.client import ClientState, client_round
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec, load_partition
+from e3sfc_core.errors import PayloadError
+from e3sfc_core.protocol import Instruction
 from e3sfc_core.server import FederatedServer
 from e3sfc_core.training import resolve_device
 
 
-def _round(accepted_round: int, state: ClientState, method: str = "topk") -> ClientState:
+def _round(
+    accepted_round: int, state: ClientState, method: str = "topk", applied_scale: float = 1.0
+) -> ClientState:
     cfg = ExperimentConfig.from_run_config({"method": method, "local-epochs": 1, "device": "cpu"})
     spec, device = get_spec("digits"), resolve_device("cpu")
     server = FederatedServer(cfg, spec, device)
     instr = server.plan_round(2, [0])[0]
-    instr = type(instr)(**{**instr.__dict__, "accepted_round": accepted_round})
+    instr = replace(instr, accepted_round=accepted_round, applied_scale=applied_scale)
     data = load_partition("digits", 0, 4, alpha=1.0, seed=0, data_root="data")
     _, new = client_round(cfg, spec, instr, data, state, node_id=0, partition_id=0, device=device)
     return new
@@ -38,6 +45,33 @@ def test_unapplied_update_returns_to_the_residual_exactly_once() -> None:
     assert lost.residual is not None and lost.pending is not None
     diff = (lost.residual + lost.pending) - (applied.residual + applied.pending)
     torch.testing.assert_close(diff, pending, atol=1e-6, rtol=1e-5)
+
+
+def test_what_clipping_held_back_returns_to_the_residual() -> None:
+    # Prepare: the client sent `pending` in round 1; the server applied it clipped to 40%
+    torch.manual_seed(0)
+    numel = 55_210
+    pending = torch.randn(numel) * 1e-3
+    state = ClientState(None, torch.randn(numel) * 1e-3, pending, pending_round=1)
+    # Execute
+    whole = _round(1, state)
+    clipped = _round(1, state, applied_scale=0.4)
+    # Assert: the clipped round's target holds the 60% of `pending` that was not applied
+    assert whole.residual is not None and whole.pending is not None
+    assert clipped.residual is not None and clipped.pending is not None
+    diff = (clipped.residual + clipped.pending) - (whole.residual + whole.pending)
+    torch.testing.assert_close(diff, 0.6 * pending, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", True, float("nan")])
+def test_an_applied_scale_outside_0_1_is_refused(bad: object) -> None:
+    # Prepare
+    fields = Instruction(1, 2, bytes(8), 100, 0, 0.5).fields()
+
+    # Execute / Assert
+    assert Instruction.from_fields(fields, ()).applied_scale == 0.5
+    with pytest.raises(PayloadError, match="applied-scale"):
+        Instruction.from_fields({**fields, "applied-scale": bad}, ())
 
 
 def test_client_state_round_trip_and_size_check() -> None:

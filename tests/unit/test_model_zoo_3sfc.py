@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta
 from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.corrected import CorrectedSyntheticCompressor
 from e3sfc_core.models import build_model
-from e3sfc_core.payload import Direction, SyntheticBody, decode
+from e3sfc_core.payload import CorrectedBody, Direction, SyntheticBody, decode
 from e3sfc_core.rounds import compress_update, exact_decompress
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.synthetic import SyntheticFeatureCompressor
@@ -72,6 +73,34 @@ def test_every_model_compresses_and_reconstructs(name: str, channels: int, n: in
     assert enc.cosine > 0.05
     received = exact_decompress(comp, decode(enc.data), model)
     assert torch.equal(enc.residual, target - received)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_with_a_sparse_correction(name: str) -> None:
+    # Prepare: 3-channel inputs, 2 samples and a Top-k correction in 3/4 of the payload
+    shape = (3, 8, 8)
+    model = build_model(name, shape, CLASSES, seed=0)
+    target = sgd_direction(model, shape)
+    sizes = parameter_sizes(model)
+    settings = CompressorSettings(
+        scale_mode="layer", layer_count=len(sizes), max_evals=3, seed=1, float16=True, correction_share=0.75
+    )
+    comp = CorrectedSyntheticCompressor(settings, shape, CLASSES)
+    meta = PayloadMeta(Direction.UPLINK, 1, digest_flat(get_flat(model)))
+    alone = compress_update(comp.synthetic, target, model, meta, Budget(2))
+
+    # Execute
+    enc = compress_update(comp, target, model, meta, Budget(2))
+
+    # Assert: both parts present, the bound holds, the receiver's reconstruction is what
+    # the residual subtracts, and the correction only ever adds to the batch's cosine
+    body = decode(enc.data).body
+    assert isinstance(body, CorrectedBody) and body.synthetic.inputs.shape == (2, *shape)
+    assert body.correction.indices.numel() == comp.k(target.numel(), Budget(2)) > 0
+    assert len(enc.data) <= comp.encoded_size(target.numel(), Budget(2))
+    received = exact_decompress(comp, decode(enc.data), model)
+    assert torch.equal(enc.residual, target - received)
+    assert enc.cosine > alone.cosine
 
 
 @pytest.mark.parametrize(("model", "rounds", "floor"), [("mlp", 4, 0.3)])

@@ -6,7 +6,7 @@ formats', which must still decode. The tests compare against the stored files an
 rewrite them; regenerate the current one only on purpose (a format change must bump
 ``VERSION``, which writes a new ``payload_v<VERSION>_golden.json`` and keeps the old ones)::
 
-    .venv/bin/python tests/unit/test_payload.py --regenerate
+    .venv/bin/python -m tests.unit.test_payload --regenerate
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from e3sfc_core.payload import (
     VERSION,
     BundleBody,
     Codec,
+    CorrectedBody,
     DenseBody,
     Direction,
     FloatType,
@@ -50,12 +51,15 @@ from e3sfc_core.payload import (
     encode,
 )
 
+from .body_equality import assert_same_body
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 GOLDEN = DATA / f"payload_v{VERSION}_golden.json"
 GOLDEN_V1 = DATA / "payload_v1_golden.json"
 GOLDEN_V2 = DATA / "payload_v2_golden.json"
-LEGACY = {1: GOLDEN_V1, 2: GOLDEN_V2}
-# codecs whose body layout changed in v3 (older bodies decode with the old layout)
+GOLDEN_V3 = DATA / "payload_v3_golden.json"
+LEGACY = {1: GOLDEN_V1, 2: GOLDEN_V2, 3: GOLDEN_V3}
+# codecs whose body layout changed in v3 (v1/v2 bodies decode with the old layout)
 RECODED = {Codec.TOPK, Codec.STC, Codec.QSGD}
 DIGEST = bytes(range(1, 9))
 F32, F16 = FloatType.FLOAT32, FloatType.FLOAT16
@@ -97,18 +101,7 @@ def assert_payload_equal(actual: Payload, expected: Payload) -> None:
         expected.numel,
         expected.float_type,
     )
-    a, e = actual.body, expected.body
-    assert type(a) is type(e)
-    for name, value in vars(e).items():
-        got = getattr(a, name)
-        if isinstance(value, torch.Tensor):
-            assert tuple(got.shape) == tuple(value.shape), name
-            if value.dtype.is_floating_point:
-                torch.testing.assert_close(got.float(), value.float(), rtol=0, atol=0)
-            else:
-                assert torch.equal(got.long(), value.long()), name
-        else:
-            assert got == value, name
+    assert_same_body(actual.body, expected.body)
 
 
 def golden_payloads() -> dict[str, Payload]:
@@ -218,6 +211,30 @@ def golden_payloads() -> dict[str, Payload]:
             float_type=F16,
             direction=Direction.DOWNLINK,
         ),
+        "corrected_f16": make(
+            Codec.CORRECTED,
+            CorrectedBody(
+                synthetic=SyntheticBody(
+                    scale=1.0,
+                    inputs=torch.tensor([[0.5, -1.0]]),
+                    labels=torch.tensor([[2.0, -0.25]]),
+                    layer_scales=torch.tensor([1.5, 0.0]),
+                ),
+                correction=SparseBody(
+                    indices=torch.tensor([3, 40, 41]), values=torch.tensor([0.5, -8.0, 1.25])
+                ),
+            ),
+            50,
+            float_type=F16,
+        ),
+        "corrected_alone_f32": make(
+            Codec.CORRECTED,
+            CorrectedBody(
+                synthetic=None, correction=SparseBody(indices=torch.tensor([2]), values=torch.tensor([-3.0]))
+            ),
+            6,
+            direction=Direction.DOWNLINK,
+        ),
         "bundle": make(
             Codec.BUNDLE,
             BundleBody(
@@ -233,10 +250,12 @@ def golden_payloads() -> dict[str, Payload]:
     }
 
 
-def legacy_payloads() -> dict[str, Payload]:
-    """What the v1/v2 golden vectors decode to: the v3 golden payloads, except QSGD,
-    which had one norm for the whole vector then."""
+def legacy_payloads(version: int) -> dict[str, Payload]:
+    """What an older version's golden vectors decode to: the current golden payloads,
+    except QSGD in v1/v2, which had one norm for the whole vector then."""
     out = golden_payloads()
+    if version >= 3:
+        return out
     out["qsgd"] = make(
         Codec.QSGD,
         QuantBody(
@@ -323,8 +342,8 @@ def test_golden_file_covers_every_codec() -> None:
     codecs = {v["codec"] for v in doc["vectors"].values()}
 
     # Assert
-    assert doc["format_version"] == VERSION == 3
-    assert READABLE_VERSIONS == (1, 2, 3)
+    assert doc["format_version"] == VERSION == 4
+    assert READABLE_VERSIONS == (1, 2, 3, 4)
     assert doc["header_size"] == HEADER_SIZE == 28
     assert codecs == {c.name for c in Codec}
     assert set(doc["vectors"]) == set(golden_payloads())
@@ -375,7 +394,7 @@ def test_older_versions_still_decode(version: int, name: str) -> None:
     # Assert: the same payload as v3 describes it; where the body layout did not change,
     # re-encoding only bumps the version byte, else it writes the v3 layout
     assert data[4] == version
-    expected = legacy_payloads()[name]
+    expected = legacy_payloads(version)[name]
     if isinstance(decoded.body, BundleBody) and isinstance(expected.body, BundleBody):
         # the inner payloads are bytes of that version too: compare what they decode to
         assert decoded.body.weights == expected.body.weights
@@ -385,7 +404,7 @@ def test_older_versions_still_decode(version: int, name: str) -> None:
     else:
         assert_payload_equal(decoded, expected)
     again = encode(decoded)
-    if decoded.codec in RECODED:
+    if decoded.codec in RECODED and version < 3:
         assert again[4] == VERSION
         assert_payload_equal(decode(again), decoded)
     else:
@@ -395,7 +414,7 @@ def test_older_versions_still_decode(version: int, name: str) -> None:
 def test_v3_is_smaller_than_v2_for_the_recoded_codecs() -> None:
     # Prepare
     old = json.loads(GOLDEN_V2.read_text())["vectors"]
-    new = json.loads(GOLDEN.read_text())["vectors"]
+    new = json.loads(GOLDEN_V3.read_text())["vectors"]
 
     # Execute / Assert (the v3 QSGD golden has two buckets, so two norms: not compared)
     for name in ("topk_f32", "stc"):
@@ -470,6 +489,39 @@ def test_lowrank_before_version_3_is_refused(version: int) -> None:
     expect_error(bytes(data), f"v{version}", "low-rank")
 
 
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_corrected_before_version_4_is_refused(version: int) -> None:
+    # Prepare: codec 10 did not exist before v4
+    data = bytearray(valid_bytes("corrected_f16"))
+    data[4] = version
+
+    # Execute / Assert
+    expect_error(bytes(data), f"v{version}", "corrected")
+
+
+def corrected_bytes(synthetic: bytes, declared: int | None = None, sparse: bytes | None = None) -> bytes:
+    """A corrected body by hand: the synthetic part's length, the part, a top-k part."""
+    length = len(synthetic) if declared is None else declared
+    sparse = struct.pack("<IBB", 1, 1, 0) + struct.pack("<f", 2.0) + b"\x01" if sparse is None else sparse
+    return header(codec=Codec.CORRECTED, numel=4, body=struct.pack("<I", length) + synthetic + sparse)
+
+
+def test_corrected_rules() -> None:
+    # Prepare: a one-sample synthetic part, and a top-k part keeping index 0 (a bitmap: 4 weights)
+    part = synthetic_body()
+
+    # Execute / Assert: the well-formed body decodes; each broken rule is named
+    body = decode(corrected_bytes(part)).body
+    assert isinstance(body, CorrectedBody)
+    assert body.correction.indices.tolist() == [0] and body.synthetic.inputs.shape == (1, 2)
+    expect_error(corrected_bytes(part + b"\x00\x00"), "trailing bytes after the synthetic part")
+    expect_error(corrected_bytes(part, declared=len(part) + 100), "synthetic part")
+    expect_error(corrected_bytes(part[:-4], declared=len(part) - 4), "synthetic values")
+    expect_error(corrected_bytes(part, sparse=struct.pack("<IBB", 5, 0, 0)), "k=5 > numel=4")
+    alone = decode(corrected_bytes(b"")).body  # length 0: no batch, the sparse part alone
+    assert isinstance(alone, CorrectedBody) and alone.synthetic is None
+
+
 def lowrank_bytes(records: list[tuple[int, int, int]], numel: int, floats: int, value: float = 0.5) -> bytes:
     body = struct.pack("<I", len(records)) + b"".join(struct.pack("<IIH", *r) for r in records)
     return header(codec=Codec.LOWRANK, numel=numel, body=body + struct.pack(f"<{floats}f", *[value] * floats))
@@ -516,7 +568,7 @@ def test_golden_header_layout_is_little_endian_at_documented_offsets() -> None:
     rnd, numel, body_len = (int.from_bytes(data[a:b], "little") for a, b in ((8, 12), (20, 24), (24, 28)))
 
     # Assert
-    assert fields == (b"E3SF", 3, 0, 3, 1)
+    assert fields == (b"E3SF", VERSION, 0, 3, 1)
     assert data[12:20] == DIGEST
     assert (rnd, numel, body_len) == (7, 10, len(data) - 28)
     assert int.from_bytes(data[28:32], "little") == 3  # k
@@ -536,18 +588,18 @@ def test_bad_magic() -> None:
 def test_unknown_version_is_unsupported_version() -> None:
     # Prepare
     data = bytearray(valid_bytes())
-    data[4] = 4
+    data[4] = VERSION + 1
 
     # Execute
     err = expect_error(bytes(data), "version", kind=UnsupportedVersion)
 
     # Assert
-    assert "4" in str(err)
+    assert str(VERSION + 1) in str(err)
 
 
 @pytest.mark.parametrize(
     ("offset", "value", "word"),
-    [(5, 2, "direction"), (6, 0, "codec"), (6, 10, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
+    [(5, 2, "direction"), (6, 0, "codec"), (6, 11, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
 )
 def test_unknown_enum_values(offset: int, value: int, word: str) -> None:
     # Prepare

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import random
-import struct
 import tracemalloc
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,6 +29,7 @@ from e3sfc_core.payload import (
     VERSION,
     BundleBody,
     Codec,
+    CorrectedBody,
     DenseBody,
     Direction,
     FloatType,
@@ -41,6 +42,8 @@ from e3sfc_core.payload import (
     decode,
     encode,
 )
+
+from .body_equality import assert_same_body
 
 PEAK_LIMIT = 50 * 2**20
 FUZZ = settings(
@@ -115,6 +118,10 @@ def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
             layer_scales=None if layers is None else torch.tensor(layers, dtype=torch.float32),
         )
         return numel, body
+    if codec == Codec.CORRECTED:
+        _, synthetic = draw(st.one_of(bodies(Codec.SYNTHETIC, ft), st.just((0, None))))
+        numel, correction = draw(bodies(Codec.TOPK, ft))
+        return numel, CorrectedBody(synthetic, correction)
     if codec == Codec.BUNDLE:
         count = draw(st.integers(1, 3))
         weights = tuple(
@@ -202,13 +209,10 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
         if codec in (Codec.DENSE, Codec.WEIGHTS):
             body = DenseBody(vals)
         elif codec == Codec.SYNTHETIC:
-            n, dims, classes = (
-                rng.randint(1, 3),
-                tuple(rng.randint(1, 3) for _ in range(rng.randint(1, 4))),
-                rng.randint(1, 4),
-            )
-            x = torch.randn(n, *dims, generator=g).to(vals.dtype)
-            body = SyntheticBody(rng.uniform(-5, 5), x, torch.randn(n, classes, generator=g))
+            body = _synthetic_body(rng, g, vals.dtype)
+        elif codec == Codec.CORRECTED:
+            idx = torch.tensor(sorted(rng.sample(range(numel), rng.randint(0, numel))), dtype=torch.int64)
+            body = CorrectedBody(_synthetic_body(rng, g, vals.dtype), SparseBody(idx, vals[: idx.numel()]))
         elif codec in (Codec.TOPK, Codec.STC):
             span = numel if (i // 16) % 2 else 40 * numel  # dense (bitmap) and sparse (Rice)
             k = rng.randint(0, numel)
@@ -242,6 +246,16 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
     return out
 
 
+def _synthetic_body(rng: random.Random, g: torch.Generator, dtype: torch.dtype) -> SyntheticBody:
+    n, dims, classes = (
+        rng.randint(1, 3),
+        tuple(rng.randint(1, 3) for _ in range(rng.randint(1, 4))),
+        rng.randint(1, 4),
+    )
+    x = torch.randn(n, *dims, generator=g).to(dtype)
+    return SyntheticBody(rng.uniform(-5, 5), x, torch.randn(n, classes, generator=g))
+
+
 POOL = valid_pool()
 
 
@@ -255,6 +269,9 @@ def body_length(p: Payload) -> int:
         ndim = b.inputs.ndim - 1
         layers = 0 if b.layer_scales is None else 4 * b.layer_scales.numel()
         return 4 + 2 + 2 + 1 + 3 + 4 * ndim + layers + w * (b.inputs.numel() + b.labels.numel())
+    if isinstance(b, CorrectedBody):
+        batch = 0 if b.synthetic is None else body_length(replace(p, body=b.synthetic))
+        return 4 + batch + body_length(replace(p, body=b.correction))
     if isinstance(b, BundleBody):
         return 2 + sum(12 + len(inner) for inner in b.payloads)
     if isinstance(b, SparseBody):
@@ -296,20 +313,7 @@ def assert_same(actual: Payload, expected: Payload) -> None:
         expected.base_digest,
     )
     assert (actual.numel, actual.float_type) == (expected.numel, expected.float_type)
-    a, e = actual.body, expected.body
-    assert type(a) is type(e)
-    for name, value in vars(e).items():
-        got = getattr(a, name)
-        if isinstance(value, torch.Tensor):
-            assert tuple(got.shape) == tuple(value.shape), name
-            if value.dtype.is_floating_point:
-                torch.testing.assert_close(got, value, rtol=0, atol=0)
-            else:
-                assert torch.equal(got.long(), value.long()), name
-        elif isinstance(value, float):
-            assert got == struct.unpack("<f", struct.pack("<f", value))[0], name
-        else:
-            assert got == value, name
+    assert_same_body(actual.body, expected.body)
 
 
 class PeakTracker:

@@ -4,13 +4,17 @@ budgets need for the variable-length codes (reached when the layout is fixed).""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from e3sfc_core.lowrank import LowRankBody
 from e3sfc_core.payload import (
+    HEADER_SIZE,
     BundleBody,
     Codec,
+    CorrectedBody,
     DenseBody,
     Payload,
     QuantBody,
@@ -19,6 +23,7 @@ from e3sfc_core.payload import (
     SyntheticBody,
     TernaryBody,
     bundle_size,
+    corrected_size,
     dense_size,
     encode,
     lowrank_size,
@@ -39,6 +44,9 @@ def size_of(p: Payload) -> int:
     b, n = p.body, p.numel
     if isinstance(b, DenseBody):
         return dense_size(n, p.float_type)
+    if isinstance(b, CorrectedBody):
+        batch = HEADER_SIZE if b.synthetic is None else size_of(replace(p, body=b.synthetic))
+        return corrected_size(batch, size_of(replace(p, body=b.correction)))
     if isinstance(b, SyntheticBody):
         layers = 0 if b.layer_scales is None else b.layer_scales.numel()
         shape = tuple(b.inputs.shape[1:])

@@ -85,7 +85,8 @@ def test_metrics_rows_and_cumulative_bytes(
         assert cum == [sum(per_round[: i + 1]) for i in range(len(rows))]
     uplink = exp.server.payload_size(cfg.synthetic_samples)  # no budget: n = synthetic-samples
     assert all(int(r["n_uplink"]) == cfg.synthetic_samples for r in rows)
-    assert all(int(r["uplink_bytes"]) == 4 * uplink for r in rows)  # 4 clients
+    # 4 clients; the correction's positions are Rice-coded, so a payload is at most its bound
+    assert all(0.9 * 4 * uplink < int(r["uplink_bytes"]) <= 4 * uplink for r in rows)
     assert all(r["skipped"] == "False" and int(r["accepted"]) == 4 for r in rows)
     assert all(0.0 < float(r["mean_cosine"]) <= 1.0 for r in rows)
 
