@@ -304,6 +304,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "uplink_bytes": last.get("cum_uplink_bytes", 0),
         "downlink_bytes": last.get("cum_downlink_bytes", 0),
         "mean_cosine": mean_std([r["mean_cosine"] for r in recs])[0],
+        # share of accepted uplink payloads that carried a synthetic batch (corrected 3SFC)
+        "batch_share": sum(r.get("uplink_batches", 0) for r in recs)
+        / max(1, sum(r["accepted"] for r in recs)),
         "wall_seconds": out["wall_seconds"],
     }
 

@@ -100,13 +100,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _sync(t: torch.Tensor) -> None:
+def sync_device(t: torch.Tensor) -> None:
+    """Wait for ``t``'s GPU work, so that a compressor's timing covers it."""
     if t.is_cuda:
         torch.cuda.synchronize(t.device)
 
 
-class _Baseline:
-    """Shared plumbing: settings, input checks, header fields, payload checks."""
+class BaselineCompressor:
+    """Shared plumbing of the array compressors (every method but 3SFC): settings, input
+    checks, header fields, payload checks; a subclass supplies ``_body`` and
+    ``decompress``."""
 
     name: str = ""
     codec: Codec = Codec.DENSE
@@ -162,7 +165,7 @@ class _Baseline:
         start = time.perf_counter()
         flat = self._target(target, model)
         body = self._body(flat, meta)
-        _sync(flat)
+        sync_device(flat)
         payload = self._payload(meta, flat.numel(), body)
         return payload, CompressStats(seconds=time.perf_counter() - start)
 
@@ -173,7 +176,7 @@ class _Baseline:
 # ------------------------------------------------------------------------- FedAvg
 
 
-class FedAvgCompressor(_Baseline):
+class FedAvgCompressor(BaselineCompressor):
     """No compression: the full vector in the wire float dtype."""
 
     name = "fedavg"
@@ -204,7 +207,7 @@ def topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx).values.to(torch.int64)
 
 
-class TopKCompressor(_Baseline):
+class TopKCompressor(BaselineCompressor):
     """Top-k sparsification with error feedback (values sent in the wire float dtype)."""
 
     name = "topk"
@@ -287,7 +290,7 @@ class STCCompressor(TopKCompressor):
 # ------------------------------------------------------------------------ signSGD
 
 
-class SignCompressor(_Baseline):
+class SignCompressor(BaselineCompressor):
     """Scaled sign / EF-signSGD (Karimireddy et al. 2019): ``(||t||_1 / numel) * sign(t)``.
 
     Zero counts as positive. The scale is rounded to float32.
@@ -317,7 +320,7 @@ class SignCompressor(_Baseline):
 # --------------------------------------------------------------------------- QSGD
 
 
-class QSGDCompressor(_Baseline):
+class QSGDCompressor(BaselineCompressor):
     """QSGD (Alistarh et al. 2017) with ``s`` levels, buckets and seeded stochastic rounding.
 
     The target is cut into buckets of ``settings.qsgd_bucket_size`` entries (512 in the

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, PayloadRejected
 from .payload import Codec, Direction, Payload
+from .tensors import num_params
+
+BodyT = TypeVar("BodyT")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,17 @@ class CompressorSettings:
     powersgd_rank: int = 4
     model: str = ""
     correction_share: float = 0.0
+
+
+def checked_body(payload: Payload, codec: Codec, body_type: type[BodyT], model: nn.Module) -> BodyT:
+    """``payload``'s body if it is ``codec``'s and sized for ``model`` (what every
+    ``decompress`` checks first); otherwise :class:`PayloadRejected` naming what is wrong."""
+    body = payload.body
+    if payload.codec != codec or not isinstance(body, body_type):
+        raise PayloadRejected(f"expected a {codec.name} payload, got {payload.codec.name}")
+    if payload.numel != num_params(model):
+        raise PayloadRejected(f"payload numel {payload.numel} != model weights {num_params(model)}")
+    return body
 
 
 CompressorFactory = Callable[[CompressorSettings, tuple[int, ...], int], Compressor]

@@ -68,7 +68,7 @@ class ExperimentConfig(BaseModel):
     init_scale: float = Field(0.25, gt=0.0, le=100.0)
     scale_mode: Literal["layer", "global"] = "layer"
     residual_cap: float = Field(0.0, ge=0.0)
-    correction_share: float = Field(0.75, ge=0.0, le=0.95)
+    correction_share: float = Field(0.75, ge=0.0, le=0.99)
     float16: bool | Literal["auto"] = "auto"
     downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
     downlink_samples: int = Field(0, ge=0, le=4096)

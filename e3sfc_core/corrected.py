@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .baselines import TopKCompressor, topk_indices
-from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta
-from .errors import ConfigError, PayloadRejected
+from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, checked_body
+from .errors import ConfigError
 from .payload import (
     HEADER_SIZE,
     Codec,
@@ -40,9 +40,8 @@ from .payload import (
     wire_rounded,
 )
 from .synthetic import SyntheticFeatureCompressor
-from .tensors import num_params
 
-MAX_CORRECTION_SHARE = 0.95
+MAX_CORRECTION_SHARE = 0.99
 NO_BATCH = corrected_size(HEADER_SIZE, 0)  # what a payload without a batch adds to its sparse part
 
 
@@ -106,11 +105,7 @@ class CorrectedSyntheticCompressor:
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
         """The batch's update (if any) plus the sparse correction."""
-        body = payload.body
-        if payload.codec != self.codec or not isinstance(body, CorrectedBody):
-            raise PayloadRejected(f"expected a CORRECTED payload, got {payload.codec.name}")
-        if payload.numel != num_params(model):
-            raise PayloadRejected(f"payload numel {payload.numel} != model weights {num_params(model)}")
+        body = checked_body(payload, self.codec, CorrectedBody, model)
         update = self.sparse.decompress(replace(payload, codec=Codec.TOPK, body=body.correction), model)
         if body.synthetic is not None:
             synthetic = replace(payload, codec=Codec.SYNTHETIC, body=body.synthetic)

@@ -286,6 +286,14 @@ class Payload:
     float_type: FloatType = FloatType.FLOAT32
 
 
+def carries_batch(payload: Payload) -> bool:
+    """Whether ``payload`` carries a synthetic batch: every 3SFC payload, a corrected one
+    unless its sender found the Top-k alone better (reported per round, so users see how
+    much of a run the synthetic features carried)."""
+    body = payload.body
+    return isinstance(body, SyntheticBody) or (isinstance(body, CorrectedBody) and body.synthetic is not None)
+
+
 # ---------------------------------------------------------------------------- encoding
 
 

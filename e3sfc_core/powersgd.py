@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .baselines import _Baseline, _sync
+from .baselines import BaselineCompressor, sync_device
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, register
 from .errors import ConfigError, PayloadRejected
 from .lowrank import MAX_RANK, LowRankBody, record_floats
@@ -77,7 +77,7 @@ def model_shapes(name: str, input_shape: tuple[int, ...], n_classes: int) -> tup
     return tuple(tuple(p.shape) for p in model.parameters())
 
 
-class PowerSGDCompressor(_Baseline):
+class PowerSGDCompressor(BaselineCompressor):
     """Rank-``r`` PowerSGD with one power iteration from a seeded ``Q0``, error feedback."""
 
     name = "powersgd"
@@ -131,7 +131,7 @@ class PowerSGDCompressor(_Baseline):
             p, q = self._factors(block.double().view(rows, cols), rank, meta, index)
             parts += [p.reshape(-1), q.reshape(-1)]
         values = torch.cat(parts) if parts else flat.new_zeros(0)
-        _sync(values)
+        sync_device(values)
         payload = self._payload(meta, flat.numel(), LowRankBody(layout=layout, values=values))
         return payload, CompressStats(seconds=time.perf_counter() - start)
 

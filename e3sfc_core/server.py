@@ -36,6 +36,8 @@ from .payload import (
     Direction,
     Payload,
     bundle_size,
+    carries_batch,
+    decode,
     dense_size,
     encode,
 )
@@ -82,6 +84,10 @@ class RoundRecord:
     full_syncs: int = 0
     clipped: int = 0
     skipped: bool = False
+    # payloads that carried a synthetic batch (the corrected 3SFC sends its Top-k alone
+    # when that leaves less behind): accepted uplinks, and the compressed downlink (0/1)
+    uplink_batches: int = 0
+    downlink_batch: int = 0
 
 
 class FederatedServer:
@@ -278,6 +284,7 @@ class FederatedServer:
                 rec.dropped += 1
                 continue
             self.synced[reply.node_id] = self.version  # it trained from the current weights
+            rec.uplink_batches += carries_batch(payload)
             updates.append(update)
             accepted.append(reply.payload)
             weights.append(float(reply.num_examples))
@@ -349,6 +356,7 @@ class FederatedServer:
             enc = compress_update(self.compressor, mean + residual, self.model, meta, Budget(self.n_down))
             self.residual = enc.residual
             rec.downlink_cosine = enc.cosine
+            rec.downlink_batch = int(carries_batch(decode(enc.data)))
             rec.compress_seconds += enc.stats.seconds
             self.scheduler.observe(Direction.DOWNLINK, BudgetFeedback(enc.cosine, enc.residual_ratio))
             add_flat_(self.model, enc.transmitted)

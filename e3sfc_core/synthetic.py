@@ -26,12 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compressor import Budget, Compressor, CompressorSettings, CompressStats, PayloadMeta, register
+from .compressor import (
+    Budget,
+    Compressor,
+    CompressorSettings,
+    CompressStats,
+    PayloadMeta,
+    checked_body,
+    register,
+)
 from .errors import ConfigError, PayloadRejected
 from .payload import FLOAT32_MAX, Codec, FloatType, Payload, SyntheticBody, synthetic_size, wire_rounded
 from .seeds import SYNTHETIC, derive_seed
 from .synthetic_gradient import parameter_sizes, synthesize_update, synthetic_gradient
-from .tensors import num_params
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +108,7 @@ class SyntheticFeatureCompressor:
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
         """Recompute ``scale * grad`` at the model's weights (must be the base weights)."""
-        body = payload.body
-        if payload.codec != self.codec or not isinstance(body, SyntheticBody):
-            raise PayloadRejected(f"expected a SYNTHETIC payload, got {payload.codec.name}")
-        if payload.numel != num_params(model):
-            raise PayloadRejected(f"payload numel {payload.numel} != model weights {num_params(model)}")
+        body = checked_body(payload, self.codec, SyntheticBody, model)
         if tuple(body.inputs.shape[1:]) != self.input_shape or body.labels.shape[1] != self.n_classes:
             raise PayloadRejected(
                 f"synthetic shapes {tuple(body.inputs.shape[1:])}/{body.labels.shape[1]} do not "
