@@ -111,6 +111,8 @@ class CompressorSettings:
     powersgd_rank: int = 4
     model: str = ""
     correction_share: float = 0.0
+    batch_min_cosine: float = 0.0
+    overshoot_weight: float = 0.0
 
 
 def checked_body(payload: Payload, codec: Codec, body_type: type[BodyT], model: nn.Module) -> BodyT:
