@@ -71,6 +71,8 @@ CORRECTED_METHODS = (
     "e3sfc-relay-corr-n4",
     "e3sfc-corr-n2-s95",
     "topk-eq-corr-n2-s95",
+    "e3sfc-corr-n2-c7",
+    "e3sfc-corr-n2-s95-c7",
 )
 METHODS = tuple(dict.fromkeys(PLAIN + CORRECTED_METHODS))
 # E-3SFC's downlink and payload are pinned per column, whatever the defaults: "e3sfc*"
@@ -111,20 +113,11 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "e3sfc-corr-n1": {**CORRECTED_N2, "downlink": "compressed", "synthetic-samples": 1},
     # the batch only where its own cosine with the target is at least 0.7
     "e3sfc-corr-n2-c7": {**CORRECTED_N2, "downlink": "compressed", "batch-min-cosine": 0.7},
-    "e3sfc-relay-corr-n2-c7": {**CORRECTED_N2, "downlink": "relay", "batch-min-cosine": 0.7},
     "e3sfc-corr-n2-s95-c7": {
         **CORRECTED_N2,
         "downlink": "compressed",
         "correction-share": 0.95,
         "batch-min-cosine": 0.7,
-    },
-    # the choice also charges what overshoots the target
-    "e3sfc-corr-n2-o1": {**CORRECTED_N2, "downlink": "compressed", "overshoot-weight": 1.0},
-    "e3sfc-corr-n2-s95-o1": {
-        **CORRECTED_N2,
-        "downlink": "compressed",
-        "correction-share": 0.95,
-        "overshoot-weight": 1.0,
     },
 }
 # Top-k compressed both ways at the payload size of an E-3SFC column, with the same float width:
@@ -401,10 +394,7 @@ CANDIDATES: dict[str, str | None] = {
     "e3sfc-corr-n2-s95": "topk-eq-corr-n2-s95",
     "e3sfc-corr-n1": None,
     "e3sfc-corr-n2-c7": "topk-eq-corr-n2",
-    "e3sfc-relay-corr-n2-c7": None,
     "e3sfc-corr-n2-s95-c7": "topk-eq-corr-n2-s95",
-    "e3sfc-corr-n2-o1": "topk-eq-corr-n2",
-    "e3sfc-corr-n2-s95-o1": "topk-eq-corr-n2-s95",
     "e3sfc-corr-n4": None,
     "e3sfc-relay-corr-n4": None,
 }

@@ -112,7 +112,6 @@ class CompressorSettings:
     model: str = ""
     correction_share: float = 0.0
     batch_min_cosine: float = 0.0
-    overshoot_weight: float = 0.0
 
 
 def checked_body(payload: Payload, codec: Codec, body_type: type[BodyT], model: nn.Module) -> BodyT:

@@ -70,7 +70,6 @@ class ExperimentConfig(BaseModel):
     residual_cap: float = Field(0.0, ge=0.0)
     correction_share: float = Field(0.75, ge=0.0, le=0.99)
     batch_min_cosine: float = Field(0.0, ge=0.0, le=1.0)
-    overshoot_weight: float = Field(0.0, ge=0.0)
     float16: bool | Literal["auto"] = "auto"
     downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
     downlink_samples: int = Field(0, ge=0, le=4096)
@@ -158,7 +157,6 @@ class ExperimentConfig(BaseModel):
             model=self.model,
             correction_share=self.correction_share,
             batch_min_cosine=self.batch_min_cosine,
-            overshoot_weight=self.overshoot_weight,
         )
 
     def budget_params(self) -> BudgetParams:

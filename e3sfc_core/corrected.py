@@ -59,7 +59,6 @@ class CorrectedSyntheticCompressor:
             raise ConfigError(f"correction_share must be in (0, {MAX_CORRECTION_SHARE}], got {share!r}")
         self.share = float(share)
         self.min_cosine = float(settings.batch_min_cosine)
-        self.overshoot_weight = float(settings.overshoot_weight)
         self.synthetic = SyntheticFeatureCompressor(settings, input_shape, n_classes)
         self.sparse = TopKCompressor(settings)
         self.float_type = self.synthetic.float_type
@@ -94,9 +93,7 @@ class CorrectedSyntheticCompressor:
         batch: SyntheticBody | None = synthetic.body  # type: ignore[assignment]
         correction = with_batch
         weak = cosine(target - missed, target) < self.min_cosine
-        cost_batch = _cost(target, target - missed, with_batch, self.overshoot_weight)
-        cost_alone = _cost(target, torch.zeros_like(target), alone, self.overshoot_weight)
-        if weak or cost_alone < cost_batch:
+        if weak or _left(target, alone) < _left(missed, with_batch):
             batch, correction = None, alone
         payload = Payload(
             codec=self.codec,
@@ -123,16 +120,9 @@ class CorrectedSyntheticCompressor:
         return SparseBody(indices=idx.cpu(), values=wire_rounded(values[idx], self.float_type).cpu())
 
 
-def _cost(target: torch.Tensor, dense: torch.Tensor, sent: SparseBody, overshoot_weight: float) -> float:
-    """Squared error of ``dense`` plus ``sent`` against ``target``, plus ``overshoot_weight``
-    times the squared part that overshoots ``target`` (a wrong sign, or past its value):
-    error feedback undoes an overshoot later, but the model moves by it now."""
-    update = dense.clone()
-    idx = sent.indices.to(target.device)
-    update[idx] += sent.values.to(target.device, update.dtype)
-    error = float((target - update).pow(2).sum())
-    if overshoot_weight <= 0:
-        return error
-    same = torch.sign(update) == torch.sign(target)
-    over = torch.where(same, (update.abs() - target.abs()).clamp_min(0), update.abs())
-    return error + overshoot_weight * float(over.pow(2).sum())
+def _left(values: torch.Tensor, sent: SparseBody) -> float:
+    """Squared norm of what stays behind after ``sent`` replaces its entries of ``values``."""
+    idx = sent.indices.to(values.device)
+    kept = values[idx] - sent.values.to(values.device)
+    rest = float(values.pow(2).sum()) - float(values[idx].pow(2).sum())
+    return rest + float(kept.pow(2).sum())

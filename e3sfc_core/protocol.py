@@ -30,8 +30,8 @@ class Instruction:
     target_digest: bytes
     max_uplink_bytes: int
     accepted_round: int  # last round whose uplink from this node the server applied (-1: none)
-    applied_scale: float = 1.0  # share of that uplink the server applied (< 1: norm-clipped)
     downlink: tuple[bytes, ...] = ()
+    applied_scale: float = 1.0  # share of that uplink the server applied (< 1: norm-clipped)
 
     def fields(self) -> dict[str, int | float | bytes]:
         """Scalar fields (the downlink payloads travel separately)."""

@@ -66,7 +66,7 @@ def test_what_clipping_held_back_returns_to_the_residual() -> None:
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", True, float("nan")])
 def test_an_applied_scale_outside_0_1_is_refused(bad: object) -> None:
     # Prepare
-    fields = Instruction(1, 2, bytes(8), 100, 0, 0.5).fields()
+    fields = Instruction(1, 2, bytes(8), 100, 0, applied_scale=0.5).fields()
 
     # Execute / Assert
     assert Instruction.from_fields(fields, ()).applied_scale == 0.5

@@ -227,3 +227,21 @@ def test_a_sparse_target_goes_without_the_batch_in_the_same_bytes(
     assert alone.correction.indices.numel() == c.k_alone(numel, budget)
     assert len(sparse_only.data) <= c.encoded_size(numel, budget)
     assert sparse_only.residual_ratio < 1e-3
+
+
+def test_a_batch_below_the_minimum_cosine_is_not_sent(
+    mlp_update: tuple[nn.Module, torch.Tensor, PayloadMeta],
+) -> None:
+    # Prepare: the real update, whose batch is sent with no minimum (previous test)
+    model, update, meta = mlp_update
+    strict = CorrectedSyntheticCompressor(
+        settings(model, correction_share=0.5, batch_min_cosine=1.0), SHAPE, CLASSES
+    )
+
+    # Execute
+    enc = compress_update(strict, update, model, meta, Budget(2))
+
+    # Assert: no batch reaches cosine 1, so the Top-k goes alone, in the same bytes
+    body = decode(enc.data).body
+    assert isinstance(body, CorrectedBody) and body.synthetic is None
+    assert body.correction.indices.numel() == strict.k_alone(update.numel(), Budget(2))
