@@ -77,6 +77,7 @@ from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build
 from e3sfc_core.datasets import get_spec  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.payload import dense_size  # noqa: E402
+from e3sfc_core.synthetic_gradient import parameter_sizes  # noqa: E402
 from e3sfc_core.tensors import cosine, num_params, set_flat  # noqa: E402
 from e3sfc_core.training import resolve_device  # noqa: E402
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
     numel = num_params(model)
-    s3 = build_compressor("3sfc", cfg.compressor_settings(), spec)
+    layers = len(parameter_sizes(model))  # sizes 3SFC payloads with per-layer scales
+    s3 = build_compressor("3sfc", cfg.compressor_settings(layers), spec)
     sfc_bytes = {n: s3.encoded_size(numel, Budget(n)) for n in samples}
 
     # (label, registry name, settings overrides, n, group)
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (f"qsgd s={cfg.qsgd_levels}", "qsgd", {}, 1, "baseline"),
     ]
     for n in samples:
-        settings = cfg.compressor_settings()
+        settings = cfg.compressor_settings(layers)
         kt = k_for_bytes("topk", settings, spec, numel, sfc_bytes[n])
         ks = k_for_bytes("stc", settings, spec, numel, sfc_bytes[n])
         methods += [
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         set_flat(model, tgt.base.to(device))
         model.eval()
         meta = uplink_meta(tgt)
-        base_settings = client_settings(cfg, tgt.partition_id)
+        base_settings = client_settings(cfg, tgt.partition_id, layer_count=layers)
         target = tgt.update.to(device)
         if warm:  # first call pays one-off lazy initialisation; keep it out of the timings
             run_one("3sfc", base_settings, spec, target, model, meta, 1, device)
@@ -282,8 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eq_rows, eq_json, goal1 = [], [], True
     by_label = {r["method"]: r for r in json_rows}
     for n in samples:
-        kt = k_for_bytes("topk", cfg.compressor_settings(), spec, numel, sfc_bytes[n])
-        ks = k_for_bytes("stc", cfg.compressor_settings(), spec, numel, sfc_bytes[n])
+        kt = k_for_bytes("topk", cfg.compressor_settings(layers), spec, numel, sfc_bytes[n])
+        ks = k_for_bytes("stc", cfg.compressor_settings(layers), spec, numel, sfc_bytes[n])
         a = by_label[f"3sfc n={n}"]
         b = by_label[f"topk@eq n={n} (k={kt})"]
         c = by_label[f"stc@eq n={n} (k={ks})"]

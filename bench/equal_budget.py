@@ -67,12 +67,16 @@ from e3sfc_core.compressor import Budget, build_compressor  # noqa: E402
 from e3sfc_core.config import ExperimentConfig  # noqa: E402
 from e3sfc_core.datasets import get_spec  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
+from e3sfc_core.synthetic_gradient import parameter_sizes  # noqa: E402
 from e3sfc_core.tensors import num_params  # noqa: E402
 
 
 def size_of(method: str, raw: dict[str, Any], numel: int, n: int = 1) -> int:
+    """Payload bound of ``method`` in the run ``raw`` (its model's layer count sizes 3SFC)."""
     cfg = ExperimentConfig.from_run_config({**raw, "method": method})
-    comp = build_compressor(cfg.compressor_name, cfg.compressor_settings(), get_spec(cfg.dataset))
+    spec = get_spec(cfg.dataset)
+    model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed)
+    comp = build_compressor(cfg.compressor_name, cfg.compressor_settings(len(parameter_sizes(model))), spec)
     return comp.encoded_size(numel, Budget(n))
 
 

@@ -67,8 +67,6 @@ CORRECTED_METHODS = (
     "topk-eq-corr-n2",
     "e3sfc-relay-corr-n2",
     "e3sfc-corr-n1",
-    "e3sfc-corr-n4",
-    "e3sfc-relay-corr-n4",
     "e3sfc-corr-n2-s95",
     "topk-eq-corr-n2-s95",
     "e3sfc-corr-n2-c7",
@@ -80,33 +78,27 @@ METHODS = tuple(dict.fromkeys(PLAIN + CORRECTED_METHODS))
 # relay existed ran with downlink "auto", which then meant exactly that), "e3sfc-relay*"
 # relay the round's uplink payloads; without a suffix n = 4 in float32 (the first
 # release's payload), "-fp16-n8" twice the samples in float16 (the same bytes).
+# the first table's columns are the paper's 3SFC: no sparse correction (the default since v4)
+PAPER = {"method": "e3sfc", "correction-share": 0.0}
+FP16 = {"float16": True}
 FP32 = {"float16": False}
-CORRECTED = {"method": "e3sfc", "synthetic-samples": 4, "float16": True, "correction-share": 0.5}
-CORRECTED_N2 = {**CORRECTED, "synthetic-samples": 2, "correction-share": 0.75}
+# 2 float16 samples and a Top-k correction in 3/4 of the payload (the default)
+CORRECTED_N2 = {"method": "e3sfc", "synthetic-samples": 2, "float16": True, "correction-share": 0.75}
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "e3sfc": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 4, **FP32},
-    "e3sfc-relay": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 4, **FP32},
-    "e3sfc-n1": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 1, **FP32},
-    "e3sfc-relay-n1": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 1, **FP32},
-    "e3sfc-paper": {  # one global scale
-        "method": "e3sfc",
+    "e3sfc": {**PAPER, "downlink": "compressed", "synthetic-samples": 4, **FP32},
+    "e3sfc-relay": {**PAPER, "downlink": "relay", "synthetic-samples": 4, **FP32},
+    "e3sfc-n1": {**PAPER, "downlink": "compressed", "synthetic-samples": 1, **FP32},
+    "e3sfc-relay-n1": {**PAPER, "downlink": "relay", "synthetic-samples": 1, **FP32},
+    "e3sfc-paper": {
+        **PAPER,
         "downlink": "compressed",
         "synthetic-samples": 4,
         "scale-mode": "global",
         **FP32,
     },
-    "e3sfc-fp16-n8": {"method": "e3sfc", "downlink": "compressed", "synthetic-samples": 8, "float16": True},
-    "e3sfc-relay-fp16-n8": {"method": "e3sfc", "downlink": "relay", "synthetic-samples": 8, "float16": True},
-    "e3sfc-relay-fp16-n16": {
-        "method": "e3sfc",
-        "downlink": "relay",
-        "synthetic-samples": 16,
-        "float16": True,
-    },
-    # 4 float16 samples and a Top-k correction of what they miss in the other half of the
-    # payload: about the bytes of "e3sfc-fp16-n8"
-    "e3sfc-corr-n4": {**CORRECTED, "downlink": "compressed"},
-    "e3sfc-relay-corr-n4": {**CORRECTED, "downlink": "relay"},
+    "e3sfc-fp16-n8": {**PAPER, "downlink": "compressed", "synthetic-samples": 8, **FP16},
+    "e3sfc-relay-fp16-n8": {**PAPER, "downlink": "relay", "synthetic-samples": 8, **FP16},
+    "e3sfc-relay-fp16-n16": {**PAPER, "downlink": "relay", "synthetic-samples": 16, **FP16},
     "e3sfc-corr-n2": {**CORRECTED_N2, "downlink": "compressed"},
     "e3sfc-relay-corr-n2": {**CORRECTED_N2, "downlink": "relay"},
     "e3sfc-corr-n2-s95": {**CORRECTED_N2, "downlink": "compressed", "correction-share": 0.95},
@@ -123,8 +115,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 # Top-k compressed both ways at the payload size of an E-3SFC column, with the same float width:
 # "topk-eq" matches "e3sfc" (float32), "topk-eq-fp16" matches "e3sfc-fp16-n8" (float16 values).
 EQUAL_BYTES: dict[str, dict[str, Any]] = {
-    "topk-eq": {"synthetic-samples": 4, **FP32},
-    "topk-eq-fp16": {"float16": True, "synthetic-samples": 8},
+    "topk-eq": {"synthetic-samples": 4, "correction-share": 0.0, **FP32},
+    "topk-eq-fp16": {"synthetic-samples": 8, "correction-share": 0.0, **FP16},
     "topk-eq-corr-n2": {"float16": True, "synthetic-samples": 2, "correction-share": 0.75},
     "topk-eq-corr-n2-s95": {"float16": True, "synthetic-samples": 2, "correction-share": 0.95},
 }
@@ -378,7 +370,9 @@ def byte_goal(cell: Cell) -> float:
     message, as the paper sends it)."""
     from e3sfc_core.payload import dense_size
 
-    _, _, sizes, one = _e3sfc_sizes({**cell.config(), "synthetic-samples": 1, **FP32})
+    _, _, sizes, one = _e3sfc_sizes(
+        {**cell.config(), "synthetic-samples": 1, "correction-share": 0.0, **FP32}
+    )
     return min(100.0, dense_size(sum(sizes)) / one / 4)
 
 
@@ -395,8 +389,6 @@ CANDIDATES: dict[str, str | None] = {
     "e3sfc-corr-n1": None,
     "e3sfc-corr-n2-c7": "topk-eq-corr-n2",
     "e3sfc-corr-n2-s95-c7": "topk-eq-corr-n2-s95",
-    "e3sfc-corr-n4": None,
-    "e3sfc-relay-corr-n4": None,
 }
 
 
@@ -478,9 +470,12 @@ def report(argv: list[str] | None) -> str:
         "(float32), `e3sfc-paper` the paper's single scale. In the first table no column has the "
         "sparse correction (`correction-share = 0`). In the second, `e3sfc-corr-n2` is the "
         "default (2 float16 samples, a Top-k correction in 3/4 of the payload; downlink pinned "
-        "to 3SFC, `e3sfc-relay-corr-n2` relays it), `-n1`/`-n4` the same with 1 or 4 samples "
-        "(share 0.75 / 0.5), `-s95` a correction in 95% of the payload; `topk-eq-corr-n2` and "
-        "`topk-eq-corr-n2-s95` are Top-k both ways at exactly those payload bounds. "
+        "to 3SFC, `e3sfc-relay-corr-n2` relays it), `-n1` the same with 1 sample, `-s95` a "
+        "correction in 95% of the payload, `-c7` with `batch-min-cosine = 0.7`; "
+        "`topk-eq-corr-n2` and `topk-eq-corr-n2-s95` are Top-k both ways at exactly those "
+        "payload bounds (on the heavy cells, where E-3SFC relays, they compress the downlink "
+        "instead, so their bytes are smaller). Rows named `*-v0` in the JSON lines were "
+        "measured before the per-payload choice (kept, not shown). "
         "'auto downlink' is what the default (`downlink = \"auto\"`) picks in the "
         "cell. Training defaults unless the federation column says otherwise: 5 local epochs, "
         "lr 0.05, batch 32; every method in a row shares the row's settings. The byte goal is "
