@@ -94,6 +94,20 @@ def plot(curves: dict[str, dict[str, Any]], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def defaults_text() -> str:
+    """The compression defaults every run shares, read from the config (never restated)."""
+    from e3sfc_core.config import ExperimentConfig
+
+    d = ExperimentConfig()
+    return (
+        f"3SFC n = {d.synthetic_samples} with a Top-k correction in {d.correction_share:g} of the "
+        f"payload, at most {d.max_evals} evaluations per search with the stall rule, float16 "
+        f"{d.float16!s} (3SFC payloads only), Top-k/STC ratio {d.topk_ratio:g}, QSGD "
+        f"{d.qsgd_levels} levels in buckets of {d.qsgd_bucket_size}, PowerSGD rank "
+        f"{d.powersgd_rank}, norm clipping {'off' if not d.clip_norm_factor else d.clip_norm_factor}"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_args(p)
@@ -220,15 +234,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             env,
             "accuracy_vs_bytes.py",
             argv,
-            f"Setting: {setting}. Defaults otherwise (3SFC n = 4, at most 20 evaluations per search "
-            "with the stall rule, Top-k/STC "
-            "ratio 0.01, QSGD 16 levels, norm clipping 3x median). `3sfc` is uplink-only (dense "
-            "downlink); `e3sfc` "
-            "compresses both ways. Bytes are means over seeds of everything sent (headers included; "
-            "downlink = full "
-            "weights to every client except in round 1, or the compressed downlink for e3sfc). 'vs "
-            "FedAvg' = FedAvg's "
-            "bytes / the method's bytes"
+            f"Setting: {setting}. Defaults otherwise ({defaults_text()}). A method runs as its paper "
+            "runs it unless `@downlink=compressed` says otherwise: `3sfc`, Top-k, STC, signSGD, "
+            "QSGD and PowerSGD compress the uplink and send the dense model down; `e3sfc` "
+            "compresses both ways (relaying the round's payloads where that is at most 2% of the "
+            "dense weights). Bytes are means over seeds of everything sent (headers included; "
+            "downlink = full weights to every client except in round 1, or the compressed "
+            "downlink). 'vs FedAvg' = FedAvg's bytes / the method's bytes"
             + (
                 "."
                 if fedavg_total

@@ -20,9 +20,9 @@ How the budget and the knobs are chosen
   With all clients training every round a run sends ``C * (R * up + (R - 1) * down)``
   bytes (no downlink in round 1, one payload per client after), so each method's knob is
   set to the largest value whose payload is at most ``B / (C * (2R - 1))`` bytes:
-  Top-k and STC ratio (exact k), 3SFC n. signSGD and QSGD have no size knob (QSGD's
-  ``levels`` does not change its size in our encoding: 1 byte per weight + 33), FedAvg
-  neither: they run until the budget is spent and their accuracy at that point is
+  Top-k and STC ratio (exact k), 3SFC n. signSGD and QSGD are run at their default
+  size (a QSGD payload shrinks with fewer levels, but not by the 30x a budget this small
+  would need), FedAvg too: they run until the budget is spent and their accuracy at that point is
   reported, with the rounds they completed. Uplink-only 3SFC (dense downlink) is shown
   for the same reason.
 * E-3SFC with the budget scheduler: ``budget-policy`` constant / decay / adaptive with
@@ -294,8 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "budgeted run uses "
             "`budget-total-bytes = B` and `downlink = compressed` (its own compressor both ways) "
             "except the uplink-only "
-            "3SFC row. QSGD's levels do not change its size in our encoding (1 byte per weight), so "
-            "QSGD, signSGD and "
+            "3SFC row. QSGD (at its default levels and buckets), signSGD and "
             "FedAvg run at their fixed size until the budget is spent. 'planned (sum)' is the sum "
             "of the scheduler's "
             "per-round allowances from summary.json['budget'].",
