@@ -70,6 +70,7 @@ CORRECTED_METHODS = (
     "e3sfc-corr-n2-s95",
     "topk-eq-corr-n2-s95",
     "e3sfc-corr-n2-c7",
+    "e3sfc-relay-corr-n2-c7",
     "e3sfc-corr-n2-s95-c7",
 )
 METHODS = tuple(dict.fromkeys(PLAIN + CORRECTED_METHODS))
@@ -105,6 +106,7 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "e3sfc-corr-n1": {**CORRECTED_N2, "downlink": "compressed", "synthetic-samples": 1},
     # the batch only where its own cosine with the target is at least 0.7
     "e3sfc-corr-n2-c7": {**CORRECTED_N2, "downlink": "compressed", "batch-min-cosine": 0.7},
+    "e3sfc-relay-corr-n2-c7": {**CORRECTED_N2, "downlink": "relay", "batch-min-cosine": 0.7},
     "e3sfc-corr-n2-s95-c7": {
         **CORRECTED_N2,
         "downlink": "compressed",
@@ -388,6 +390,7 @@ CANDIDATES: dict[str, str | None] = {
     "e3sfc-corr-n2-s95": "topk-eq-corr-n2-s95",
     "e3sfc-corr-n1": None,
     "e3sfc-corr-n2-c7": "topk-eq-corr-n2",
+    "e3sfc-relay-corr-n2-c7": None,
     "e3sfc-corr-n2-s95-c7": "topk-eq-corr-n2-s95",
 }
 

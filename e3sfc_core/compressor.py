@@ -94,7 +94,8 @@ class CompressorSettings:
     ``model`` (a ``models.MODELS`` key, "" if unknown) lets PowerSGD size its payloads,
     which depend on the parameter shapes. ``correction_share`` (0 for the paper's 3SFC)
     is the share of a 3SFC payload's bytes given to a Top-k correction of what the
-    synthetic batch misses (``corrected``).
+    synthetic batch misses (``corrected``), and ``batch_min_cosine`` the cosine with the
+    target below which a corrected payload leaves its batch out.
     """
 
     topk_ratio: float = 0.01

@@ -35,7 +35,9 @@ class ExperimentConfig(BaseModel):
     ``correction_share`` is the share of each 3SFC payload's bytes given to a Top-k
     correction of what the synthetic batch misses (0: the paper's 3SFC; see
     ``corrected``): without it, error feedback piles up what a few samples cannot
-    express and convolutional models do not learn (``bench/results/model_matrix.md``).
+    express and convolutional models do not learn (``bench/results/model_matrix.md``);
+    ``batch_min_cosine`` sends the batch only where its own cosine with the target reaches
+    it (0.7 makes conv nets match Top-k at equal bytes; it costs the MLP about a point).
     ``downlink="auto"`` compresses the downlink for ``e3sfc`` only (the paper's
     double-way method), except in rounds where relaying the clients' synthetic payloads
     costs at most ``relay_max_fraction`` of the dense weights (without a byte budget);
