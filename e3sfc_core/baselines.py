@@ -226,7 +226,11 @@ class TopKCompressor(BaselineCompressor):
         return topk_count(self.ratio, numel)
 
     def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> SparseBody | TernaryBody:
-        idx = topk_indices(flat, self.k(flat.numel()))
+        return self.keep(flat, self.k(flat.numel()))
+
+    def keep(self, flat: torch.Tensor, k: int) -> SparseBody:
+        """The ``k`` largest-magnitude entries of ``flat``, values as the wire carries them."""
+        idx = topk_indices(flat, k)
         return SparseBody(indices=idx, values=wire_rounded(flat[idx], self.float_type))
 
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .baselines import TopKCompressor, topk_indices
+from .baselines import TopKCompressor
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, checked_body
 from .errors import ConfigError
 from .payload import (
@@ -37,7 +37,6 @@ from .payload import (
     SparseBody,
     SyntheticBody,
     corrected_size,
-    wire_rounded,
 )
 from .synthetic import SyntheticFeatureCompressor
 from .tensors import cosine
@@ -88,8 +87,8 @@ class CorrectedSyntheticCompressor:
         synthetic, stats = self.synthetic.compress(target, model, meta, budget)
         missed = target - self.synthetic.decompress(synthetic, model).to(target.device)
         numel = target.numel()
-        with_batch = self._sparse(missed, self.k(numel, budget))
-        alone = self._sparse(target, self.k_alone(numel, budget))
+        with_batch = self.sparse.keep(missed, self.k(numel, budget))
+        alone = self.sparse.keep(target, self.k_alone(numel, budget))
         batch: SyntheticBody | None = synthetic.body  # type: ignore[assignment]
         correction = with_batch
         weak = cosine(target - missed, target) < self.min_cosine
@@ -114,10 +113,6 @@ class CorrectedSyntheticCompressor:
             synthetic = replace(payload, codec=Codec.SYNTHETIC, body=body.synthetic)
             update = self.synthetic.decompress(synthetic, model).to(update.device) + update
         return update
-
-    def _sparse(self, values: torch.Tensor, k: int) -> SparseBody:
-        idx = topk_indices(values, k)
-        return SparseBody(indices=idx.cpu(), values=wire_rounded(values[idx], self.float_type).cpu())
 
 
 def _left(values: torch.Tensor, sent: SparseBody) -> float:
