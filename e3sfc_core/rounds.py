@@ -47,6 +47,7 @@ class EncodedUpdate:
     cosine: float
     residual_ratio: float
     stats: CompressStats
+    decoded: Payload  # ``decode(data)``, as the receiver will see it
 
 
 def compress_update(
@@ -65,14 +66,15 @@ def compress_update(
     """
     payload, stats = compressor.compress(target, model, meta, budget)
     data = encode(payload)
-    transmitted = exact_decompress(compressor, decode(data), model).to(target.device)
+    decoded = decode(data)
+    transmitted = exact_decompress(compressor, decoded, model).to(target.device)
     if compressor.uses_error_feedback:
         residual = target - transmitted
     else:
         residual = torch.zeros_like(target)
     t_norm = float(target.norm())
     ratio = float(residual.norm()) / t_norm if t_norm > 0 else 0.0
-    return EncodedUpdate(data, transmitted, residual, abs(cosine(transmitted, target)), ratio, stats)
+    return EncodedUpdate(data, transmitted, residual, abs(cosine(transmitted, target)), ratio, stats, decoded)
 
 
 def bounded_residual(residual: torch.Tensor, update: torch.Tensor, cap: float) -> torch.Tensor:

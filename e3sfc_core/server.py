@@ -37,7 +37,6 @@ from .payload import (
     Payload,
     bundle_size,
     carries_batch,
-    decode,
     dense_size,
     encode,
 )
@@ -356,7 +355,7 @@ class FederatedServer:
             enc = compress_update(self.compressor, mean + residual, self.model, meta, Budget(self.n_down))
             self.residual = enc.residual
             rec.downlink_cosine = enc.cosine
-            rec.downlink_batch = int(carries_batch(decode(enc.data)))
+            rec.downlink_batch = int(carries_batch(enc.decoded))
             rec.compress_seconds += enc.stats.seconds
             self.scheduler.observe(Direction.DOWNLINK, BudgetFeedback(enc.cosine, enc.residual_ratio))
             add_flat_(self.model, enc.transmitted)
