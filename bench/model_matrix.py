@@ -73,7 +73,10 @@ CORRECTED_METHODS = (
     "e3sfc-relay-corr-n2-c7",
     "e3sfc-corr-n2-s95-c7",
 )
-METHODS = tuple(dict.fromkeys(PLAIN + CORRECTED_METHODS))
+# the correction grown to 1/160 of the dense update (payload-ratio 160, the default since
+# 2026-12-05); it binds only where the batch's payload is smaller: conv and heavy models
+SIZED_METHODS = ("fedavg", "e3sfc-corr-r160", "topk-eq-corr-r160", "e3sfc-corr-r160-c7")
+METHODS = tuple(dict.fromkeys(PLAIN + CORRECTED_METHODS + SIZED_METHODS))
 # E-3SFC's downlink and payload are pinned per column, whatever the defaults: "e3sfc*"
 # compress the downlink with 3SFC (the paper's double-way method; rows written before the
 # relay existed ran with downlink "auto", which then meant exactly that), "e3sfc-relay*"
@@ -83,8 +86,17 @@ METHODS = tuple(dict.fromkeys(PLAIN + CORRECTED_METHODS))
 PAPER = {"method": "e3sfc", "correction-share": 0.0}
 FP16 = {"float16": True}
 FP32 = {"float16": False}
-# 2 float16 samples and a Top-k correction in 3/4 of the payload (the default)
-CORRECTED_N2 = {"method": "e3sfc", "synthetic-samples": 2, "float16": True, "correction-share": 0.75}
+# 2 float16 samples and a Top-k correction in 3/4 of the payload, sized by the batch alone
+# (the default from format v4 until payload-ratio existed)
+CORRECTED_N2 = {
+    "method": "e3sfc",
+    "synthetic-samples": 2,
+    "float16": True,
+    "correction-share": 0.75,
+    "payload-ratio": 0.0,
+}
+# the same, the payload at least 1/160 of the dense float32 update (the default)
+SIZED = {**CORRECTED_N2, "payload-ratio": 160.0, "downlink": "compressed"}
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "e3sfc": {**PAPER, "downlink": "compressed", "synthetic-samples": 4, **FP32},
     "e3sfc-relay": {**PAPER, "downlink": "relay", "synthetic-samples": 4, **FP32},
@@ -113,14 +125,18 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
         "correction-share": 0.95,
         "batch-min-cosine": 0.7,
     },
+    "e3sfc-corr-r160": SIZED,
+    "e3sfc-corr-r160-c7": {**SIZED, "batch-min-cosine": 0.7},
 }
+CORR_EQ = {"float16": True, "synthetic-samples": 2, "correction-share": 0.75}
 # Top-k compressed both ways at the payload size of an E-3SFC column, with the same float width:
 # "topk-eq" matches "e3sfc" (float32), "topk-eq-fp16" matches "e3sfc-fp16-n8" (float16 values).
 EQUAL_BYTES: dict[str, dict[str, Any]] = {
     "topk-eq": {"synthetic-samples": 4, "correction-share": 0.0, **FP32},
     "topk-eq-fp16": {"synthetic-samples": 8, "correction-share": 0.0, **FP16},
-    "topk-eq-corr-n2": {"float16": True, "synthetic-samples": 2, "correction-share": 0.75},
-    "topk-eq-corr-n2-s95": {"float16": True, "synthetic-samples": 2, "correction-share": 0.95},
+    "topk-eq-corr-n2": {**CORR_EQ, "payload-ratio": 0.0},
+    "topk-eq-corr-n2-s95": {**CORR_EQ, "correction-share": 0.95, "payload-ratio": 0.0},
+    "topk-eq-corr-r160": {**CORR_EQ, "payload-ratio": 160.0},
 }
 ALL_SAMPLED = {"num-partitions": 10, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
 HALF_SAMPLED = {"num-partitions": 20, "dirichlet-alpha": 0.1, "fraction-train": 0.5}
@@ -392,6 +408,8 @@ CANDIDATES: dict[str, str | None] = {
     "e3sfc-corr-n2-c7": "topk-eq-corr-n2",
     "e3sfc-relay-corr-n2-c7": None,
     "e3sfc-corr-n2-s95-c7": "topk-eq-corr-n2-s95",
+    "e3sfc-corr-r160": "topk-eq-corr-r160",  # the default since payload-ratio
+    "e3sfc-corr-r160-c7": "topk-eq-corr-r160",
 }
 
 
@@ -433,7 +451,7 @@ def report(argv: list[str] | None) -> str:
         if JSONL.exists()
         else []
     )
-    acc_tables: dict[tuple[str, ...], list[list[str]]] = {PLAIN: [], CORRECTED_METHODS: []}
+    acc_tables: dict[tuple[str, ...], list[list[str]]] = {PLAIN: [], CORRECTED_METHODS: [], SIZED_METHODS: []}
     goal_table = []
     for name, cell in CELLS.items():
         by_method = {m: [r for r in rows if r["cell"] == name and r["method"] == m] for m in METHODS}
@@ -474,11 +492,16 @@ def report(argv: list[str] | None) -> str:
         "sparse correction (`correction-share = 0`). In the second, `e3sfc-corr-n2` is the "
         "default (2 float16 samples, a Top-k correction in 3/4 of the payload; downlink pinned "
         "to 3SFC, `e3sfc-relay-corr-n2` relays it), `-n1` the same with 1 sample, `-s95` a "
-        "correction in 95% of the payload, `-c7` with `batch-min-cosine = 0.7`; "
+        "correction in 95% of the payload, `-c7` with `batch-min-cosine = 0.7` (these columns pin "
+        "`payload-ratio = 0`: the payload is sized by the batch alone); "
         "`topk-eq-corr-n2` and `topk-eq-corr-n2-s95` are Top-k both ways at exactly those "
         "payload bounds (on the heavy cells, where E-3SFC relays, they compress the downlink "
-        "instead, so their bytes are smaller). Rows named `*-v0` in the JSON lines were "
-        "measured before the per-payload choice (kept, not shown). "
+        "instead, so their bytes are smaller). In the third, `e3sfc-corr-r160` is the default: "
+        "the same payload grown to at least 1/160 of the dense float32 update "
+        "(`payload-ratio = 160`), which binds only where the batch's payload is smaller (conv "
+        "and heavy models; on the MLP and LeNet-5 cells the payload, hence the run, equals "
+        "`e3sfc-corr-n2`); `topk-eq-corr-r160` is Top-k both ways at its bound. Rows named "
+        "`*-v0` in the JSON lines were measured before the per-payload choice (kept, not shown). "
         "'auto downlink' is what the default (`downlink = \"auto\"`) picks in the "
         "cell. Training defaults unless the federation column says otherwise: 5 local epochs, "
         "lr 0.05, batch 32; every method in a row shares the row's settings. The byte goal is "
@@ -488,7 +511,8 @@ def report(argv: list[str] | None) -> str:
     )
     for title, columns in (
         ("## Accuracy: the paper's 3SFC (no correction) and the baselines", PLAIN),
-        ("## Accuracy: 3SFC with the sparse correction (the default)", CORRECTED_METHODS),
+        ("## Accuracy: 3SFC with the sparse correction, sized by the batch", CORRECTED_METHODS),
+        ("## Accuracy: 3SFC with the correction sized to the model (the default)", SIZED_METHODS),
     ):
         lines += [
             title,

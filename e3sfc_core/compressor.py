@@ -95,7 +95,9 @@ class CompressorSettings:
     which depend on the parameter shapes. ``correction_share`` (0 for the paper's 3SFC)
     is the share of a 3SFC payload's bytes given to a Top-k correction of what the
     synthetic batch misses (``corrected``), and ``batch_min_cosine`` the cosine with the
-    target below which a corrected payload leaves its batch out.
+    target below which a corrected payload leaves its batch out; ``payload_ratio`` (> 0)
+    grows a corrected payload's correction until the payload is at least the dense
+    float32 update's bytes divided by it.
     """
 
     topk_ratio: float = 0.01
@@ -113,6 +115,7 @@ class CompressorSettings:
     model: str = ""
     correction_share: float = 0.0
     batch_min_cosine: float = 0.0
+    payload_ratio: float = 0.0
 
 
 def checked_body(payload: Payload, codec: Codec, body_type: type[BodyT], model: nn.Module) -> BodyT:

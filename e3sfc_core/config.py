@@ -38,6 +38,11 @@ class ExperimentConfig(BaseModel):
     express and convolutional models do not learn (``bench/results/model_matrix.md``);
     ``batch_min_cosine`` sends the batch only where its own cosine with the target reaches
     it (0.7 makes conv nets match Top-k at equal bytes; it costs the MLP about a point).
+    ``payload_ratio`` keeps a corrected payload at least the dense float32 update's bytes
+    divided by it: the batch's bytes follow the input size, not the model, so without it
+    a ResNet-18 payload is 1/7,000 of its update (0: the batch and the share alone size
+    it; the default, 160, is just under the digits MLP's n = 2 payload, which it leaves
+    as it is, but lifts its n = 1 payload to about that size).
     ``downlink="auto"`` compresses the downlink for ``e3sfc`` only (the paper's
     double-way method), except in rounds where relaying the clients' synthetic payloads
     costs at most ``relay_max_fraction`` of the dense weights (without a byte budget);
@@ -72,6 +77,7 @@ class ExperimentConfig(BaseModel):
     residual_cap: float = Field(0.0, ge=0.0)
     correction_share: float = Field(0.75, ge=0.0, le=0.99)
     batch_min_cosine: float = Field(0.0, ge=0.0, le=1.0)
+    payload_ratio: float = Field(160.0, ge=0.0, le=1e9)
     float16: bool | Literal["auto"] = "auto"
     downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
     downlink_samples: int = Field(0, ge=0, le=4096)
@@ -159,6 +165,7 @@ class ExperimentConfig(BaseModel):
             model=self.model,
             correction_share=self.correction_share,
             batch_min_cosine=self.batch_min_cosine,
+            payload_ratio=self.payload_ratio,
         )
 
     def budget_params(self) -> BudgetParams:

@@ -11,7 +11,11 @@ until it is among the largest, as under Top-k, so the residual stays bounded whi
 batch still carries the dense part of the update for a few hundred bytes.
 
 ``correction_share`` is the share of the payload's bytes given to the correction; the
-batch keeps its ``n`` samples, so a payload is ``synthetic bytes / (1 - share)``. Where a
+batch keeps its ``n`` samples, so a payload is ``synthetic bytes / (1 - share)``. The
+batch's bytes depend on the input size, not on the model, so on a large model that
+payload is a vanishing fraction of the update (ResNet-18: about 1/7,000 of its float32
+weights, where nothing learns): ``payload_ratio`` > 0 grows the correction until a
+payload is at least ``dense float32 bytes / payload_ratio``. Where a
 batch explains less than the Top-k entries its bytes would buy (it can, on conv nets),
 the payload carries the sparse part alone, in the same bytes: each round sends whichever
 of the two leaves the smaller residual, so error feedback contracts at least as fast as
@@ -37,6 +41,7 @@ from .payload import (
     SparseBody,
     SyntheticBody,
     corrected_size,
+    dense_size,
 )
 from .synthetic import SyntheticFeatureCompressor
 from .tensors import cosine
@@ -58,14 +63,18 @@ class CorrectedSyntheticCompressor:
             raise ConfigError(f"correction_share must be in (0, {MAX_CORRECTION_SHARE}], got {share!r}")
         self.share = float(share)
         self.min_cosine = float(settings.batch_min_cosine)
+        self.ratio = float(settings.payload_ratio)
         self.synthetic = SyntheticFeatureCompressor(settings, input_shape, n_classes)
         self.sparse = TopKCompressor(settings)
         self.float_type = self.synthetic.float_type
 
     def k(self, numel: int, budget: Budget) -> int:
         """Entries the correction keeps next to the batch: as many as fit in its share."""
-        synthetic_body = self.synthetic.encoded_size(numel, budget) - HEADER_SIZE
-        correction_body = int(synthetic_body * self.share / (1.0 - self.share))
+        synthetic = self.synthetic.encoded_size(numel, budget)
+        correction_body = int((synthetic - HEADER_SIZE) * self.share / (1.0 - self.share))
+        if self.ratio > 0:
+            floor = int(dense_size(numel) / self.ratio)  # the whole payload's least size
+            correction_body = max(correction_body, floor - corrected_size(synthetic, HEADER_SIZE))
         return self.sparse.k_for_bytes(numel, HEADER_SIZE + correction_body)
 
     def k_alone(self, numel: int, budget: Budget) -> int:

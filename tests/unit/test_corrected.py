@@ -22,6 +22,7 @@ from e3sfc_core.payload import (
     SparseBody,
     SyntheticBody,
     decode,
+    dense_size,
     encode,
     synthetic_size,
 )
@@ -98,6 +99,49 @@ def test_the_correction_takes_its_share_of_the_payload(
     assert 0.8 * share / (1 - share) <= correction / (batch - 28) <= share / (1 - share)
     assert len(data) <= c.encoded_size(update.numel(), budget)
     assert body.correction.indices.numel() == c.k(update.numel(), budget) > 0
+
+
+@pytest.mark.parametrize("ratio", [20.0, 60.0])
+def test_payload_ratio_grows_the_correction_to_a_share_of_the_dense_update(
+    mlp_update: tuple[nn.Module, torch.Tensor, PayloadMeta], ratio: float
+) -> None:
+    # Prepare: at share 0.5 a 2-sample payload is about 1/300 of the MLP's float32 update
+    model, update, meta = mlp_update
+    numel, budget = update.numel(), Budget(2)
+    plain = corrected(model)
+    floored = build_compressor(
+        "3sfc", settings(model, correction_share=0.5, payload_ratio=ratio), get_spec("digits")
+    )
+    assert isinstance(floored, CorrectedSyntheticCompressor)
+
+    # Execute
+    data = compress_update(floored, update, model, meta, budget).data
+    body = decode(data).body
+
+    # Assert: the batch keeps its samples, the correction grows until the payload's bound
+    # reaches dense / ratio (within one entry's bytes), and the payload stays within it
+    goal = dense_size(numel) / ratio
+    assert isinstance(body, CorrectedBody) and body.synthetic.inputs.shape[0] == 2
+    assert plain.encoded_size(numel, budget) < goal
+    assert goal - 8 <= floored.encoded_size(numel, budget) <= goal
+    assert len(data) <= floored.encoded_size(numel, budget)
+    assert body.correction.indices.numel() == floored.k(numel, budget) > plain.k(numel, budget)
+
+
+def test_payload_ratio_leaves_a_payload_already_above_it_as_it_is(
+    mlp_update: tuple[nn.Module, torch.Tensor, PayloadMeta],
+) -> None:
+    # Prepare
+    model, update, _ = mlp_update
+    plain = corrected(model)
+    floored = build_compressor(
+        "3sfc", settings(model, correction_share=0.5, payload_ratio=1000.0), get_spec("digits")
+    )
+
+    # Execute / Assert
+    numel = update.numel()
+    for n in (1, 2, 4):
+        assert floored.encoded_size(numel, Budget(n)) == plain.encoded_size(numel, Budget(n))
 
 
 def test_the_correction_sends_the_largest_entries_the_batch_missed(
