@@ -18,6 +18,7 @@ from e3sfc_core.client import (
 )
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec
+from e3sfc_core.partition_cache import default_cache_dir
 from e3sfc_core.protocol import PartitionAnswer
 from e3sfc_core.training import resolve_device
 from e3sfc_flower.records import (
@@ -48,6 +49,15 @@ def _partition(context: Context, cfg: ExperimentConfig) -> PartitionAnswer:
     )
 
 
+def _cache_dir(context: Context) -> Path | None:
+    """Where this node caches its partition: node-config ``partition-cache`` (empty: no
+    cache), else the user's cache folder. Each message is a fresh process in a deployment."""
+    where = context.node_config.get("partition-cache")
+    if where is None:
+        return default_cache_dir()
+    return Path(str(where)).expanduser() if str(where) else None
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node trains on (it samples partitions)."""
@@ -68,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     state_file = client_state_file(str(state_dir), partition_id) if state_dir else None
     instruction = instruction_from(msg)
     spec = get_spec(cfg.dataset)
-    data = client_data(cfg, partition_id, num_partitions, data_root)
+    data = client_data(cfg, partition_id, num_partitions, data_root, _cache_dir(context))
     reply, new_state = client_round(
         cfg,
         spec,

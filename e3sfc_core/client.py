@@ -4,6 +4,7 @@ Flower's node state."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from .config import ExperimentConfig
 from .datasets import DatasetSpec, TensorData, load_partition
 from .errors import DesyncError, PayloadError
 from .models import build_model
+from .partition_cache import cached_partition
 from .payload import Direction
 from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
 from .rounds import apply_downlink, bounded_residual, compress_update
@@ -98,11 +100,17 @@ class ClientState:
 
 
 def client_data(
-    cfg: ExperimentConfig, partition_id: int, num_partitions: int, data_root: str | Path
+    cfg: ExperimentConfig,
+    partition_id: int,
+    num_partitions: int,
+    data_root: str | Path,
+    cache_dir: str | Path | None = None,
 ) -> TensorData:
     """The training data of one client: partition ``partition_id`` of ``num_partitions``
-    under the run's partitioning (seeded, so every process computes the same split)."""
-    return load_partition(
+    under the run's partitioning (seeded, so every process computes the same split),
+    through the on-disk cache in ``cache_dir`` when one is given (``partition_cache``)."""
+    load = load_partition if cache_dir is None else functools.partial(cached_partition, cache_dir=cache_dir)
+    return load(
         cfg.dataset,
         partition_id,
         num_partitions,
