@@ -65,9 +65,12 @@ class InProcessTransport:
         return Roll(clients=list(self.states))
 
     def exchange(self, server_round: int, plan: Mapping[int, Instruction]) -> list[Reply]:
-        """Run each planned client's round; a crashed client keeps its old state."""
+        """Run each planned client's round; a crashed client keeps its old state. Messages
+        are encoded and decoded as on the network, so clients and server see what they
+        would see through Flower (float32 fields included)."""
         replies = []
-        for pid, instruction in plan.items():
+        for pid, sent in plan.items():
+            instruction = Instruction.decode(sent.encode())
             data = client_data(self.cfg, pid, self.cfg.num_partitions, self.data_root)
             reply, new_state = client_round(
                 self.cfg,
@@ -82,6 +85,7 @@ class InProcessTransport:
             if self.reply_hook is not None:
                 reply = self.reply_hook(server_round, instruction, reply)
             if reply.status != STATUS_ERROR:
+                reply = Reply.decode(pid, reply.encode())
                 self.states[pid] = new_state
                 if self.state_dir is not None:
                     save_client_state(client_state_file(self.state_dir, pid), new_state)

@@ -1,83 +1,67 @@
 """Flower record <-> plain data conversions shared by both apps (no math here), and the
 names of every record the apps exchange or keep: the one place for them.
 
-Payload bytes travel as raw ``uint8`` Arrays (so Flower chunks big ones, e.g. full-weight
-re-syncs) and are read back with our own tag checked; nothing is pickled.
+A train message and its reply are each one byte string in our own validated format
+(``e3sfc_core.protocol``), carried by one record: a ConfigRecord holding the bytes when
+they fit in one of Flower's array chunks (2 Flower objects per message), else a raw
+``uint8`` Array that Flower chunks (full-weight re-syncs, FedAvg on big models). Nothing
+is pickled; what arrives is checked by our decoder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from e3sfc_core.errors import PayloadError
 from e3sfc_core.protocol import STATUS_ERROR, Instruction, PartitionAnswer, Reply
 
 RAW_STYPE = "e3sfc/raw-bytes"
-RECORD_UPLINK = "e3sfc.uplink"
-RECORD_DOWNLINK = "e3sfc.downlink"
-RECORD_CONFIG = "e3sfc.config"
-RECORD_METRICS = "metrics"
+RECORD_MESSAGE = "e3sfc"  # the one record of a train message or its reply
+MESSAGE_KEY = "m"
+INLINE_LIMIT = 4 * 2**20  # under Flower's 5 MiB array chunk: inline in a ConfigRecord
 STATE_RESIDUAL = "e3sfc.residual"  # the client's state in ``context.state``
-REPLY_FIELDS = "e3sfc.reply"
 RECORD_QUERY = "e3sfc.query"
 RECORD_PARTITION = "e3sfc.partition"
 ASK_PARTITION = "partition"
 
 
-def bytes_record(blobs: Sequence[bytes]) -> ArrayRecord:
-    """Ordered payloads as raw-byte Arrays keyed "0", "1", ..."""
-    return ArrayRecord(
-        {
-            str(i): Array(dtype="uint8", shape=(len(b),), stype=RAW_STYPE, data=bytes(b))
-            for i, b in enumerate(blobs)
-        }
-    )
+def message_content(data: bytes) -> RecordDict:
+    """One encoded message as the content of a Flower message."""
+    if len(data) <= INLINE_LIMIT:
+        return RecordDict({RECORD_MESSAGE: ConfigRecord({MESSAGE_KEY: data})})
+    raw = Array(dtype="uint8", shape=(len(data),), stype=RAW_STYPE, data=bytes(data))
+    return RecordDict({RECORD_MESSAGE: ArrayRecord({MESSAGE_KEY: raw})})
 
 
-def record_bytes(record: ArrayRecord) -> list[bytes]:
-    """Inverse of :func:`bytes_record`; refuses anything that is not our raw bytes."""
-    out = []
-    for i in range(len(record)):
-        arr = record.get(str(i))
-        if arr is None or arr.stype != RAW_STYPE or arr.dtype != "uint8":
-            raise PayloadError(f"record entry {i} is missing or not raw payload bytes")
-        out.append(bytes(arr.data))
-    return out
+def content_bytes(content: RecordDict) -> bytes:
+    """Inverse of :func:`message_content`; refuses content with anything else in it."""
+    if list(content.keys()) != [RECORD_MESSAGE]:
+        raise PayloadError(f"message holds records {sorted(content.keys())}, expected [{RECORD_MESSAGE!r}]")
+    record = content[RECORD_MESSAGE]
+    if isinstance(record, ConfigRecord) and list(record.keys()) == [MESSAGE_KEY]:
+        data = record[MESSAGE_KEY]
+        if isinstance(data, bytes):
+            return data
+    if isinstance(record, ArrayRecord) and list(record.keys()) == [MESSAGE_KEY]:
+        arr = record[MESSAGE_KEY]
+        if arr.stype == RAW_STYPE and arr.dtype == "uint8":
+            return bytes(arr.data)
+    raise PayloadError(f"record {RECORD_MESSAGE!r} does not hold our message bytes")
 
 
 def instruction_content(instruction: Instruction) -> RecordDict:
     """Server -> client train message."""
-    return RecordDict(
-        {
-            RECORD_CONFIG: ConfigRecord(dict(instruction.fields())),
-            RECORD_DOWNLINK: bytes_record(instruction.downlink),
-        }
-    )
+    return message_content(instruction.encode())
 
 
 def instruction_from(msg: Message) -> Instruction:
-    """Validate a train message from the server."""
-    content = msg.content
-    if RECORD_CONFIG not in content.config_records or RECORD_DOWNLINK not in content.array_records:
-        raise PayloadError("train message lacks the e3sfc config or downlink record")
-    return Instruction.from_fields(
-        content.config_records[RECORD_CONFIG], record_bytes(content.array_records[RECORD_DOWNLINK])
-    )
+    """Validate a train message from the server (``PayloadError`` naming the problem)."""
+    return Instruction.decode(content_bytes(msg.content))
 
 
 def reply_content(reply: Reply) -> RecordDict:
     """Client -> server reply."""
-    metrics: dict[str, int | float | list[int] | list[float]] = dict(reply.metrics)
-    metrics["num-examples"] = reply.num_examples
-    return RecordDict(
-        {
-            RECORD_UPLINK: bytes_record([reply.payload]),
-            REPLY_FIELDS: ConfigRecord(dict(reply.fields())),
-            RECORD_METRICS: MetricRecord(metrics),
-        }
-    )
+    return message_content(reply.encode())
 
 
 def reply_from(msg: Message) -> Reply:
@@ -85,18 +69,11 @@ def reply_from(msg: Message) -> Reply:
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
         return Reply(node, STATUS_ERROR, error=f"client error: {msg.error.reason}")
-    content = msg.content
     try:
-        blobs = record_bytes(content.array_records[RECORD_UPLINK])
-        fields = content.config_records[REPLY_FIELDS]
-        metrics = content.metric_records.get(RECORD_METRICS, MetricRecord())
-    except (KeyError, PayloadError) as exc:
+        data = content_bytes(msg.content)
+    except PayloadError as exc:
         return Reply(node, STATUS_ERROR, error=f"malformed reply: {exc}")
-    if len(blobs) != 1:
-        return Reply(
-            node, STATUS_ERROR, b"".join(blobs), error=f"reply carries {len(blobs)} payloads, expected 1"
-        )
-    return Reply.from_fields(node, fields, blobs[0], metrics)
+    return Reply.decode(node, data)
 
 
 def query_content() -> RecordDict:

@@ -8,6 +8,7 @@ as a deployment. Node IDs can be given (Flower draws them at random per run).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 
@@ -18,6 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from client_app.app import query as client_query
 from client_app.app import train as client_train
 from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.protocol import Reply
+from e3sfc_flower.records import content_bytes, message_content
 
 Tamper = Callable[[int, Message], Message]
 
@@ -27,6 +30,19 @@ def _task_identity() -> Iterable[None]:
     """Messages can only be built inside a task; pretend we are one."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
+
+
+def with_payload(reply: Message, payload: bytes) -> Message:
+    """``reply`` (a good reply message) carrying ``payload`` instead of its own."""
+    sent = Reply.decode(0, content_bytes(reply.content))
+    reply.content = message_content(dataclasses.replace(sent, payload=payload).encode())
+    return reply
+
+
+def with_bytes(reply: Message, data: bytes) -> Message:
+    """``reply`` whose whole message is ``data`` (garbage, truncated, ...)."""
+    reply.content = message_content(data)
+    return reply
 
 
 class FakeGrid:

@@ -15,7 +15,7 @@ from e3sfc_core.payload import decode
 from e3sfc_core.protocol import Instruction
 from e3sfc_core.server import FederatedServer
 from e3sfc_core.training import resolve_device
-from e3sfc_flower.records import RECORD_CONFIG, STATE_RESIDUAL, instruction_content, reply_from
+from e3sfc_flower.records import STATE_RESIDUAL, instruction_content, message_content, reply_from
 
 
 def _setup(tmp_path: Path, node_config: dict | None = None) -> tuple[FederatedServer, Context, Instruction]:
@@ -54,14 +54,19 @@ def test_malformed_instruction_raises_and_leaves_state_untouched(tmp_path: Path)
     _, ctx, instruction = _setup(tmp_path)
     train(_message(instruction), ctx)
     saved = {k: a.data for k, a in ctx.state.array_records[STATE_RESIDUAL].items()}
-    bad = Message(
-        RecordDict({RECORD_CONFIG: ConfigRecord({"server-round": 2})}),
-        dst_node_id=7,
-        message_type=MessageType.TRAIN,
-    )
-    # Execute / Assert
-    with pytest.raises(PayloadError, match="lacks"):
-        train(bad, ctx)
+    good = instruction.encode()
+    assert instruction.downlink == () and len(good) == 34  # round 1: a header alone
+    bad = {
+        "expected": RecordDict({"e3sfc.config": ConfigRecord({"server-round": 2})}),  # old layout
+        "shorter": message_content(good[:-3]),
+        "starts with": message_content(b"E3R" + good[3:]),  # a reply's magic
+        "cut off": message_content(good[:32] + b"\x01\x00"),  # announces a payload, has none
+        "trailing": message_content(good + b"\x00"),
+    }
+    # Execute / Assert: each is refused with its reason, the state stays as it was
+    for reason, content in bad.items():
+        with pytest.raises(PayloadError, match=reason):
+            train(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), ctx)
     assert {k: a.data for k, a in ctx.state.array_records[STATE_RESIDUAL].items()} == saved
 
 

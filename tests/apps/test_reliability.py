@@ -6,15 +6,16 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, Error, Message
+from flwr.app import Array, Error, Message
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
 from e3sfc_core.payload import CorrectedBody, decode, encode
-from e3sfc_flower.records import RAW_STYPE, RECORD_CONFIG, RECORD_UPLINK, STATE_RESIDUAL
+from e3sfc_core.protocol import Reply
+from e3sfc_flower.records import STATE_RESIDUAL, content_bytes, instruction_from
 from server_app.strategy import E3SFCStrategy
 
-from .conftest import FakeGrid
+from .conftest import FakeGrid, with_bytes, with_payload
 
 
 def _cfg(tmp_path: Path, **over: object) -> ExperimentConfig:
@@ -30,13 +31,6 @@ def _run(cfg: ExperimentConfig, grid: FakeGrid, tmp_path: Path) -> list[dict[str
         return list(csv.DictReader(fh))
 
 
-def _replace_payload(reply: Message, data: bytes) -> Message:
-    reply.content.array_records[RECORD_UPLINK] = ArrayRecord(
-        {"0": Array(dtype="uint8", shape=(len(data),), stype=RAW_STYPE, data=data)}
-    )
-    return reply
-
-
 def test_training_converges_with_30_percent_bad_replies(tmp_path: Path) -> None:
     # Prepare: each round 3 of 10 clients fail in rotating ways (crash, garbage, truncated)
     cfg = _cfg(tmp_path, **{"num-rounds": 12, "num-partitions": 10})
@@ -47,10 +41,10 @@ def test_training_converges_with_30_percent_bad_replies(tmp_path: Path) -> None:
         if kind == 0:
             return Message(Error(code=0, reason="crashed"), reply_to=grid.sent[-1])
         if kind == 1:
-            return _replace_payload(reply, b"\x00" * 64)
+            return with_payload(reply, b"\x00" * 64)
         if kind == 2:
-            data = reply.content.array_records[RECORD_UPLINK]["0"].data
-            return _replace_payload(reply, data[: len(data) // 2])
+            data = content_bytes(reply.content)
+            return with_bytes(reply, data[: len(data) // 2])
         return reply
 
     grid = FakeGrid(cfg, 10, tamper)
@@ -69,7 +63,7 @@ def _amplify(scale_factor: float):  # type: ignore[no-untyped-def]
     def tamper(node: int, reply: Message) -> Message:
         if node != 1000 or reply.has_error():
             return reply
-        p = decode(reply.content.array_records[RECORD_UPLINK]["0"].data)
+        p = decode(Reply.decode(0, content_bytes(reply.content)).payload)
         body = p.body
         assert isinstance(body, CorrectedBody)  # the default: a batch and a sparse correction
         values = (body.correction.values * scale_factor).clamp(-6e4, 6e4)  # float16 range
@@ -77,7 +71,7 @@ def _amplify(scale_factor: float):  # type: ignore[no-untyped-def]
         assert batch is not None  # the MLP's batch always explains more than Top-k
         batch = dataclasses.replace(batch, scale=batch.scale * scale_factor)
         scaled = CorrectedBody(batch, dataclasses.replace(body.correction, values=values))
-        return _replace_payload(reply, encode(dataclasses.replace(p, body=scaled)))
+        return with_payload(reply, encode(dataclasses.replace(p, body=scaled)))
 
     return tamper
 
@@ -97,11 +91,7 @@ def test_scaled_up_malicious_update_is_clipped(tmp_path: Path) -> None:
     # without clipping the attack wrecks the model
     assert all(int(r["clipped"]) == 1 for r in clipped)
     # every round after the first tells the attacker how little of its update was applied
-    told = [
-        m.content.config_records[RECORD_CONFIG]["applied-scale"]
-        for m in clipped_grid.sent
-        if m.metadata.dst_node_id == 1000
-    ]
+    told = [instruction_from(m).applied_scale for m in clipped_grid.sent if m.metadata.dst_node_id == 1000]
     assert told[0] == 1.0 and all(0.0 < s < 1e-2 for s in told[1:]) and len(told) == 4
     assert float(clipped[-1]["accuracy"]) > 0.3
     assert float(unclipped[-1]["accuracy"]) < float(clipped[-1]["accuracy"]) - 0.2

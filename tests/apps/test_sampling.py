@@ -15,7 +15,7 @@ from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
 from e3sfc_core.protocol import Instruction, Reply
 from e3sfc_core.simulate import run_reference
-from e3sfc_flower.records import RECORD_CONFIG, RECORD_PARTITION
+from e3sfc_flower.records import RECORD_PARTITION, instruction_from
 from server_app.strategy import E3SFCStrategy
 
 from .conftest import FakeGrid
@@ -49,7 +49,7 @@ def _trained(grid: FakeGrid) -> list[list[int]]:
     """Partitions that got a train message, per round."""
     rounds: dict[int, list[int]] = {}
     for msg in grid.sent:
-        server_round = int(msg.content.config_records[RECORD_CONFIG]["server-round"])  # type: ignore[arg-type]
+        server_round = instruction_from(msg).server_round
         rounds.setdefault(server_round, []).append(grid.partition_of[msg.metadata.dst_node_id])
     return [sorted(rounds[r]) for r in sorted(rounds)]
 

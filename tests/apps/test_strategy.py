@@ -6,15 +6,15 @@ import csv
 from pathlib import Path
 
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message
+from flwr.app import Error, Message
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
 from e3sfc_core.simulate import run_reference
-from e3sfc_flower.records import RAW_STYPE, RECORD_UPLINK
+from e3sfc_flower.records import instruction_from
 from server_app.strategy import E3SFCStrategy
 
-from .conftest import FakeGrid
+from .conftest import FakeGrid, with_bytes
 
 
 def _cfg(tmp_path: Path, **over: object) -> ExperimentConfig:
@@ -64,7 +64,7 @@ def test_bytes_add_up_and_match_payload_lengths(tmp_path: Path) -> None:
     E3SFCStrategy(exp).start(grid=grid)  # type: ignore[arg-type]
     summary = exp.finalize()
     # Assert: downlink bytes are exactly the payload bytes we put in messages
-    sent = sum(len(a.data) for m in grid.sent for a in m.content.array_records["e3sfc.downlink"].values())
+    sent = sum(len(p) for m in grid.sent for p in instruction_from(m).downlink)
     assert sent == summary["total_downlink_bytes"]
     rows = _rows(exp)
     assert int(rows[-1]["cum_uplink_bytes"]) == sum(int(r["uplink_bytes"]) for r in rows)
@@ -74,10 +74,7 @@ def test_bytes_add_up_and_match_payload_lengths(tmp_path: Path) -> None:
 
 
 def _garbage(reply: Message) -> Message:
-    reply.content.array_records[RECORD_UPLINK] = ArrayRecord(
-        {"0": Array(dtype="uint8", shape=(7,), stype=RAW_STYPE, data=b"garbage")}
-    )
-    return reply
+    return with_bytes(reply, b"garbage")
 
 
 def test_bad_replies_are_dropped_and_counted(tmp_path: Path) -> None:
@@ -140,11 +137,11 @@ def test_partial_participation_replays_missed_downlinks_and_counts_them(tmp_path
     E3SFCStrategy(exp).start(grid=grid)  # type: ignore[arg-type]
     # Assert: someone replayed several compressed downlinks (cheaper than full weights),
     # nobody desynced, and every replayed byte is in the metrics
-    counts = [len(m.content.array_records["e3sfc.downlink"]) for m in grid.sent]
+    counts = [len(instruction_from(m).downlink) for m in grid.sent]
     assert max(counts) >= 2
     rows = _rows(exp)
     assert all(r["desynced"] == "0" and r["full_syncs"] == "0" and r["accepted"] == "2" for r in rows)
-    sent = sum(len(a.data) for m in grid.sent for a in m.content.array_records["e3sfc.downlink"].values())
+    sent = sum(len(p) for m in grid.sent for p in instruction_from(m).downlink)
     assert sent == sum(int(r["downlink_bytes"]) for r in rows)
 
 
