@@ -23,81 +23,17 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from e3sfc_launch.deploy import app_dir, deployment
 from e3sfc_launch.overrides import collect, to_flwr_run_config
-from e3sfc_launch.processes import free_port
 
 ROUND_LINE = re.compile(r"^round\s+(\d+) \|")
 IDLE_SECONDS = 15.0
-
-
-class CountingRelay:
-    """TCP relay 127.0.0.1:port -> target that counts bytes each way (loopback only)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self.up = 0  # client (SuperNode) -> SuperLink
-        self.down = 0  # SuperLink -> client
-        self.connections = 0
-        self._lock = threading.Lock()
-        self._srv = socket.create_server(("127.0.0.1", self.port))
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def reset(self) -> tuple[int, int]:
-        with self._lock:
-            counts = (self.up, self.down)
-            self.up = self.down = 0
-            return counts
-
-    def close(self) -> None:
-        self._stop = True
-        self._srv.close()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                client, _ = self._srv.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-                with self._lock:
-                    if direction == "up":
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
 
 
 def stream_rounds(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> dict[str, Any]:
@@ -161,33 +97,17 @@ def run_deployment(out: Path, pairs: list[str], nodes: int, timeout: float) -> d
     overrides = collect(None, [*pairs, f'output-dir="{out}"', 'run-name="deployed"'], out)
     overrides["num-partitions"] = nodes
     t0 = time.monotonic()
-    with deployment(out / "deploy", nodes, base_dir=out, start_supernodes=False) as dep:
-        assert dep.certs is not None
-        host, port = dep.superlink_address.rsplit(":", 1)
-        relay = CountingRelay((host, int(port)))
-        try:
-            dep.register(*(dep.certs.node_pub(i) for i in range(nodes)))
-            for i in range(nodes):
-                dep.start_supernode(i, nodes, superlink=f"127.0.0.1:{relay.port}")
-            dep.wait_online(nodes)
-            startup = time.monotonic() - t0
-            relay.reset()
-            time.sleep(IDLE_SECONDS)  # what idle, connected SuperNodes exchange
-            idle_up, idle_down = relay.reset()
-            cmd = [
-                "flwr",
-                "run",
-                str(app_dir()),
-                dep.connection,
-                "--stream",
-                "--run-config",
-                to_flwr_run_config(overrides),
-            ]
-            res = stream_rounds(cmd, dep.env, out / "deployed.log", timeout)
-            wire_up, wire_down = relay.reset()
-            info = dep.run_info()
-        finally:
-            relay.close()
+    with deployment(out / "deploy", nodes, base_dir=out, measure_wire=True) as dep:
+        relay = dep.wire
+        assert relay is not None
+        startup = time.monotonic() - t0
+        relay.reset()
+        time.sleep(IDLE_SECONDS)  # what idle, connected SuperNodes exchange
+        idle_up, idle_down = relay.reset()
+        cmd = ["flwr", "run", str(app_dir()), dep.connection, "--stream", "--run-config"]
+        res = stream_rounds([*cmd, to_flwr_run_config(overrides)], dep.env, out / "deployed.log", timeout)
+        wire_up, wire_down = relay.reset()
+        info = dep.run_info()
     res.update(metrics(out / "deployed"))
     res.update(
         startup_s=startup,

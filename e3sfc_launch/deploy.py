@@ -32,9 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.experiment import run_name
+
 from .certs import SUPERLINK_SANS, Certs, generate_certs, san_for
 from .overrides import cli_overrides, to_flwr_run_config
 from .processes import Managed, flower_env, free_port, wait_http_ok, write_connection
+from .wire import WireCounter, byte_levels, levels_text, record_levels
 
 log = logging.getLogger("e3sfc-deploy")
 
@@ -66,6 +70,7 @@ class Deployment:
     client_threads: int | None = None  # OMP/MKL threads of each ClientApp process
     processes: list[Managed] = field(default_factory=list)
     supernodes: list[Managed] = field(default_factory=list)
+    wire: WireCounter | None = None  # counts the SuperNodes' traffic when they dial through it
     argv: dict[str, list[str]] = field(default_factory=dict)  # command line by process name
 
     @property
@@ -367,12 +372,15 @@ def deployment(
     supernode_host: str = LOOPBACK,
     client_threads: int | None = None,
     start_supernodes: bool = True,
+    measure_wire: bool = False,
 ) -> Iterator[Deployment]:
     """Start a SuperLink (+ SuperExec) and ``num_supernodes`` registered SuperNodes, wait
     until all are online, yield, then stop every process by PID (also on errors).
 
     ``advertise`` is the host the SuperNodes and the CLI dial (default: ``host``, or
     127.0.0.1 when binding to all interfaces); it is added to the certificate's SANs.
+    ``measure_wire`` puts a byte-counting relay (``dep.wire``) between the SuperNodes and
+    the SuperLink.
     """
     if auth and not tls:
         raise ValueError("SuperNode authentication needs TLS (flower-superlink refuses it without)")
@@ -393,15 +401,22 @@ def deployment(
     dep = Deployment(workdir, env, f"{dial}:{port}", certs, auth, isolation, client_threads=client_threads)
     try:
         dep.start_superlink(host, port)
+        if measure_wire:
+            dep.wire = WireCounter((dial, port))
         if start_supernodes:
             if auth and certs is not None:
                 dep.register(*(certs.node_pub(i) for i in range(num_supernodes)))
+            via = dep.wire.address if dep.wire is not None else None
             for i in range(num_supernodes):
-                dep.start_supernode(i, num_supernodes, host=supernode_host, extra_node_config=node_config)
+                dep.start_supernode(
+                    i, num_supernodes, host=supernode_host, extra_node_config=node_config, superlink=via
+                )
             dep.wait_online(num_supernodes)
         yield dep
     finally:
         dep.stop()
+        if dep.wire is not None:
+            dep.wire.close()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -459,8 +474,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=float, default=6 * 3600, help="give up on the run after this many seconds"
     )
+    p.add_argument(
+        "--measure-wire",
+        action="store_true",
+        help="route the SuperNodes through a byte-counting relay on 127.0.0.1 and report wire bytes",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log process commands")
     return p
+
+
+def report_bytes(overrides: dict[str, Any], traffic: dict[str, Any], wire: tuple[int, int] | None) -> None:
+    """Print the run's bytes on three levels and add them to its ``summary.json``."""
+    run_dir = Path(overrides["output-dir"]) / run_name(ExperimentConfig.from_run_config(overrides))
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    levels = byte_levels(summary, traffic, wire)
+    print("e3sfc-deploy: bytes of the run (SuperNodes -> SuperLink up, back down):")
+    for line in levels_text(levels):
+        print(f"e3sfc-deploy: {line}")
+    if summary:
+        record_levels(summary_path, levels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,16 +545,14 @@ def main(argv: list[str] | None = None) -> int:
             node_config=node_config,
             supernode_host=args.supernode_host,
             client_threads=args.client_threads,
+            measure_wire=args.measure_wire,
         ) as dep:
+            if dep.wire is not None:
+                dep.wire.reset()  # the run's traffic only, not the start-up's
             run = dep.submit(overrides, timeout=args.timeout)
             status = str(run.get("status", "no run was submitted"))
-            traffic = run.get("network-traffic") or {}
-            if traffic:
-                print(
-                    f"e3sfc-deploy: run {run.get('run-id')}: Fleet API traffic "
-                    f"{traffic.get('inbound-bytes', 0):,} B from SuperNodes, "
-                    f"{traffic.get('outbound-bytes', 0):,} B to SuperNodes"
-                )
+            wire = dep.wire.reset() if dep.wire is not None else None
+            report_bytes(overrides, run.get("network-traffic") or {}, wire)
     except KeyboardInterrupt:
         print("e3sfc-deploy: interrupted; every process was stopped", file=sys.stderr)
         return 130

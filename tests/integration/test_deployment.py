@@ -8,6 +8,7 @@ test fails); the teardown then checks that none of its processes is left.
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import ssl
 import subprocess
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from e3sfc_launch.certs import generate_certs
-from e3sfc_launch.deploy import Deployment, deployment, main
+from e3sfc_launch.deploy import Deployment, deployment, main, report_bytes
 from e3sfc_launch.overrides import collect
 
 from .procs import flower_processes_mentioning
@@ -41,7 +42,7 @@ REFUSAL_TIMEOUT = 45.0
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, Path]]:
     work = tmp_path_factory.mktemp("deployment")
     home = work / "fl" / "flwr-home"
-    with deployment(work / "fl", NUM_SUPERNODES, base_dir=work) as dep:
+    with deployment(work / "fl", NUM_SUPERNODES, base_dir=work, measure_wire=True) as dep:
         yield dep, work
     # every process was stopped by PID when the context ended; nothing may linger
     deadline = time.monotonic() + 20
@@ -82,8 +83,12 @@ def test_three_rounds_complete_and_accuracy_rises(deployed: tuple[Deployment, Pa
     overrides = collect(None, ["num-rounds=3", 'output-dir="out"', 'run-name="deployed"'], work)
     overrides["num-partitions"] = NUM_SUPERNODES
     log = work / "flwr-run.log"
+    assert dep.wire is not None
+    dep.wire.reset()
     # Execute
     run = dep.submit(overrides, timeout=RUN_TIMEOUT, stream_to=log)
+    wire = dep.wire.reset()
+    report_bytes(overrides, run.get("network-traffic") or {}, wire)
     # Assert
     assert run.get("status") == "finished:completed", log.read_text(errors="replace")[-4000:]
     run_dir = work / "out" / "deployed"
@@ -94,10 +99,15 @@ def test_three_rounds_complete_and_accuracy_rises(deployed: tuple[Deployment, Pa
         assert (run_dir / name).stat().st_size > 0, name
     streamed = log.read_text(errors="replace")
     assert "round   3 |" in streamed
-    # Flower's own accounting saw the messages, and they carry at least our payload bytes
-    traffic = run["network-traffic"]
-    assert traffic["inbound-bytes"] >= sum(int(r["uplink_bytes"]) for r in rows) > 0
-    assert traffic["outbound-bytes"] >= sum(int(r["downlink_bytes"]) for r in rows)
+    # the three byte levels, each direction: what we count <= Flower's own accounting of
+    # the run's messages <= what the SuperNodes' connections carried; all in summary.json
+    levels = json.loads((run_dir / "summary.json").read_text())["bytes_by_level"]
+    assert levels["payload"]["uplink"] == sum(int(r["uplink_bytes"]) for r in rows) > 0
+    assert levels["payload"]["downlink"] == sum(int(r["downlink_bytes"]) for r in rows) > 0
+    assert levels["flower_messages"]["uplink"] == run["network-traffic"]["inbound-bytes"]
+    for direction in ("uplink", "downlink"):
+        counted, flower, on_wire = (levels[k][direction] for k in ("payload", "flower_messages", "wire"))
+        assert counted < flower < on_wire, direction
 
 
 def test_supernode_with_unregistered_key_is_refused(deployed: tuple[Deployment, Path]) -> None:
