@@ -1,0 +1,145 @@
+"""What a cold ClientApp process pays before it trains: imports and its partition.
+
+A deployed SuperNode starts a fresh ClientApp process for every message (issue 13), so
+these seconds are paid every round. Each measurement is a fresh interpreter, repeated
+``--repeats`` times, interleaved, median reported:
+
+* ``import torch`` alone, and ``import client_app.app`` (the ClientApp's module): the
+  difference is what the app adds to torch (goal: at most 0.7 s);
+* the same breakdown from ``python -X importtime`` (one process that imports torch, then
+  the app): the app's own modules after torch is loaded;
+* loading a client's partition (``e3sfc_core.client.client_data``) without the cache
+  (read, normalise and partition the whole dataset) and from a warm on-disk cache.
+
+    .venv/bin/python bench/client_start.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, env_info, md_table, report_head, write_results  # noqa: E402
+
+SCRIPT = "client_start.py"
+LOAD = (
+    "import time, sys\n"
+    "from e3sfc_core.config import ExperimentConfig\n"
+    "from e3sfc_core.client import client_data\n"
+    "t = time.perf_counter()\n"
+    "cfg = ExperimentConfig(dataset=sys.argv[1], num_partitions=10)\n"
+    "client_data(cfg, 3, 10, sys.argv[2], sys.argv[3] or None)\n"
+    "print(time.perf_counter() - t)\n"
+)
+
+
+def python(*argv: str) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter in the repository with these arguments; its output captured."""
+    return subprocess.run(
+        [sys.executable, *argv], cwd=REPO, check=True, capture_output=True, text=True, timeout=300
+    )
+
+
+def wall(code: str) -> float:
+    """Seconds a fresh interpreter takes to run ``code`` (start-up included)."""
+    start = time.perf_counter()
+    python("-c", code)
+    return time.perf_counter() - start
+
+
+def inner(code: str, *args: str) -> float:
+    """The seconds ``code`` prints (a timing taken inside the process)."""
+    return float(python("-c", code, *args).stdout.strip().splitlines()[-1])
+
+
+def app_after_torch() -> list[tuple[str, float]]:
+    """Cumulative import seconds of what ``import client_app.app`` loads once torch is
+    already imported (``-X importtime``): the app and the modules it imports directly."""
+    out = python("-X", "importtime", "-c", "import torch; import client_app.app")
+    rows, after_torch = [], False
+    for line in out.stderr.splitlines():
+        if not line.startswith("import time:") or line.count("|") != 2:
+            continue
+        _, cumulative, raw = line.split("|")
+        name, depth = raw.strip(), (len(raw) - len(raw.lstrip()) - 1) // 2
+        after_torch = after_torch or (name == "torch" and depth == 0)
+        if after_torch and name != "torch" and depth <= 1 and cumulative.strip().isdigit():
+            rows.append(("  " * depth + name, int(cumulative) / 1e6))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--datasets", default="digits,mnist", help="comma-separated; mnist needs data/MNIST")
+    p.add_argument("--data-root", default="data")
+    args = p.parse_args(argv)
+    times: dict[str, list[float]] = {"import torch": [], "import client_app.app": []}
+    loads: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for _ in range(args.repeats):
+            times["import torch"].append(wall("import torch"))
+            times["import client_app.app"].append(wall("import client_app.app"))
+            for ds in args.datasets.split(","):
+                rows = loads.setdefault(ds, {"no cache": [], "warm cache": []})
+                rows["no cache"].append(inner(LOAD, ds, args.data_root, ""))
+                inner(LOAD, ds, args.data_root, cache)  # fills the cache on the first repeat
+                rows["warm cache"].append(inner(LOAD, ds, args.data_root, cache))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    added = med["import client_app.app"] - med["import torch"]
+    breakdown = app_after_torch()
+    data: dict[str, Any] = {
+        "env": env_info("cpu"),
+        "repeats": args.repeats,
+        "import_seconds": times,
+        "app_adds_to_torch_s": added,
+        "app_modules_after_torch_s": breakdown,
+        "partition_load_seconds": loads,
+    }
+    lines = report_head(
+        "Cold ClientApp start: imports and partition loading",
+        data["env"],
+        SCRIPT,
+        argv,
+        "Each number is the median over fresh interpreters (interleaved repeats). Import rows are "
+        "wall time of `python -c ...` (interpreter start-up included); partition rows are timed "
+        "inside the process after the imports (`e3sfc_core.client.client_data`, partition 3 of "
+        "10, Dirichlet 1.0, seed 0), without the on-disk cache and from a warm one.",
+    )
+    lines += [
+        "## Imports",
+        "",
+        md_table(
+            ["process", "median s", "all runs (s)"],
+            [[k, f"{med[k]:.2f}", ", ".join(f"{x:.2f}" for x in v)] for k, v in times.items()],
+        ),
+        "",
+        f"`import client_app.app` adds **{added:.2f} s** to `import torch` (goal: at most 0.7 s). "
+        "What it loads after torch (`-X importtime`, cumulative, top level):",
+        "",
+        md_table(["module", "s"], [[f"`{name.strip()}`", f"{s:.3f}"] for name, s in breakdown[:10]]),
+        "",
+        "## A client's partition",
+        "",
+        md_table(
+            ["dataset", "no cache (s)", "warm cache (s)"],
+            [
+                [ds, f"{statistics.median(r['no cache']):.3f}", f"{statistics.median(r['warm cache']):.3f}"]
+                for ds, r in loads.items()
+            ],
+        ),
+    ]
+    _, md = write_results("client_start", data, "\n".join(lines))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
