@@ -162,14 +162,92 @@ def overheads(dep: dict[str, Any], fab: int, nodes: int) -> dict[str, float]:
     }
 
 
+def compare(names: list[str], argv: list[str] | None) -> str:
+    """Markdown comparing saved runs (``bench/results/deployment_<name>.json``): framing
+    and wire bytes per message, time per round, and end-to-end wire bytes."""
+    from _common import RESULTS, env_markdown, md_table  # type: ignore[import-not-found]
+
+    runs = {n: json.loads((RESULTS / f"deployment_{n}.json").read_text()) for n in names}
+    rows = []
+    for name, r in runs.items():
+        dep, sim, over = r["deployed"], r["simulated"], r["overhead"]
+        wire = dep["wire_up_bytes"] + dep["wire_down_bytes"]
+        rows.append(
+            [
+                name,
+                " ".join(r["config"]),
+                f"{dep['uplink_bytes'] / dep['uplink_messages']:,.0f} / "
+                f"{dep['downlink_bytes'] / dep['downlink_messages']:,.0f}",
+                f"{over['protobuf_up_per_msg']:,.0f} / {over['protobuf_down_per_msg']:,.0f}",
+                f"{over['wire_up_per_msg_excl_idle']:,.0f} / {over['wire_down_per_msg_excl_idle_fab']:,.0f}",
+                f"{r['fab_bytes']:,}",
+                f"{wire:,}",
+                f"{sim['strategy_wall_s'] / sim['rounds']:.2f}",
+                f"{dep['strategy_wall_s'] / dep['rounds']:.2f}",
+                f"{(dep['strategy_wall_s'] / dep['rounds']) / (sim['strategy_wall_s'] / sim['rounds']):.1f}x",
+                f"{dep['final_accuracy']:.4f}",
+            ]
+        )
+    lines = [
+        "# Deployed E-3SFC and FedAvg: bytes per message and time per round",
+        "",
+        f"Command: `.venv/bin/python bench/deployment_bench.py {' '.join(argv or [])}`",
+        "",
+        "Each row is one `bench/deployment_bench.py` run (its JSON: "
+        "`bench/results/deployment_<row>.json`, with the machine's load when it ran): 3 "
+        "SuperNodes with TLS and node authentication on 127.0.0.1, dialling the SuperLink through "
+        "a byte-counting relay, and the same config simulated. 'counted' is what our outputs "
+        "count per message (uplink / downlink; before the compact messages: payload bytes only, "
+        "after: the whole encoded message); 'Flower framing' is Flower's own per-run accounting "
+        "minus the counted bytes, per message; 'wire' is the relay's count minus the counted "
+        "bytes, idle polling and the FAB downloads, per message. Seconds per round are the "
+        "strategy's wall time over its rounds.",
+        "",
+    ]
+    for name, r in runs.items():
+        lines += [f"- `{name}`: {env_markdown(r['env']) if 'env' in r else 'environment not recorded'}"]
+    lines += [
+        "",
+        md_table(
+            [
+                "run",
+                "config",
+                "counted B per message (up / down)",
+                "Flower framing B per message",
+                "wire B per message (excl. idle, FAB)",
+                "FAB bytes",
+                "wire bytes, whole run",
+                "simulated s per round",
+                "deployed s per round",
+                "deployed / simulated",
+                "deployed final acc",
+            ],
+            rows,
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--save", help="also write bench/results/deployment_<SAVE>.json")
+    p.add_argument(
+        "--compare",
+        help="comma-separated saved names: write bench/results/deployment_compare.md and stop",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("/tmp/e3sfc-bench"))
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("pairs", nargs="*", help="extra run-config overrides for both runs")
     args = p.parse_args(argv)
+    if args.compare:
+        from _common import RESULTS  # type: ignore[import-not-found]
+
+        text = compare(args.compare.split(","), argv if argv is not None else sys.argv[1:])
+        (RESULTS / "deployment_compare.md").write_text(text)
+        print(text)
+        return 0
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     pairs = [f"num-rounds={args.rounds}", *args.pairs]
@@ -185,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     results["deployed"] = run_deployment(out, pairs, args.nodes, args.timeout)
     results["overhead"] = overheads(results["deployed"], results["fab_bytes"], args.nodes)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    if args.save:
+        from _common import RESULTS  # type: ignore[import-not-found]
+
+        (RESULTS / f"deployment_{args.save}.json").write_text(json.dumps(results, indent=2))
     sim, dep = results["simulated"], results["deployed"]
     print(json.dumps(results, indent=2))
     print()
