@@ -75,7 +75,7 @@ from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec  # noqa: E402
 from e3sfc_core.experiment import resolve_path  # noqa: E402
 from e3sfc_core.models import build_model  # noqa: E402
 from e3sfc_core.rounds import compress_update  # noqa: E402
-from e3sfc_core.synthetic import SyntheticFeatureCompressor, _CosineObjective, init_seed  # noqa: E402
+from e3sfc_core.synthetic import CosineObjective, SyntheticFeatureCompressor, init_seed  # noqa: E402
 from e3sfc_core.synthetic_gradient import synthetic_gradient  # noqa: E402
 from e3sfc_core.tensors import get_flat, set_flat  # noqa: E402
 from e3sfc_core.training import train_local  # noqa: E402
@@ -178,7 +178,7 @@ def closure_costs(
 
     unlimited = CompressorSettings(max_evals=10**9, min_improvement=0.0)
     z0 = torch.cat([x.detach().reshape(-1), y.detach().reshape(-1)]).double().numpy()
-    objective_fn = _CosineObjective(model, target, x.shape, y.shape, unlimited, z0)
+    objective_fn = CosineObjective(model, target, x.shape, y.shape, unlimited, z0)
 
     def shipped() -> None:  # the shipped objective itself, NumPy conversions included
         objective_fn(z0)

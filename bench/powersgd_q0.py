@@ -44,16 +44,16 @@ _LAST_Q: dict[tuple[int, int, int], torch.Tensor] = {}
 class WarmPowerSGD(PowerSGDCompressor):
     """PowerSGD whose ``Q0`` is the sender's previous ``Q`` for the tensor (bench only)."""
 
-    def _q0(self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int) -> torch.Tensor:
+    def initial_q(self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int) -> torch.Tensor:
         prev = _LAST_Q.get((self.settings.seed, int(meta.direction), index))
         if prev is None or tuple(prev.shape) != (m.shape[1], rank):
-            return super()._q0(m, rank, meta, index)
+            return super().initial_q(m, rank, meta, index)
         return prev.to(m.device, torch.float64)
 
-    def _factors(
+    def factors(
         self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        p, q = super()._factors(m, rank, meta, index)
+        p, q = super().factors(m, rank, meta, index)
         _LAST_Q[(self.settings.seed, int(meta.direction), index)] = q.detach().cpu().clone()
         return p, q
 

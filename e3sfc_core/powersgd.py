@@ -99,19 +99,20 @@ class PowerSGDCompressor(BaselineCompressor):
             raise ConfigError("powersgd: the model's parameter shapes differ from the configured model's")
         return plan_layout(shapes, self.rank)
 
-    def _q0(self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int) -> torch.Tensor:
-        """The power iteration's start for record ``index``: seeded, never sent."""
+    def initial_q(self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int) -> torch.Tensor:
+        """The power iteration's start for record ``index``: seeded, never sent (a public
+        extension point: ``bench/powersgd_q0.py`` overrides it to warm-start)."""
         gen = torch.Generator(device="cpu")
         gen.manual_seed(
             derive_seed(self.settings.seed, POWERSGD, meta.server_round, int(meta.direction), index)
         )
         return torch.randn(m.shape[1], rank, generator=gen, dtype=torch.float64).to(m.device)
 
-    def _factors(
+    def factors(
         self, m: torch.Tensor, rank: int, meta: PayloadMeta, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One power iteration in float64; ``Q`` is fitted to the wire-rounded ``P``."""
-        p = wire_rounded(torch.linalg.qr(m @ self._q0(m, rank, meta, index)).Q, self.float_type)
+        p = wire_rounded(torch.linalg.qr(m @ self.initial_q(m, rank, meta, index)).Q, self.float_type)
         q = (m.T @ p.double()).clamp(-FLOAT32_MAX, FLOAT32_MAX).float()
         return p, wire_rounded(q, self.float_type)
 
@@ -128,7 +129,7 @@ class PowerSGDCompressor(BaselineCompressor):
             if rank == 0:
                 parts.append(wire_rounded(block, self.float_type))
                 continue
-            p, q = self._factors(block.double().view(rows, cols), rank, meta, index)
+            p, q = self.factors(block.double().view(rows, cols), rank, meta, index)
             parts += [p.reshape(-1), q.reshape(-1)]
         values = torch.cat(parts) if parts else flat.new_zeros(0)
         sync_device(values)

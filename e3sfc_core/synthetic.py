@@ -135,7 +135,7 @@ class SyntheticFeatureCompressor:
         start = torch.cat([x0.reshape(-1), y0.reshape(-1)]).double().numpy()
         from scipy.optimize import minimize  # imported here: only 3SFC runs need SciPy
 
-        objective = _CosineObjective(model, target, x0.shape, y0.shape, s, start, self.layerwise)
+        objective = CosineObjective(model, target, x0.shape, y0.shape, s, start, self.layerwise)
         if float(objective.t_norm) > 0.0:
             try:
                 minimize(
@@ -175,12 +175,13 @@ class _StopSearch(Exception):
     """Raised by the objective to end the search: cap reached, cosine stalled or diverged."""
 
 
-class _CosineObjective:
+class CosineObjective:
     """``z -> (1 - |cos(g(X, Y), t)|, gradient)`` for SciPy, with the stopping rules.
 
     SciPy's L-BFGS-B may exceed ``maxfun`` inside a line search, so the cap on closure
     evaluations is enforced here; so is the stall rule (best |cos| improved by less than
-    ``min_improvement`` over the last ``stall_window`` evaluations).
+    ``min_improvement`` over the last ``stall_window`` evaluations). Public so that
+    benchmarks time the search itself (``bench/compression_speed.py``).
     """
 
     def __init__(
