@@ -18,7 +18,14 @@ from .tensors import DIGEST_SIZE
 STATUS_OK = "ok"
 STATUS_DESYNC = "desync"
 STATUS_ERROR = "error"
-REPLY_METRICS = ("cosine", "residual-ratio", "compress-seconds", "train-seconds", "train-loss")
+REPLY_METRICS = (
+    "cosine",
+    "residual-ratio",
+    "update-residual-ratio",
+    "compress-seconds",
+    "train-seconds",
+    "train-loss",
+)
 
 
 @dataclass(frozen=True)
