@@ -203,7 +203,7 @@ class FederatedServer:
         chosen = self.sample(server_round, node_ids)
         downs = {n: self.downlink_for(n) for n in chosen}
         down_bytes = sum(len(p) for d, _ in downs.values() for p in d)
-        demands = [] if self.scheduler.unlimited else self.forecast(server_round, node_ids, downs)
+        demands = [] if self.scheduler.unlimited else self.forecast(server_round, downs)
         plan = self.scheduler.plan_round(server_round, demands, self.payload_size)
         n_up, self._n_next = plan.n_uplink, plan.n_downlink
         up_size = self.payload_size(n_up)
@@ -233,28 +233,26 @@ class FederatedServer:
         }
         return dict(self._plan)
 
-    def forecast(
-        self,
-        server_round: int,
-        node_ids: Sequence[int],
-        now: Mapping[int, tuple[tuple[bytes, ...], bool]],
-    ) -> list[Demand]:
-        """What this round and every later one will send, for the budget scheduler.
+    def forecast(self, server_round: int, now: Mapping[int, tuple[tuple[bytes, ...], bool]]) -> list[Demand]:
+        """What this round (its clients and their catch-up: ``now``) and every later one
+        will send, for the budget scheduler.
 
-        Sampling is seeded, so the clients of every coming round are known (for the
-        current roster). A client sampled in round ``j`` receives the payloads made since
-        it was last sampled: those already made cost their exact bytes (``now`` holds
-        this round's catch-up), each one a coming round makes counts as a delivery of
-        that round's payload; with a dense downlink every client behind gets the full
-        weights. Skipped rounds, re-syncs after a desync and replays longer than a full
-        re-sync are not foreseen: they make the forecast an upper bound (a desync it
-        cannot know of aside)."""
+        Sampling is seeded, so the clients of every coming round are known: drawn from
+        every partition, which the run expects to be served (a Flower run may start
+        before every node has connected; this keeps its plans equal to the in-process
+        loop's). A client sampled in round ``j`` receives the payloads made since it was
+        last sampled: those already made cost their exact bytes, each one a coming round
+        makes counts as a delivery of that round's payload; with a dense downlink every
+        client behind gets the full weights. Skipped rounds and replays longer than a
+        full re-sync are not foreseen, which makes the forecast an upper bound; a desync
+        cannot be foreseen, but its re-sync is in every forecast after it."""
         last = max(self.cfg.num_rounds, server_round)
         seen: dict[int, int] = {}  # client -> latest coming round it is sampled in
         deliveries = dict.fromkeys(range(server_round, last + 1), 0)
         rows: list[tuple[int, int]] = []
+        everyone = range(self.cfg.num_partitions)
         for j in range(server_round, last + 1):
-            chosen = self.sample(j, node_ids)
+            chosen = list(now) if j == server_round else self.sample(j, everyone)
             fixed = 0
             for client in chosen:
                 existing = 0
