@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.experiment import Experiment
 from e3sfc_core.protocol import STATUS_DESYNC, Instruction, Reply
 from e3sfc_core.simulate import run_reference
 
@@ -85,3 +86,30 @@ def test_a_budget_that_cannot_carry_the_resync_stops_the_run_before_overspending
     # Assert
     assert "needs" in summary["stopped_early"] and len(exp.server.records) < 6
     assert summary["budget"]["spent_total"] == wire.bytes <= 200_000
+
+
+def test_forecast_bounds_what_a_fixed_n_run_sends(tmp_path: Path) -> None:
+    # Prepare: a fixed n = 3 run (no budget), both ways compressed, half sampled
+    cfg = budget_config(
+        tmp_path,
+        **{"budget-total-bytes": 0, "synthetic-samples": 3, "downlink": "compressed", "num-rounds": 5},
+    )
+    server = Experiment(cfg, base_dir=tmp_path).server
+    first = {c: server.downlink_for(c) for c in server.sample(1, range(cfg.num_partitions))}
+    demands = server.forecast(1, first)
+    # Execute
+    replays = []
+
+    def count(server_round: int, instruction: Instruction, reply: Reply) -> Reply:
+        replays.append(len(instruction.downlink))
+        return reply
+
+    exp, _ = run_reference(cfg, base_dir=tmp_path, reply_hook=count)
+    # Assert: the forecast knew every round's clients and every catch-up payload, and its
+    # payload sizes are bounds: never below what was sent, and close to it
+    recs = exp.server.records
+    assert [d.uplinks for d in demands] == [r.sampled for r in recs]
+    sent = sum(r.uplink_bytes + r.downlink_bytes for r in recs)
+    foreseen = sum(d.cost(server.payload_size, 3, 3) for d in demands)
+    assert sent <= foreseen <= 1.03 * sent
+    assert sum(d.deliveries for d in demands) == sum(replays) > 0
