@@ -122,6 +122,22 @@ def row_of(
     }
 
 
+def verdict(
+    cell: str, rounds: int, factor: float, adaptive: list[dict[str, Any]], fixed: list[dict[str, Any]]
+) -> str:
+    """adaptive against the best fixed n, paired by seed: beats (mean difference > 0),
+    matches (within the seeds' spread of the difference) or below."""
+    by_seed = {r["seed"]: r["last_accuracy"] for r in fixed}
+    diffs = [r["last_accuracy"] - by_seed[r["seed"]] for r in adaptive if r["seed"] in by_seed]
+    mean, sd = mean_std(diffs)
+    word = "beats" if mean > 0 else ("matches" if -mean <= sd else "below")
+    per_seed = ", ".join(f"{100 * d:+.2f}" for d in diffs)
+    return (
+        f"- {cell}, {rounds} rounds, {factor}x: adaptive - fixed = {100 * mean:+.2f} ± {100 * sd:.2f} "
+        f"points over {len(diffs)} seed(s) ({per_seed}): **{word}**"
+    )
+
+
 def done_keys() -> set[tuple[str, int, int, float, str]]:
     """Runs already in the JSONL file (resume)."""
     if not JSONL.exists():
@@ -162,7 +178,6 @@ def report(argv: list[str] | None) -> None:
     table, verdicts = [], []
     for (cell, rounds, factor), by_label in sorted(groups.items()):
         fixed = next((rs for label, rs in by_label.items() if label.startswith("fixed")), [])
-        fixed_acc = mean_std([r["last_accuracy"] for r in fixed])
         for label in sorted(by_label, key=lambda s: (not s.startswith("fixed"), s)):
             rs = by_label[label]
             acc, sd = mean_std([r["last_accuracy"] for r in rs])
@@ -183,12 +198,7 @@ def report(argv: list[str] | None) -> None:
                 ]
             )
             if label == "adaptive" and fixed:
-                diff = acc - fixed_acc[0]
-                verdicts.append(
-                    f"- {cell}, {rounds} rounds, {factor}x: adaptive {100 * acc:.2f}% vs fixed "
-                    f"{100 * fixed_acc[0]:.2f}% ({100 * diff:+.2f} points; seeds {len(rs)}): "
-                    + ("matches or beats" if diff >= -max(sd, fixed_acc[1]) else "below")
-                )
+                verdicts.append(verdict(cell, rounds, factor, rs, fixed))
     head = report_head(
         "Budget scheduler: policies against the best fixed n at equal total bytes",
         env_info("cpu"),
@@ -201,6 +211,15 @@ def report(argv: list[str] | None) -> None:
         f"Accuracy: mean over the last {LAST} rounds run, mean ± std over seeds. `within`: "
         "spent <= total in every run.",
     )
+    runs: dict[tuple[str, int], set[int]] = {}
+    for r in rows:
+        runs.setdefault((r["cell"], r["rounds_planned"]), set()).add(r["seed"])
+    commands = [
+        f"`nice -n 5 .venv/bin/python bench/{SCRIPT} --cells {cell} --rounds {rounds} "
+        f"--seeds {','.join(str(s) for s in sorted(seeds))}`"
+        for (cell, rounds), seeds in sorted(runs.items())
+    ]
+    head += ["Rows in this file come from: " + "; ".join(commands) + ".", ""]
     headers = [
         "cell",
         "rounds",
@@ -219,7 +238,8 @@ def report(argv: list[str] | None) -> None:
             *head,
             md_table(headers, table),
             "",
-            "Goal (adaptive matches or beats the best fixed n, within one std):",
+            "Goal: adaptive matches or beats the best fixed n (paired by seed; matches: within the "
+            "spread of the difference):",
             "",
             *verdicts,
         ]
