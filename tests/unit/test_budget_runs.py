@@ -113,3 +113,23 @@ def test_forecast_bounds_what_a_fixed_n_run_sends(tmp_path: Path) -> None:
     foreseen = sum(d.cost(server.payload_size, 3, 3) for d in demands)
     assert sent <= foreseen <= 1.03 * sent
     assert sum(d.deliveries for d in demands) == sum(replays) > 0
+
+
+def test_killed_budgeted_run_resumes_with_the_same_plans(tmp_path: Path) -> None:
+    # Prepare: an adaptive budgeted run straight through, and the same run stopped after
+    # round 3 (as a crash would) and resumed from its checkpoint and client states
+    over = {"budget-policy": "adaptive", "budget-total-bytes": 80_000, "checkpoint-every": 1}
+    straight, straight_summary = run_reference(
+        budget_config(tmp_path, **over, **{"run-name": "straight"}), base_dir=tmp_path
+    )
+    cfg = budget_config(tmp_path, **over, **{"run-name": "resumed"})
+    states = tmp_path / "client-states"
+    run_reference(cfg, base_dir=tmp_path, stop_after=3, state_dir=states)
+    # Execute
+    resumed, summary = run_reference(
+        cfg.model_copy(update={"resume": True}), base_dir=tmp_path, state_dir=states
+    )
+    # Assert: the scheduler's state came back with the checkpoint: same plans, same bytes
+    assert resumed.start_round == 4
+    assert summary["budget"] == straight_summary["budget"]
+    assert [r.accuracy for r in resumed.server.records] == [r.accuracy for r in straight.server.records]
