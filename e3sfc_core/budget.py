@@ -12,8 +12,9 @@ payloads already made, full-weights re-syncs). From that forecast
   the smallest ``n`` (``n_min`` per direction), and
 * gives this round a share of the rest by a policy: ``constant`` (the same ``n`` every
   round), ``decay`` (round ``r`` weighs ``decay ** r``: early rounds, whose updates are
-  large, get more) or ``adaptive`` (the constant share, scaled per direction by a factor
-  that rises while compression falls behind and falls while it keeps up);
+  large, get more) or ``adaptive`` (the constant share, split between the directions by
+  a factor per direction that rises while its compression falls behind and falls while
+  it keeps up);
 * picks, per direction, the largest ``n`` whose payloads fit that share.
 
 The last round gets everything left, so a run with enough rounds spends nearly all of
@@ -144,17 +145,19 @@ def shares(
 ) -> dict[Direction, float]:
     """Bytes per direction for the first of ``demands`` out of ``free`` (what is left
     after every round's fixed bytes): the policy's weight of this round, split between
-    the directions by payload count and scaled by each direction's factor (1.0 except
-    under ``adaptive``). The last round gets everything."""
+    the directions by payload count times each direction's factor (1.0 except under
+    ``adaptive``). The factors move bytes between the round's two directions, not
+    between rounds: front-loading (as ``decay`` does) lost accuracy in
+    ``bench/results/budget.md``. The last round gets everything."""
     weights = _weights(params, demands)
     total_weight = math.fsum(weights)
     now = demands[0]
     payloads = now.uplinks + now.deliveries
     if total_weight <= 0 or payloads == 0:
         return {d: 0.0 for d in Direction}
-    last = len(demands) == 1
     share = free * weights[0] / total_weight
-    return {d: share * now.count(d) / payloads * (1.0 if last else factors[d]) for d in Direction}
+    weight = {d: now.count(d) * factors[d] for d in Direction}
+    return {d: share * weight[d] / math.fsum(weight.values()) for d in Direction}
 
 
 def mean_feedback(seen: Sequence[Feedback]) -> Feedback | None:

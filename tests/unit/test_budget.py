@@ -210,6 +210,8 @@ def test_adaptive_moves_n_in_the_direction_that_falls_behind_only() -> None:
     assert factors["constant"] == {UP: 1.0, DOWN: 1.0}  # feedback kept, not acted upon
     assert plans["adaptive"].n_uplink > plans["constant"].n_uplink
     assert plans["adaptive"].n_downlink < plans["constant"].n_downlink
+    # bytes move between the directions, not between rounds
+    assert plans["adaptive"].allowance == plans["constant"].allowance
 
 
 def test_non_finite_feedback_is_ignored() -> None:
