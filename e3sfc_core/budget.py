@@ -213,6 +213,15 @@ def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int | None
     return lo
 
 
+def _spent_v1(row: Mapping[str, Any]) -> RoundPlan:
+    """A round of a format-1 state (its plan had no sample counts): what it spent."""
+    try:
+        r, up, down = int(row["round"]), int(row["uplink"]), int(row["downlink"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed budget state: {exc!r}") from exc
+    return RoundPlan(r, 0, 0, spent_uplink=up, spent_downlink=down)
+
+
 # -------------------------------------------------------------------------- scheduler
 
 
@@ -322,14 +331,12 @@ class BudgetScheduler:
 
     def _update_factors(self) -> None:
         """Apply the feedback seen since the last plan (``adaptive`` only)."""
-        if self.params.policy == "adaptive":
-            acc = self.accuracies
-            change = acc[-1] - acc[-2] if len(acc) >= 2 else None
-            for d in Direction:
-                now = mean_feedback(self.pending[d])
-                self.factors[d] = next_factor(self.params, self.factors[d], now, self.last.get(d), change)
+        acc = self.accuracies
+        change = acc[-1] - acc[-2] if len(acc) >= 2 else None
         for d in Direction:
             now = mean_feedback(self.pending[d])
+            if self.params.policy == "adaptive":
+                self.factors[d] = next_factor(self.params, self.factors[d], now, self.last.get(d), change)
             if now is not None:
                 self.last[d] = now
         self.pending = {d: [] for d in Direction}
@@ -399,7 +406,10 @@ class BudgetScheduler:
 
     @classmethod
     def from_state_dict(cls, params: BudgetParams, state: Mapping[str, Any]) -> BudgetScheduler:
-        """A scheduler with ``params`` (from the run's config) resumed at ``state``."""
+        """A scheduler with ``params`` (from the run's config) resumed at ``state``
+        (a format-1 state, from before the forecast, keeps only what each round spent)."""
+        if isinstance(state, Mapping) and state.get("format") == 1:
+            return cls(params, plans={r.round: r for r in map(_spent_v1, state.get("rounds", []))})
         if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
             fmt = state.get("format") if isinstance(state, Mapping) else None
             raise ConfigError(f"budget state format must be {_STATE_FORMAT}, got {fmt!r}")

@@ -271,11 +271,17 @@ def test_state_json_round_trip_gives_identical_decisions(policy: str) -> None:
     assert restored.report() == whole.report() and restored.state_dict() == whole.state_dict()
 
 
+def test_a_format_1_state_keeps_what_each_round_spent() -> None:
+    old = {"format": 1, "rounds": [{"round": 1, "planned": 500.0, "uplink": 300, "downlink": 200}]}
+    sched = BudgetScheduler.from_state_dict(BudgetParams("constant", 1000, 3), old)
+    assert sched.spent(UP) == 300 and sched.remaining() == 500
+
+
 def test_from_state_dict_rejects_garbage() -> None:
     sched = make("constant", 1000, 3)
     good = sched.state_dict()
     with pytest.raises(ConfigError, match="format"):
-        BudgetScheduler.from_state_dict(sched.params, {**good, "format": 1})
+        BudgetScheduler.from_state_dict(sched.params, {**good, "format": 99})
     with pytest.raises(ConfigError, match="malformed"):
         BudgetScheduler.from_state_dict(sched.params, {k: v for k, v in good.items() if k != "plans"})
     with pytest.raises(ConfigError, match="malformed"):
