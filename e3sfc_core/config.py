@@ -31,7 +31,10 @@ class ExperimentConfig(BaseModel):
     Tuning notes: ``synthetic_samples`` is 3SFC's n when no byte budget is set (bytes per
     payload grow linearly in n, cosine to the target grows fast for small n). With
     ``budget_total_bytes > 0`` the ``budget_policy`` chooses n per round and direction in
-    ``[1, synthetic_samples_max]`` and the run never spends more than the total.
+    ``[budget_n_min_*, synthetic_samples_max]`` and the run never spends more than the
+    total; the ``budget_*`` tunables are the scheduler's (``e3sfc_core.budget``). The
+    lower bound defaults to 2: at n = 1 the digits MLP was unstable without the
+    correction (``bench/results/equal_budget.md``), and n = 2 is the unbudgeted default.
     ``correction_share`` is the share of each 3SFC payload's bytes given to a Top-k
     correction of what the synthetic batch misses (0: the paper's 3SFC; see
     ``corrected``): without it, error feedback piles up what a few samples cannot
