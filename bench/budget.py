@@ -125,12 +125,12 @@ def row_of(
 def verdict(
     cell: str, rounds: int, factor: float, adaptive: list[dict[str, Any]], fixed: list[dict[str, Any]]
 ) -> str:
-    """adaptive against the best fixed n, paired by seed: beats (mean difference > 0),
-    matches (within the seeds' spread of the difference) or below."""
+    """adaptive against the best fixed n, paired by seed: beats or is below when the mean
+    difference is larger than its spread over seeds, else matches."""
     by_seed = {r["seed"]: r["last_accuracy"] for r in fixed}
     diffs = [r["last_accuracy"] - by_seed[r["seed"]] for r in adaptive if r["seed"] in by_seed]
     mean, sd = mean_std(diffs)
-    word = "beats" if mean > 0 else ("matches" if -mean <= sd else "below")
+    word = "matches" if abs(mean) <= sd else ("beats" if mean > 0 else "below")
     per_seed = ", ".join(f"{100 * d:+.2f}" for d in diffs)
     return (
         f"- {cell}, {rounds} rounds, {factor}x: adaptive - fixed = {100 * mean:+.2f} ± {100 * sd:.2f} "
@@ -209,7 +209,10 @@ def report(argv: list[str] | None) -> None:
         "forecast bytes of a fixed n = 4 run of the same cell and seed. `fixed n=k`: the largest "
         "fixed n whose whole run fits (n = 1 when none does; it then stops early like the others). "
         f"Accuracy: mean over the last {LAST} rounds run, mean ± std over seeds. `within`: "
-        "spent <= total in every run.",
+        "spent <= total in every run. Where no fixed n fits (0.25x here) every run stops when "
+        "the budget is spent, and the policies, held at n >= `budget-n-min-*` = 2, all make "
+        "the same choices. Each JSON line was written by the checkout it ran on (see the "
+        "history of `bench/results/budget.jsonl`).",
     )
     runs: dict[tuple[str, int], set[int]] = {}
     for r in rows:
@@ -238,8 +241,8 @@ def report(argv: list[str] | None) -> None:
             *head,
             md_table(headers, table),
             "",
-            "Goal: adaptive matches or beats the best fixed n (paired by seed; matches: within the "
-            "spread of the difference):",
+            "Goal: adaptive matches or beats the best fixed n (paired by seed; matches: the mean "
+            "difference is within its spread over seeds):",
             "",
             *verdicts,
         ]
