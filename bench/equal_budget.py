@@ -26,7 +26,7 @@ How the budget and the knobs are chosen
   reported, with the rounds they completed. Uplink-only 3SFC (dense downlink) is shown
   for the same reason.
 * E-3SFC with the budget scheduler: ``budget-policy`` constant / decay / adaptive with
-  the same total (n chosen per round and direction in [1, ``synthetic-samples-max``] =
+  the same total (n chosen per round and direction in [2, ``synthetic-samples-max``] =
   [1, 16]); planned vs spent bytes come from ``summary.json["budget"]``.
 
 Writes ``bench/results/<out-name>.{json,md}``; per-run outputs go to
@@ -85,7 +85,7 @@ def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str
     accs = [s["final_accuracy"] if s["final_accuracy"] is not None else float("nan") for s in sums]
     acc_m, acc_s = mean_std(accs)
     budget = sums[0]["budget"]
-    planned = [sum(r["planned"] or 0 for r in s["budget"]["rounds"]) for s in sums]
+    planned = [sum(r["planned_uplink"] + r["planned_downlink"] for r in s["budget"]["rounds"]) for s in sums]
     recs = res[0]["records"]
     n_up = [r["n_uplink"] for r in recs]
     n_down = [r["n_downlink"] for r in recs]
@@ -104,10 +104,10 @@ def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str
         "budget_total": budget["total"],
         "budget_spent": mean_std([s["budget"]["spent_total"] for s in sums])[0],
         "budget_planned_sum": mean_std(planned)[0],
-        "overspent": max(s["budget"]["overspent"] for s in sums),
+        "overspent": max(max(0, s["budget"]["spent_total"] - s["budget"]["total"]) for s in sums),
         "n_uplink_per_round": n_up,
         "n_downlink_per_round": n_down,
-        "planned_per_round": [r["planned"] for r in budget["rounds"]],
+        "planned_per_round": [r["planned_uplink"] + r["planned_downlink"] for r in budget["rounds"]],
         "spent_per_round": [r["spent"] for r in budget["rounds"]],
         "mean_uplink_cosine": mean_uplink_cosine(res),
     }
@@ -172,7 +172,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             (
                 f"e3sfc n={n_fit} (budget, constant)",
                 f"n={n_fit}",
-                {"method": "e3sfc", "synthetic-samples": n_fit, "synthetic-samples-max": n_fit, **b},
+                {
+                    "method": "e3sfc",
+                    "synthetic-samples": n_fit,
+                    "synthetic-samples-max": n_fit,
+                    "budget-n-min-uplink": n_fit,
+                    "budget-n-min-downlink": n_fit,
+                    **b,
+                },
             )
         )
     else:
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         knobs.append(
             (
                 f"e3sfc scheduler {policy}",
-                f"n in [1, {smax}]",
+                f"n in [2, {smax}]",
                 {"method": "e3sfc", "budget-policy": policy, "synthetic-samples-max": smax, **b},
             )
         )

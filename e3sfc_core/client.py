@@ -187,6 +187,7 @@ def client_round(
         metrics={
             "cosine": enc.cosine,
             "residual-ratio": enc.residual_ratio,
+            "update-residual-ratio": update_ratio(enc.residual, update),
             "compress-seconds": enc.stats.seconds,
             "train-seconds": stats.seconds,
             "train-loss": stats.loss,
@@ -198,6 +199,14 @@ def client_round(
         base.cpu(), enc.residual.cpu(), enc.transmitted.cpu(), instruction.server_round, residual.cpu()
     )
     return reply, new_state
+
+
+def update_ratio(residual: torch.Tensor, update: torch.Tensor) -> float:
+    """||r|| / ||d||: the error-feedback memory against the fresh local update (the
+    budget's signal; it grows without bound where compression cannot keep up, whereas
+    ||r|| / ||t|| stays below 1)."""
+    d_norm = float(update.norm())
+    return float(residual.norm()) / d_norm if d_norm > 0 else 0.0
 
 
 def client_state_file(state_dir: str | Path, partition_id: int) -> Path:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .budget import BudgetParams
+from .budget import BudgetParams, PolicyName
 from .compressor import CompressorSettings
 from .errors import ConfigError
 
@@ -31,7 +31,10 @@ class ExperimentConfig(BaseModel):
     Tuning notes: ``synthetic_samples`` is 3SFC's n when no byte budget is set (bytes per
     payload grow linearly in n, cosine to the target grows fast for small n). With
     ``budget_total_bytes > 0`` the ``budget_policy`` chooses n per round and direction in
-    ``[1, synthetic_samples_max]`` and the run never spends more than the total.
+    ``[budget_n_min_*, synthetic_samples_max]`` and the run never spends more than the
+    total; the ``budget_*`` tunables are the scheduler's (``e3sfc_core.budget``). The
+    lower bound defaults to 2: at n = 1 the digits MLP was unstable without the
+    correction (``bench/results/equal_budget.md``), and n = 2 is the unbudgeted default.
     ``correction_share`` is the share of each 3SFC payload's bytes given to a Top-k
     correction of what the synthetic batch misses (0: the paper's 3SFC; see
     ``corrected``): without it, error feedback piles up what a few samples cannot
@@ -82,8 +85,19 @@ class ExperimentConfig(BaseModel):
     downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
     downlink_samples: int = Field(0, ge=0, le=4096)
     relay_max_fraction: float = Field(0.02, ge=0.0, le=1.0)
-    budget_policy: Literal["constant", "decay", "adaptive"] = "constant"
+    budget_policy: PolicyName = "constant"
     budget_total_bytes: int = Field(0, ge=0)
+    budget_n_min_uplink: int = Field(2, ge=1, le=4096)
+    budget_n_min_downlink: int = Field(2, ge=1, le=4096)
+    budget_decay: float = Field(0.9, gt=0.0, le=1.0)
+    budget_cos_low: float = Field(0.3, ge=0.0, le=1.0)
+    budget_cos_high: float = Field(0.6, ge=0.0, le=1.0)
+    budget_residual_growth: float = Field(0.1, ge=0.0, le=100.0)
+    budget_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)
+    budget_adaptive_up: float = Field(1.25, ge=1.0, le=16.0)
+    budget_adaptive_down: float = Field(0.8, gt=0.0, le=1.0)
+    budget_factor_min: float = Field(0.5, gt=0.0, le=1.0)
+    budget_factor_max: float = Field(2.0, ge=1.0, le=64.0)
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
     qsgd_levels: int = Field(16, ge=1, le=127)
     qsgd_bucket_size: int = Field(512, ge=1, le=65536)
@@ -105,6 +119,11 @@ class ExperimentConfig(BaseModel):
     def _consistent(self) -> ExperimentConfig:
         if self.synthetic_samples > self.synthetic_samples_max:
             raise ValueError("synthetic-samples must not exceed synthetic-samples-max")
+        n_min = max(self.budget_n_min_uplink, self.budget_n_min_downlink)
+        if self.budget_total_bytes and n_min > self.synthetic_samples_max:
+            raise ValueError("budget-n-min-uplink/-downlink must not exceed synthetic-samples-max")
+        if self.budget_cos_low > self.budget_cos_high:
+            raise ValueError("budget-cos-low must not exceed budget-cos-high")
         if self.downlink == "relay" and self.budget_total_bytes:
             raise ValueError(
                 "downlink = relay cannot be planned by the budget scheduler yet: set budget-total-bytes = 0"
@@ -169,15 +188,26 @@ class ExperimentConfig(BaseModel):
         )
 
     def budget_params(self) -> BudgetParams:
-        """The byte-budget scheduler's settings: the run's policy, total and rounds, and
-        3SFC's sample range (``synthetic-samples`` when unlimited)."""
+        """The byte-budget scheduler's settings, validated here once: the run's policy,
+        total and rounds, 3SFC's sample range (``synthetic-samples`` when unlimited) and
+        the policies' tunables."""
         return BudgetParams(
             policy=self.budget_policy,
             total_bytes=self.budget_total_bytes,
             num_rounds=self.num_rounds,
-            n_min=1,
+            n_min_uplink=self.budget_n_min_uplink,
+            n_min_downlink=self.budget_n_min_downlink,
             n_max=self.synthetic_samples_max,
             n_default=self.synthetic_samples,
+            decay=self.budget_decay,
+            cos_low=self.budget_cos_low,
+            cos_high=self.budget_cos_high,
+            residual_growth=self.budget_residual_growth,
+            accuracy_drop=self.budget_accuracy_drop,
+            adaptive_up=self.budget_adaptive_up,
+            adaptive_down=self.budget_adaptive_down,
+            factor_min=self.budget_factor_min,
+            factor_max=self.budget_factor_max,
         )
 
     def to_run_config(self) -> dict[str, Any]:

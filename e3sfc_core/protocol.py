@@ -4,14 +4,14 @@ A train message and its reply each cross the network as one byte string in this 
 (little-endian), which the Flower apps put in a single record and the in-process loop
 round-trips too, so both runtimes see the same values (float32 metrics and scale
 included). Its ``len()`` is what a message costs on top of Flower's framing: 34 bytes and
-4 per payload for an instruction, 37 for a reply, instead of the 40-70 bytes of named
+4 per payload for an instruction, 41 for a reply, instead of the 40-70 bytes of named
 fields in separate Flower records before. :meth:`Instruction.decode` and
 :meth:`Reply.decode` validate every field of what arrived.
 
 Instruction: ``"E3I" u8 version | u32 round | u32 n_samples | u32 max_uplink_bytes |
 i32 accepted_round | f32 applied_scale | 8 B target digest | u16 count | count x (u32
 length, payload)``. Reply: ``"E3R" u8 version | u8 status | u32 num_examples | i32
-partition_id | 5 x f32 metrics (NaN: not reported) | u32 length | payload``.
+partition_id | 6 x f32 metrics (``REPLY_METRICS``; NaN: not reported) | u32 length | payload``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ from .tensors import DIGEST_SIZE
 STATUS_OK = "ok"
 STATUS_DESYNC = "desync"
 STATUS_ERROR = "error"  # never sent: what the server records for a failed or malformed reply
-REPLY_METRICS = ("cosine", "residual-ratio", "compress-seconds", "train-seconds", "train-loss")
+REPLY_METRICS = (
+    "cosine",
+    "residual-ratio",
+    "update-residual-ratio",
+    "compress-seconds",
+    "train-seconds",
+    "train-loss",
+)
 MESSAGE_VERSION = 1
 _INSTRUCTION = struct.Struct(f"<3sBIIIif{DIGEST_SIZE}sH")
 _REPLY = struct.Struct(f"<3sBBIi{len(REPLY_METRICS)}fI")

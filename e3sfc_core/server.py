@@ -17,13 +17,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .budget import BudgetFeedback, BudgetScheduler
+from .budget import BudgetScheduler, Demand, Feedback
 from .compressor import Budget, PayloadMeta, build_compressor
 from .config import ExperimentConfig
 from .datasets import DatasetSpec
@@ -110,7 +110,8 @@ class FederatedServer:
         self.accepted: dict[int, int] = {}  # node -> last round its uplink was applied
         self.applied_scale: dict[int, float] = {}  # node -> clip scale of that uplink (< 1 only)
         self.records: list[RoundRecord] = []
-        self.n_down = cfg.synthetic_samples
+        self.n_down = cfg.synthetic_samples  # samples of the downlink payload sent next
+        self._n_next = cfg.synthetic_samples  # samples for the one this round makes
         self._plan: dict[int, Instruction] = {}
         self._full: tuple[int, bytes] | None = None
         self._pending = RoundRecord(round=0)
@@ -200,21 +201,18 @@ class FederatedServer:
             When even the smallest round no longer fits in the byte budget.
         """
         chosen = self.sample(server_round, node_ids)
-        down_floor = self.payload_size(1) if self.cfg.compress_downlink else self.full_size
-        self.scheduler.reserve_round_floor(len(chosen) * (self.payload_size(1) + down_floor))
-        self.scheduler.plan_round(server_round)
         downs = {n: self.downlink_for(n) for n in chosen}
         down_bytes = sum(len(p) for d, _ in downs.values() for p in d)
-        n_up = self.scheduler.choose_samples(
-            server_round, payload_count=len(chosen), size_of=self.payload_size, share=1.0, reserved=down_bytes
-        )
+        demands = [] if self.scheduler.unlimited else self.forecast(server_round, downs)
+        plan = self.scheduler.plan_round(server_round, demands, self.payload_size)
+        n_up, self._n_next = plan.n_uplink, plan.n_downlink
         up_size = self.payload_size(n_up)
         needed = down_bytes + len(chosen) * up_size
         if not self.scheduler.can_afford(needed):
             raise BudgetExhausted(
                 f"round {server_round} needs {needed} bytes, {self.scheduler.remaining()} left"
             )
-        self.scheduler.spend(Direction.DOWNLINK, down_bytes, server_round=server_round)
+        self.scheduler.spend(Direction.DOWNLINK, down_bytes)
         record = RoundRecord(
             round=server_round, downlink_bytes=down_bytes, n_uplink=n_up, sampled=len(chosen)
         )
@@ -235,6 +233,43 @@ class FederatedServer:
         }
         return dict(self._plan)
 
+    def forecast(self, server_round: int, now: Mapping[int, tuple[tuple[bytes, ...], bool]]) -> list[Demand]:
+        """What this round (its clients and their catch-up: ``now``) and every later one
+        will send, for the budget scheduler.
+
+        Sampling is seeded, so the clients of every coming round are known: drawn from
+        every partition, which the run expects to be served (a Flower run may start
+        before every node has connected; this keeps its plans equal to the in-process
+        loop's). A client sampled in round ``j`` receives the payloads made since it was
+        last sampled: those already made cost their exact bytes, each one a coming round
+        makes counts as a delivery of that round's payload; with a dense downlink every
+        client behind gets the full weights. Skipped rounds and replays longer than a
+        full re-sync are not foreseen, which makes the forecast an upper bound; a desync
+        cannot be foreseen, but its re-sync is in every forecast after it."""
+        last = max(self.cfg.num_rounds, server_round)
+        seen: dict[int, int] = {}  # client -> latest coming round it is sampled in
+        deliveries = dict.fromkeys(range(server_round, last + 1), 0)
+        rows: list[tuple[int, int]] = []
+        everyone = range(self.cfg.num_partitions)
+        for j in range(server_round, last + 1):
+            chosen = list(now) if j == server_round else self.sample(j, everyone)
+            fixed = 0
+            for client in chosen:
+                existing = 0
+                if client not in seen:  # its catch-up of payloads already made
+                    down = now.get(client) or self.downlink_for(client)
+                    existing = sum(len(p) for p in down[0])
+                since = seen.get(client, server_round)
+                if self.cfg.compress_downlink:
+                    fixed += existing
+                    for k in range(since, j):
+                        deliveries[k] += 1
+                else:
+                    fixed += self.full_size if j > since else existing
+                seen[client] = j
+            rows.append((len(chosen), fixed))
+        return [Demand(u, deliveries[server_round + i], f) for i, (u, f) in enumerate(rows)]
+
     def aggregate_round(self, server_round: int, replies: Sequence[Reply]) -> RoundRecord:
         """Validate and aggregate the replies, update the global model (and compress the
         downlink for the next round). Bad replies are dropped with a logged reason."""
@@ -250,6 +285,7 @@ class FederatedServer:
             max_samples=rec.n_uplink,
         )
         updates, weights, cosines, comp, train, accepted, nodes = [], [], [], [], [], [], []
+        ratios = []
         # decompress as the clients did (CPU, one thread): see rounds.exact_decompress
         cpu_model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
         # Arrival order and deployed node IDs are arbitrary; a fixed order (by the
@@ -288,6 +324,7 @@ class FederatedServer:
             accepted.append(reply.payload)
             weights.append(float(reply.num_examples))
             cosines.append(reply.metrics.get("cosine", float("nan")))
+            ratios.append(reply.metrics.get("update-residual-ratio", float("nan")))
             comp.append(reply.metrics.get("compress-seconds", 0.0))
             train.append(reply.metrics.get("train-seconds", 0.0))
             nodes.append(reply.node_id)
@@ -298,13 +335,13 @@ class FederatedServer:
                 "round %d: no reply from %d node(s): %s", server_round, len(missing), sorted(missing)
             )
             rec.dropped += len(missing)
-        self.scheduler.spend(Direction.UPLINK, rec.uplink_bytes, server_round=server_round, force=True)
+        self.scheduler.spend(Direction.UPLINK, rec.uplink_bytes, force=True)
         rec.accepted = len(updates)
         if cosines:
             rec.mean_cosine = float(sum(cosines) / len(cosines))
             rec.compress_seconds = float(sum(comp) / len(comp))
             rec.train_seconds = float(sum(train) / len(train))
-            self.scheduler.observe(Direction.UPLINK, BudgetFeedback(rec.mean_cosine, 0.0))
+            self.scheduler.observe(Direction.UPLINK, Feedback(rec.mean_cosine, sum(ratios) / len(ratios)))
         if len(updates) < min(self.cfg.min_train_nodes, len(self._plan)) or not updates:
             logger.warning(
                 "round %d skipped: %d valid replies, need %d",
@@ -341,13 +378,7 @@ class FederatedServer:
     def _apply(self, server_round: int, mean: torch.Tensor, rec: RoundRecord) -> None:
         """Move the global model by the aggregate (or by its compressed downlink)."""
         if self.cfg.compress_downlink:
-            expected = max(1, len(self._plan))
-            # Sized for the round that will send it; the last round's payload is never
-            # sent (it only defines the final model), so it is sized like this round's.
-            sent_in = min(server_round + 1, self.cfg.num_rounds)
-            self.n_down = self.scheduler.choose_samples(
-                sent_in, payload_count=expected, size_of=self.payload_size, share=0.5
-            )
+            self.n_down = self._n_next
             if self.cfg.downlink_samples and not self.cfg.budget_total_bytes:
                 self.n_down = self.cfg.downlink_samples
             meta = PayloadMeta(Direction.DOWNLINK, server_round, self.digest)
@@ -357,7 +388,9 @@ class FederatedServer:
             rec.downlink_cosine = enc.cosine
             rec.downlink_batch = int(carries_batch(enc.decoded))
             rec.compress_seconds += enc.stats.seconds
-            self.scheduler.observe(Direction.DOWNLINK, BudgetFeedback(enc.cosine, enc.residual_ratio))
+            fresh = float(mean.norm())  # the residual relative to the fresh aggregate
+            ratio = float(enc.residual.norm()) / fresh if fresh > 0 else 0.0
+            self.scheduler.observe(Direction.DOWNLINK, Feedback(enc.cosine, ratio))
             add_flat_(self.model, enc.transmitted)
             self._advance(enc.data)
         else:
@@ -390,6 +423,7 @@ class FederatedServer:
     def finish_round(self, rec: RoundRecord, loss: float, accuracy: float) -> RoundRecord:
         """Attach the evaluation and cumulative byte counts, and keep the record."""
         rec.loss, rec.accuracy = loss, accuracy
+        self.scheduler.observe_accuracy(accuracy)
         prev = self.records[-1] if self.records else None
         rec.cum_uplink_bytes = (prev.cum_uplink_bytes if prev else 0) + rec.uplink_bytes
         rec.cum_downlink_bytes = (prev.cum_downlink_bytes if prev else 0) + rec.downlink_bytes
@@ -426,7 +460,7 @@ class FederatedServer:
         }
         self.version = int(meta["version"])
         self.n_down = int(meta["n_down"])
-        self.scheduler = BudgetScheduler.from_state_dict(meta["scheduler"])
+        self.scheduler = BudgetScheduler.from_state_dict(self.cfg.budget_params(), meta["scheduler"])
         self.records = [RoundRecord(**r) for r in meta["records"]]
         self.digest = digest_flat(get_flat(self.model))
         self.synced = {int(n): (None if v is None else int(v)) for n, v in meta.get("synced", [])}

@@ -50,7 +50,7 @@ def test_our_fields_cost_what_the_size_functions_say() -> None:
     instruction, reply = _real_messages()
     payload = len(reply) - reply_size(0)
     assert len(instruction) == instruction_size([payload]) == 34 + 4 + payload
-    assert len(reply) == reply_size(payload) == 37 + payload
+    assert len(reply) == reply_size(payload) == 41 + payload
 
 
 @pytest.mark.parametrize("size", [10, INLINE_LIMIT, INLINE_LIMIT + 1, 3 * INLINE_LIMIT])

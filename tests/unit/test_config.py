@@ -62,6 +62,15 @@ def test_run_config_round_trip() -> None:
         ({"iid": "maybe"}, "iid"),
         ({"round-timeout": 0}, "round-timeout"),
         ({"synthetic-samples": 20, "synthetic-samples-max": 16}, "synthetic-samples"),
+        ({"budget-n-min-uplink": 0}, "budget-n-min-uplink"),
+        ({"budget-total-bytes": 10**6, "budget-n-min-downlink": 17}, "budget-n-min-uplink/-downlink"),
+        ({"budget-decay": 0.0}, "budget-decay"),
+        ({"budget-cos-low": 0.7, "budget-cos-high": 0.6}, "budget-cos-low"),
+        ({"budget-residual-growth": -0.1}, "budget-residual-growth"),
+        ({"budget-adaptive-up": 0.9}, "budget-adaptive-up"),
+        ({"budget-adaptive-down": 1.5}, "budget-adaptive-down"),
+        ({"budget-factor-min": 2.0}, "budget-factor-min"),
+        ({"budget-factor-max": 0.5}, "budget-factor-max"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_key(overrides: dict[str, object], key: str) -> None:
@@ -192,3 +201,23 @@ def test_float16_auto_means_float16_for_3sfc_payloads_only() -> None:
             assert cfg.compressor_settings().float16 is value
     with pytest.raises(ConfigError, match="float16"):
         ExperimentConfig.from_run_config({"float16": "sometimes"})
+
+
+def test_budget_params_carry_every_budget_key() -> None:
+    # Every scheduler tunable is a config key, passed through as given (no constants)
+    cfg = ExperimentConfig.from_run_config(
+        {"budget-total-bytes": 5000, "budget-n-min-uplink": 3, "budget-decay": 0.7, "budget-factor-max": 3.0}
+    )
+    params = cfg.budget_params()
+    assert (params.total_bytes, params.n_min_uplink, params.n_min_downlink) == (5000, 3, 2)
+    assert (params.decay, params.factor_max, params.n_max) == (0.7, 3.0, cfg.synthetic_samples_max)
+    tunables = {
+        k.removeprefix("budget-").replace("-", "_") for k in cfg.to_run_config() if k.startswith("budget-")
+    }
+    others = {"policy", "total_bytes", "num_rounds", "n_max", "n_default"}
+    assert tunables - {"policy", "total_bytes"} == set(vars(params)) - others
+
+
+def test_n_min_above_samples_max_is_allowed_without_a_budget() -> None:
+    cfg = ExperimentConfig.from_run_config({"synthetic-samples": 1, "synthetic-samples-max": 1})
+    assert cfg.budget_params().n_default == 1

@@ -1,0 +1,266 @@
+"""Budget scheduler (issue 12): does a policy beat the best fixed n at the same total bytes?
+
+For each *cell* (digits MLP, digits LeNet-5), seed and total budget (a multiple of what a
+fixed n = 4 run sends, both ways, catch-up included) it runs, with the in-process loop:
+
+* ``constant``, ``decay`` and ``adaptive`` under that budget (default tunables), and
+* ``fixed``: the largest fixed n whose whole run fits the budget (constant policy with
+  ``n_min = n_max = n``); when no n fits, n = 1, which then stops early like the rest.
+
+A fixed run's bytes are the server's forecast (:meth:`FederatedServer.forecast`) at that
+n: exact payload bounds for the seeded sample, so the forecast of n = 4 is the budget's
+unit and is known before anything runs. The federation samples half of 10 clients each
+round (``fraction-train`` 0.5), so catch-up is part of every run.
+
+Every run appends one JSON line to ``bench/results/budget.jsonl`` as soon as it ends;
+runs already there are skipped (stop and resume at will). ``--report`` only renders
+``bench/results/budget.md`` from the lines present::
+
+    nice -n 5 .venv/bin/python bench/budget.py --cells digits-mlp --rounds 20 --seeds 0,1,2
+    .venv/bin/python bench/budget.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    env_info,
+    fmt_bytes,
+    md_table,
+    mean_std,
+    parse_ints,
+    report_head,
+    run_federated,
+    write_results,
+)
+
+SCRIPT = "budget.py"
+JSONL = RESULTS / "budget.jsonl"
+LAST = 5
+REFERENCE_N = 4
+FACTORS = (0.25, 1.0, 4.0)
+POLICIES = ("constant", "decay", "adaptive")
+N_MAX = 32  # above the default 16, so that 4x the n = 4 run can be spent
+CELLS: dict[str, dict[str, Any]] = {
+    "digits-mlp": {"dataset": "digits", "model": "mlp"},
+    "digits-lenet5": {"dataset": "digits", "model": "lenet5"},
+}
+BASE: dict[str, Any] = {
+    "method": "e3sfc",
+    "downlink": "compressed",
+    "num-partitions": 10,
+    "fraction-train": 0.5,
+    "synthetic-samples-max": N_MAX,
+    "device": "cpu",
+    "num-threads": 1,
+}
+
+
+def setting(cell: str, seed: int, rounds: int) -> dict[str, Any]:
+    """The run config shared by every row of one cell and seed."""
+    return {**BASE, **CELLS[cell], "seed": seed, "num-rounds": rounds}
+
+
+def fixed_costs(raw: dict[str, Any]) -> dict[int, int]:
+    """Forecast bytes of a whole fixed-n run, per n in 1..N_MAX (nothing is trained)."""
+    from e3sfc_core.config import ExperimentConfig
+    from e3sfc_core.experiment import Experiment
+
+    cfg = ExperimentConfig.from_run_config({**raw, "output-dir": "/tmp/e3sfc-budget-forecast"})
+    server = Experiment(cfg, REPO).server
+    first = {c: server.downlink_for(c) for c in server.sample(1, range(cfg.num_partitions))}
+    demands = server.forecast(1, first)
+    return {n: sum(d.cost(server.payload_size, n, n) for d in demands) for n in range(1, N_MAX + 1)}
+
+
+def runs_for(raw: dict[str, Any], costs: dict[int, int]) -> list[tuple[str, float, dict[str, Any]]]:
+    """(label, budget factor, config) of every run of one cell and seed."""
+    out = []
+    for factor in FACTORS:
+        total = int(factor * costs[REFERENCE_N])
+        budget = {**raw, "budget-total-bytes": total}
+        fits = [n for n, c in costs.items() if c <= total]
+        n = max(fits) if fits else 1
+        fixed = {"budget-n-min-uplink": n, "budget-n-min-downlink": n, "synthetic-samples-max": n}
+        out.append((f"fixed n={n}", factor, {**budget, **fixed, "synthetic-samples": min(n, 2)}))
+        out += [(p, factor, {**budget, "budget-policy": p}) for p in POLICIES]
+    return out
+
+
+def row_of(
+    cell: str, label: str, factor: float, raw: dict[str, Any], result: dict[str, Any]
+) -> dict[str, Any]:
+    """One JSON line: what ran and what it reached and spent."""
+    recs, summary = result["records"], result["summary"]
+    budget = summary["budget"]
+    accs = [r["accuracy"] for r in recs]
+    sent = sum(r["uplink_bytes"] + r["downlink_bytes"] for r in recs)
+    return {
+        "cell": cell,
+        "seed": raw["seed"],
+        "rounds_planned": raw["num-rounds"],
+        "factor": factor,
+        "label": label,
+        "total": raw["budget-total-bytes"],
+        "spent": budget["spent_total"],
+        "metrics_bytes": sent,
+        "rounds_run": len(recs),
+        "final_accuracy": accs[-1] if accs else float("nan"),
+        "last_accuracy": mean_std(accs[-LAST:])[0],
+        "n_uplink": [r["n_uplink"] for r in recs],
+        "stopped_early": summary.get("stopped_early", ""),
+        "wall_seconds": result["wall_seconds"],
+    }
+
+
+def verdict(
+    cell: str, rounds: int, factor: float, adaptive: list[dict[str, Any]], fixed: list[dict[str, Any]]
+) -> str:
+    """adaptive against the best fixed n, paired by seed: beats or is below when the mean
+    difference is larger than its spread over seeds, else matches."""
+    by_seed = {r["seed"]: r["last_accuracy"] for r in fixed}
+    diffs = [r["last_accuracy"] - by_seed[r["seed"]] for r in adaptive if r["seed"] in by_seed]
+    mean, sd = mean_std(diffs)
+    word = "matches" if abs(mean) <= sd else ("beats" if mean > 0 else "below")
+    per_seed = ", ".join(f"{100 * d:+.2f}" for d in diffs)
+    return (
+        f"- {cell}, {rounds} rounds, {factor}x: adaptive - fixed = {100 * mean:+.2f} ± {100 * sd:.2f} "
+        f"points over {len(diffs)} seed(s) ({per_seed}): **{word}**"
+    )
+
+
+def done_keys() -> set[tuple[str, int, int, float, str]]:
+    """Runs already in the JSONL file (resume)."""
+    if not JSONL.exists():
+        return set()
+    rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
+    return {(r["cell"], r["seed"], r["rounds_planned"], r["factor"], r["label"]) for r in rows}
+
+
+def run(cells: list[str], seeds: list[int], rounds: int) -> None:
+    """Run every missing row, appending each to the JSONL file as it ends."""
+    done = done_keys()
+    JSONL.parent.mkdir(parents=True, exist_ok=True)
+    for cell in cells:
+        for seed in seeds:
+            raw = setting(cell, seed, rounds)
+            for label, factor, cfg in runs_for(raw, fixed_costs(raw)):
+                if (cell, seed, rounds, factor, label) in done:
+                    continue
+                name = f"{cell}-s{seed}-r{rounds}-x{factor}-{label.replace(' ', '').replace('=', '')}"
+                cfg = {**cfg, "output-dir": "outputs/bench-budget", "run-name": name}
+                row = row_of(cell, label, factor, cfg, run_federated(cfg))
+                with JSONL.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(
+                    f"{name}: acc {row['last_accuracy']:.4f}, spent {row['spent']}/{row['total']}, "
+                    f"{row['rounds_run']} rounds, {row['wall_seconds']:.0f} s",
+                    flush=True,
+                )
+
+
+def report(argv: list[str] | None) -> None:
+    """Render budget.md (and budget.json) from the JSONL lines."""
+    rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
+    groups: dict[tuple[str, int, float], dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        key = (r["cell"], r["rounds_planned"], r["factor"])
+        groups.setdefault(key, {}).setdefault(r["label"], []).append(r)
+    table, verdicts = [], []
+    for (cell, rounds, factor), by_label in sorted(groups.items()):
+        fixed = next((rs for label, rs in by_label.items() if label.startswith("fixed")), [])
+        for label in sorted(by_label, key=lambda s: (not s.startswith("fixed"), s)):
+            rs = by_label[label]
+            acc, sd = mean_std([r["last_accuracy"] for r in rs])
+            spent = mean_std([r["spent"] / r["total"] for r in rs])[0]
+            table.append(
+                [
+                    cell,
+                    rounds,
+                    f"{factor}x",
+                    fmt_bytes(mean_std([r["total"] for r in rs])[0]),
+                    label,
+                    len(rs),
+                    f"{100 * acc:.2f} ± {100 * sd:.2f}",
+                    f"{100 * mean_std([r['final_accuracy'] for r in rs])[0]:.2f}",
+                    f"{100 * spent:.1f}%",
+                    f"{mean_std([r['rounds_run'] for r in rs])[0]:.1f}",
+                    "yes" if all(r["spent"] <= r["total"] for r in rs) else "NO",
+                ]
+            )
+            if label == "adaptive" and fixed:
+                verdicts.append(verdict(cell, rounds, factor, rs, fixed))
+    head = report_head(
+        "Budget scheduler: policies against the best fixed n at equal total bytes",
+        env_info("cpu"),
+        SCRIPT,
+        argv,
+        "Setting: E-3SFC (3SFC both ways, corrected payload), 10 clients, half sampled per round "
+        "(catch-up included in every byte count), default local training; budget = factor x the "
+        "forecast bytes of a fixed n = 4 run of the same cell and seed. `fixed n=k`: the largest "
+        "fixed n whose whole run fits (n = 1 when none does; it then stops early like the others). "
+        f"Accuracy: mean over the last {LAST} rounds run, mean ± std over seeds. `within`: "
+        "spent <= total in every run. Where no fixed n fits (0.25x here) every run stops when "
+        "the budget is spent, and the policies, held at n >= `budget-n-min-*` = 2, all make "
+        "the same choices. Each JSON line was written by the checkout it ran on (see the "
+        "history of `bench/results/budget.jsonl`).",
+    )
+    runs: dict[tuple[str, int], set[int]] = {}
+    for r in rows:
+        runs.setdefault((r["cell"], r["rounds_planned"]), set()).add(r["seed"])
+    commands = [
+        f"`nice -n 5 .venv/bin/python bench/{SCRIPT} --cells {cell} --rounds {rounds} "
+        f"--seeds {','.join(str(s) for s in sorted(seeds))}`"
+        for (cell, rounds), seeds in sorted(runs.items())
+    ]
+    head += ["Rows in this file come from: " + "; ".join(commands) + ".", ""]
+    headers = [
+        "cell",
+        "rounds",
+        "budget",
+        "total",
+        "run",
+        "seeds",
+        "accuracy %",
+        "final %",
+        "spent",
+        "rounds run",
+        "within",
+    ]
+    md = "\n".join(
+        [
+            *head,
+            md_table(headers, table),
+            "",
+            "Goal: adaptive matches or beats the best fixed n (paired by seed; matches: the mean "
+            "difference is within its spread over seeds):",
+            "",
+            *verdicts,
+        ]
+    )
+    write_results("budget", {"rows": rows}, md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", default="digits-mlp,digits-lenet5", help=f"comma-separated, of {sorted(CELLS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--report", action="store_true", help="only render budget.md from the JSONL")
+    args = p.parse_args(argv)
+    if not args.report:
+        run([c.strip() for c in args.cells.split(",") if c.strip()], parse_ints(args.seeds), args.rounds)
+    report(argv)
+
+
+if __name__ == "__main__":
+    main()
