@@ -75,13 +75,29 @@ class Demand:
     """One coming round as the server foresees it.
 
     ``uplinks``: payloads its sampled clients send; ``deliveries``: how many times the
-    downlink payload it makes will be sent in later rounds; ``fixed``: bytes it sends
-    whatever ``n`` is chosen (replays of payloads already made, full-weights re-syncs).
+    downlink payload it makes will be sent in later rounds; ``fixed``: downlink bytes it
+    sends whatever ``n`` is chosen (replays of payloads already made, full-weights
+    re-syncs, the instructions' own fields); ``uplink_fixed``: the same for the uplink
+    (the replies' own fields); ``per_delivery``: bytes each later delivery of the
+    payload adds besides the payload (its length field in the instruction).
     """
 
     uplinks: int
     deliveries: int
     fixed: int = 0
+    uplink_fixed: int = 0
+    per_delivery: int = 0
+
+    @property
+    def fixed_total(self) -> int:
+        """Bytes both directions send in this round whatever ``n`` is chosen."""
+        return self.fixed + self.uplink_fixed
+
+    @property
+    def committed(self) -> int:
+        """Bytes this round commits the run to whatever ``n`` is chosen, later
+        deliveries' own fields included."""
+        return self.fixed_total + self.deliveries * self.per_delivery
 
     def count(self, direction: Direction) -> int:
         """Payloads whose size this round's ``n`` in ``direction`` decides."""
@@ -89,7 +105,7 @@ class Demand:
 
     def cost(self, size_of: SizeOf, n_uplink: int, n_downlink: int) -> int:
         """Bytes this round's choices commit the run to, fixed bytes included."""
-        return self.fixed + self.uplinks * size_of(n_uplink) + self.deliveries * size_of(n_downlink)
+        return self.committed + self.uplinks * size_of(n_uplink) + self.deliveries * size_of(n_downlink)
 
 
 @dataclass(frozen=True)
@@ -281,14 +297,14 @@ class BudgetScheduler:
             return self._keep(RoundPlan(server_round, p.n_default, p.n_default))
         now = demands[0]
         remaining = self.remaining() or 0
-        needed = now.fixed + now.uplinks * size_of(p.n_min_uplink)
+        needed = now.fixed_total + now.uplinks * size_of(p.n_min_uplink)
         if needed > remaining:
             raise BudgetExhausted(
                 f"round {server_round} needs {needed} bytes at n = {p.n_min_uplink}, {remaining} left"
             )
         self._update_factors()
-        free = remaining - sum(x.fixed for x in demands)
-        later = sum(x.cost(size_of, p.n_min_uplink, p.n_min_downlink) - x.fixed for x in demands[1:])
+        free = remaining - sum(x.committed for x in demands)
+        later = sum(x.cost(size_of, p.n_min_uplink, p.n_min_downlink) - x.committed for x in demands[1:])
         share = shares(p, free, demands, self.factors)
         cap = max(0, free - later)
         scale = min(1.0, cap / sum(share.values())) if sum(share.values()) > 0 else 1.0
@@ -301,7 +317,7 @@ class BudgetScheduler:
             n[Direction.UPLINK],
             n[Direction.DOWNLINK],
             allowance=math.floor(sum(share.values()) * scale),
-            planned_uplink=now.uplinks * size_of(n[Direction.UPLINK]),
+            planned_uplink=now.uplink_fixed + now.uplinks * size_of(n[Direction.UPLINK]),
             planned_downlink=now.fixed,
         )
         logger.info(

@@ -110,6 +110,7 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
     partition_id: int = -1  # lets the server aggregate in a fixed order (node IDs are random)
+    size: int = 0  # bytes the reply took on the network (0: nothing arrived)
 
     def encode(self) -> bytes:
         """The reply as it crosses the network (an error reply is never sent)."""
@@ -139,9 +140,9 @@ class Reply:
             if at != len(data):
                 raise PayloadError(f"reply has {len(data) - at} trailing bytes")
         except PayloadError as exc:
-            return cls(node_id, STATUS_ERROR, error=f"malformed reply: {exc}")
+            return cls(node_id, STATUS_ERROR, error=f"malformed reply: {exc}", size=len(data))
         clean = {k: v for k, v in zip(REPLY_METRICS, metrics, strict=True) if math.isfinite(v)}
-        return cls(node_id, _WIRE_STATUS[status], payload, n, clean, partition_id=pid)
+        return cls(node_id, _WIRE_STATUS[status], payload, n, clean, partition_id=pid, size=len(data))
 
 
 def _head(what: str, data: bytes, layout: struct.Struct, magic: bytes) -> tuple[Any, ...]:

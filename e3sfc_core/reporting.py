@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_bytes
+from .protocol import instruction_size, reply_size
 from .server import RoundRecord
 
 CSV_COLUMNS = [f.name for f in fields(RoundRecord)]
@@ -57,13 +58,16 @@ def summarize(
     budget_report: dict[str, Any],
 ) -> dict[str, Any]:
     """Final numbers of a run, including what FedAvg would have sent for the same traffic
-    pattern: one dense float32 payload per sampled client each way, except round 1's
-    downlink, which nobody sends (every client builds the initial model from the seed)."""
+    pattern: one message per sampled client each way, each with one dense float32 payload
+    except round 1's instructions, which carry none (every client builds the initial
+    model from the seed)."""
     accs = [r.accuracy for r in records if not math.isnan(r.accuracy)]
     up = sum(r.uplink_bytes for r in records)
     down = sum(r.downlink_bytes for r in records)
-    messages = sum(r.sampled for r in records) + sum(r.sampled for r in records if r.round > 1)
-    fedavg = messages * dense_bytes_per_payload
+    dense = dense_bytes_per_payload
+    fedavg = sum(
+        r.sampled * (reply_size(dense) + instruction_size([dense] if r.round > 1 else [])) for r in records
+    )
     return {
         "method": config.get("method"),
         "dataset": config.get("dataset"),

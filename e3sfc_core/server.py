@@ -40,7 +40,7 @@ from .payload import (
     dense_size,
     encode,
 )
-from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply
+from .protocol import STATUS_DESYNC, STATUS_OK, Instruction, Reply, instruction_size, reply_size
 from .rounds import (
     Expectation,
     aggregation_multipliers,
@@ -56,6 +56,9 @@ from .synthetic_gradient import parameter_sizes
 from .tensors import add_flat_, digest_flat, get_flat, num_params, set_flat
 
 logger = logging.getLogger(__name__)
+INSTRUCTION_FIELDS = instruction_size([])  # an instruction without payloads
+REPLY_FIELDS = reply_size(0)  # a reply without its payload
+LENGTH_FIELD = instruction_size([0]) - INSTRUCTION_FIELDS  # per payload in an instruction
 
 
 @dataclass
@@ -202,12 +205,12 @@ class FederatedServer:
         """
         chosen = self.sample(server_round, node_ids)
         downs = {n: self.downlink_for(n) for n in chosen}
-        down_bytes = sum(len(p) for d, _ in downs.values() for p in d)
+        down_bytes = sum(instruction_size([len(p) for p in d]) for d, _ in downs.values())
         demands = [] if self.scheduler.unlimited else self.forecast(server_round, downs)
         plan = self.scheduler.plan_round(server_round, demands, self.payload_size)
         n_up, self._n_next = plan.n_uplink, plan.n_downlink
         up_size = self.payload_size(n_up)
-        needed = down_bytes + len(chosen) * up_size
+        needed = down_bytes + len(chosen) * reply_size(up_size)
         if not self.scheduler.can_afford(needed):
             raise BudgetExhausted(
                 f"round {server_round} needs {needed} bytes, {self.scheduler.remaining()} left"
@@ -245,7 +248,9 @@ class FederatedServer:
         makes counts as a delivery of that round's payload; with a dense downlink every
         client behind gets the full weights. Skipped rounds and replays longer than a
         full re-sync are not foreseen, which makes the forecast an upper bound; a desync
-        cannot be foreseen, but its re-sync is in every forecast after it."""
+        cannot be foreseen, but its re-sync is in every forecast after it. Every message
+        also costs its own fields (``protocol``): one instruction and one reply per client,
+        and a length field per payload an instruction carries."""
         last = max(self.cfg.num_rounds, server_round)
         seen: dict[int, int] = {}  # client -> latest coming round it is sampled in
         deliveries = dict.fromkeys(range(server_round, last + 1), 0)
@@ -253,22 +258,25 @@ class FederatedServer:
         everyone = range(self.cfg.num_partitions)
         for j in range(server_round, last + 1):
             chosen = list(now) if j == server_round else self.sample(j, everyone)
-            fixed = 0
+            fixed = len(chosen) * INSTRUCTION_FIELDS
             for client in chosen:
                 existing = 0
                 if client not in seen:  # its catch-up of payloads already made
                     down = now.get(client) or self.downlink_for(client)
-                    existing = sum(len(p) for p in down[0])
+                    existing = instruction_size([len(p) for p in down[0]]) - INSTRUCTION_FIELDS
                 since = seen.get(client, server_round)
                 if self.cfg.compress_downlink:
                     fixed += existing
                     for k in range(since, j):
                         deliveries[k] += 1
                 else:
-                    fixed += self.full_size if j > since else existing
+                    fixed += self.full_size + LENGTH_FIELD if j > since else existing
                 seen[client] = j
             rows.append((len(chosen), fixed))
-        return [Demand(u, deliveries[server_round + i], f) for i, (u, f) in enumerate(rows)]
+        return [
+            Demand(u, deliveries[j], f, uplink_fixed=u * REPLY_FIELDS, per_delivery=LENGTH_FIELD)
+            for j, (u, f) in enumerate(rows, start=server_round)
+        ]
 
     def aggregate_round(self, server_round: int, replies: Sequence[Reply]) -> RoundRecord:
         """Validate and aggregate the replies, update the global model (and compress the
@@ -291,7 +299,7 @@ class FederatedServer:
         # Arrival order and deployed node IDs are arbitrary; a fixed order (by the
         # partition each client reports) keeps float sums, and so runs, reproducible.
         for reply in sorted(replies, key=lambda r: (r.partition_id, r.node_id)):
-            rec.uplink_bytes += len(reply.payload)
+            rec.uplink_bytes += reply.size
             if reply.node_id not in self._plan:
                 logger.warning(
                     "round %d: reply from node %s that was not sampled", server_round, reply.node_id

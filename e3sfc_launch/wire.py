@@ -1,6 +1,6 @@
 """Byte counts of a deployed run on three levels, and the relay that measures the last.
 
-1. payload bytes: ``len()`` of every encoded message, what the experiment counts
+1. counted bytes: ``len()`` of every message we encode, what the experiment counts
    (``summary.json``: ``total_uplink_bytes`` / ``total_downlink_bytes``);
 2. Flower message bytes: Flower's own per-run accounting of the Fleet messages and their
    objects (``flwr ls`` -> ``network-traffic``);
@@ -95,9 +95,9 @@ def byte_levels(
     """The three levels, uplink (SuperNodes -> SuperLink) and downlink; ``None`` where
     a level was not measured."""
     flower = (int(traffic.get("inbound-bytes", 0)), int(traffic.get("outbound-bytes", 0)))
-    payload = (int(summary.get("total_uplink_bytes", 0)), int(summary.get("total_downlink_bytes", 0)))
+    counted = (int(summary.get("total_uplink_bytes", 0)), int(summary.get("total_downlink_bytes", 0)))
     return {
-        "payload": _directions(payload),
+        "counted": _directions(counted),
         "flower_messages": _directions(flower) if traffic else None,
         "wire": _directions(wire) if wire is not None else None,
     }
@@ -116,7 +116,7 @@ def record_levels(summary_path: Path, levels: dict[str, dict[str, int] | None]) 
 
 def levels_text(levels: dict[str, dict[str, int] | None]) -> list[str]:
     """One line per level, for the launcher's output."""
-    names = {"payload": "payload (counted)", "flower_messages": "Flower messages", "wire": "wire (relay)"}
+    names = {"counted": "our messages", "flower_messages": "Flower messages", "wire": "wire (relay)"}
     lines = []
     for key, name in names.items():
         level = levels.get(key)

@@ -10,13 +10,7 @@ from flwr.app import Array, Message
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
-from e3sfc_flower.records import (
-    RECORD_DOWNLINK,
-    RECORD_UPLINK,
-    STATE_RESIDUAL,
-    instruction_from,
-    record_bytes,
-)
+from e3sfc_flower.records import STATE_RESIDUAL, content_bytes, instruction_from
 from server_app.strategy import E3SFCStrategy
 
 from .conftest import FakeGrid
@@ -48,7 +42,7 @@ def test_budgeted_flower_run_with_a_desync_counts_every_byte_and_spends_95_to_10
 
     def count_reply(node: int, reply: Message) -> Message:
         if not reply.has_error():
-            wire["bytes"] += sum(len(b) for b in record_bytes(reply.content.array_records[RECORD_UPLINK]))
+            wire["bytes"] += len(content_bytes(reply.content))
         return reply
 
     grid = FakeGrid(cfg, 6, count_reply)
@@ -58,7 +52,7 @@ def test_budgeted_flower_run_with_a_desync_counts_every_byte_and_spends_95_to_10
         messages = list(messages)
         for msg in messages:
             if msg.metadata.message_type == "train":
-                wire["bytes"] += sum(len(b) for b in record_bytes(msg.content.array_records[RECORD_DOWNLINK]))
+                wire["bytes"] += len(content_bytes(msg.content))
         trains = [m for m in messages if m.metadata.message_type == "train"]
         if trains and instruction_from(trains[0]).server_round == 3 and not corrupted:
             for msg in trains:  # the first sampled node that holds weights drifts
@@ -76,7 +70,8 @@ def test_budgeted_flower_run_with_a_desync_counts_every_byte_and_spends_95_to_10
     # Execute
     E3SFCStrategy(exp).start(grid=grid)  # type: ignore[arg-type]
     # Assert: the desync was detected and re-synced, all rounds ran, and the scheduler
-    # counted exactly the bytes of every message, within the total and at least 95% of it
+    # counted exactly the bytes of every message (our encoding, its fields included),
+    # within the total and at least 95% of it
     with (exp.run_dir / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     budget = exp.server.scheduler.report()

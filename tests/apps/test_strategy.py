@@ -10,8 +10,9 @@ from flwr.app import Error, Message
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
+from e3sfc_core.protocol import reply_size
 from e3sfc_core.simulate import run_reference
-from e3sfc_flower.records import instruction_from
+from e3sfc_flower.records import content_bytes, instruction_from
 from server_app.strategy import E3SFCStrategy
 
 from .conftest import FakeGrid, with_bytes
@@ -55,7 +56,7 @@ def test_flower_path_equals_reference_loop(tmp_path: Path, method: str) -> None:
         assert (exp.run_dir / name).exists()
 
 
-def test_bytes_add_up_and_match_payload_lengths(tmp_path: Path) -> None:
+def test_bytes_add_up_and_match_message_lengths(tmp_path: Path) -> None:
     # Prepare
     cfg = _cfg(tmp_path)
     exp = Experiment(cfg, base_dir=tmp_path)
@@ -63,12 +64,11 @@ def test_bytes_add_up_and_match_payload_lengths(tmp_path: Path) -> None:
     # Execute
     E3SFCStrategy(exp).start(grid=grid)  # type: ignore[arg-type]
     summary = exp.finalize()
-    # Assert: downlink bytes are exactly the payload bytes we put in messages
-    sent = sum(len(p) for m in grid.sent for p in instruction_from(m).downlink)
-    assert sent == summary["total_downlink_bytes"]
+    # Assert: downlink bytes are exactly the bytes of the messages we sent
+    assert _downlink_bytes(grid) == summary["total_downlink_bytes"]
     rows = _rows(exp)
     assert int(rows[-1]["cum_uplink_bytes"]) == sum(int(r["uplink_bytes"]) for r in rows)
-    bound = 3 * 4 * exp.server.payload_size(cfg.synthetic_samples)  # Rice-coded positions vary
+    bound = 3 * 4 * reply_size(exp.server.payload_size(cfg.synthetic_samples))  # Rice codes vary
     assert 0.9 * bound < summary["total_uplink_bytes"] <= bound
     assert summary["compression_ratio"] > 50
 
@@ -124,6 +124,11 @@ def test_missing_replies_count_as_dropped(tmp_path: Path) -> None:
     assert (int(row["accepted"]), int(row["dropped"])) == (3, 1)
 
 
+def _downlink_bytes(grid: FakeGrid) -> int:
+    """What the server's train messages carried: ``len()`` of each encoded instruction."""
+    return sum(len(content_bytes(m.content)) for m in grid.sent if m.metadata.message_type == "train")
+
+
 def _find(grid: FakeGrid, node: int) -> Message:
     return [m for m in grid.sent if m.metadata.dst_node_id == node][-1]
 
@@ -141,8 +146,7 @@ def test_partial_participation_replays_missed_downlinks_and_counts_them(tmp_path
     assert max(counts) >= 2
     rows = _rows(exp)
     assert all(r["desynced"] == "0" and r["full_syncs"] == "0" and r["accepted"] == "2" for r in rows)
-    sent = sum(len(p) for m in grid.sent for p in instruction_from(m).downlink)
-    assert sent == sum(int(r["downlink_bytes"]) for r in rows)
+    assert _downlink_bytes(grid) == sum(int(r["downlink_bytes"]) for r in rows)
 
 
 def test_relayed_downlink_through_flower_equals_reference_loop(tmp_path: Path) -> None:

@@ -102,11 +102,11 @@ def test_three_rounds_complete_and_accuracy_rises(deployed: tuple[Deployment, Pa
     # the three byte levels, each direction: what we count <= Flower's own accounting of
     # the run's messages <= what the SuperNodes' connections carried; all in summary.json
     levels = json.loads((run_dir / "summary.json").read_text())["bytes_by_level"]
-    assert levels["payload"]["uplink"] == sum(int(r["uplink_bytes"]) for r in rows) > 0
-    assert levels["payload"]["downlink"] == sum(int(r["downlink_bytes"]) for r in rows) > 0
+    assert levels["counted"]["uplink"] == sum(int(r["uplink_bytes"]) for r in rows) > 0
+    assert levels["counted"]["downlink"] == sum(int(r["downlink_bytes"]) for r in rows) > 0
     assert levels["flower_messages"]["uplink"] == run["network-traffic"]["inbound-bytes"]
     for direction in ("uplink", "downlink"):
-        counted, flower, on_wire = (levels[k][direction] for k in ("payload", "flower_messages", "wire"))
+        counted, flower, on_wire = (levels[k][direction] for k in ("counted", "flower_messages", "wire"))
         assert counted < flower < on_wire, direction
 
 

@@ -36,19 +36,20 @@ def budget_config(tmp: Path, **over: Any) -> ExperimentConfig:
 
 
 class Wire:
-    """Reply hook that counts every payload the server sent and received, and turns the
-    first reply of round 2 into a ``desync`` (as a client whose weights drifted answers)."""
+    """Reply hook that counts every message the server sent and received (``len()`` of
+    its encoding), and turns the first reply of round 2 into a ``desync`` (as a client
+    whose weights drifted answers)."""
 
     def __init__(self) -> None:
         self.bytes = 0
         self.desynced: list[int] = []
 
     def __call__(self, server_round: int, instruction: Instruction, reply: Reply) -> Reply:
-        self.bytes += sum(len(p) for p in instruction.downlink)
+        self.bytes += len(instruction.encode())
         if server_round == 2 and not self.desynced:
             self.desynced.append(reply.node_id)
             reply = Reply(reply.node_id, STATUS_DESYNC, error="drifted", partition_id=reply.partition_id)
-        self.bytes += len(reply.payload)
+        self.bytes += len(reply.encode())
         return reply
 
 

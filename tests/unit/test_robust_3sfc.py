@@ -17,6 +17,7 @@ from e3sfc_core.datasets import load_partition
 from e3sfc_core.errors import ConfigError, PayloadRejected
 from e3sfc_core.models import build_model
 from e3sfc_core.payload import Codec, Direction, SyntheticBody, decode, encode
+from e3sfc_core.protocol import instruction_size
 from e3sfc_core.rounds import apply_downlink, bounded_residual, compress_update, exact_decompress
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.synthetic import SyntheticFeatureCompressor
@@ -287,5 +288,5 @@ def test_downlink_samples_sizes_the_servers_payload(tmp_path: object) -> None:
     second = exp.server.records[1]
     assert (second.n_uplink, second.n_downlink) == (1, 3)
     sent = exp.server.history[1]
-    assert second.downlink_bytes == 2 * len(sent)
+    assert second.downlink_bytes == 2 * instruction_size([len(sent)])
     assert exp.server.payload_size(1) < len(sent) <= exp.server.payload_size(3)

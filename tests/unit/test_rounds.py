@@ -16,6 +16,7 @@ from e3sfc_core.datasets import load_partition
 from e3sfc_core.errors import BaseModelMismatch, DesyncError, PayloadError, PayloadRejected
 from e3sfc_core.models import build_model
 from e3sfc_core.payload import Codec, DenseBody, Direction, Payload, SyntheticBody, encode
+from e3sfc_core.protocol import instruction_size, reply_size
 from e3sfc_core.rounds import (
     Expectation,
     apply_downlink,
@@ -401,9 +402,11 @@ def test_run_reference_fedavg_equals_weighted_mean_of_local_updates(tmp_path) ->
 
     # Assert
     torch.testing.assert_close(get_flat(exp.server.model), get_flat(oracle), rtol=0, atol=0)
-    dense_bytes = 28 + 4 * numel
-    assert [r.uplink_bytes for r in exp.server.records] == [3 * dense_bytes] * 2
-    # downlink: nothing or full weights per client (dense downlink keeps no replay history)
-    assert all(r.downlink_bytes % dense_bytes == 0 for r in exp.server.records)
+    dense = 28 + 4 * numel  # one dense float32 payload
+    assert [r.uplink_bytes for r in exp.server.records] == [3 * reply_size(dense)] * 2
+    # downlink: nothing in round 1 (the seed builds the model), one dense payload per
+    # client in round 2 (a dense downlink keeps no replay history)
+    downs = [r.downlink_bytes for r in exp.server.records]
+    assert downs == [3 * instruction_size([]), 3 * instruction_size([dense])]
     assert [r.accepted for r in exp.server.records] == [3, 3]
     assert summary["total_bytes"] == sum(r.uplink_bytes + r.downlink_bytes for r in exp.server.records)

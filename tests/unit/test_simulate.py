@@ -16,7 +16,7 @@ import torch
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment, run_name
 from e3sfc_core.models import build_model
-from e3sfc_core.protocol import Instruction, Reply
+from e3sfc_core.protocol import Instruction, Reply, reply_size
 from e3sfc_core.simulate import run_reference
 from e3sfc_core.tensors import digest_flat, get_flat
 from e3sfc_core.training import evaluate
@@ -83,9 +83,9 @@ def test_metrics_rows_and_cumulative_bytes(
         per_round = [int(r[f"{direction}_bytes"]) for r in rows]
         cum = [int(r[f"cum_{direction}_bytes"]) for r in rows]
         assert cum == [sum(per_round[: i + 1]) for i in range(len(rows))]
-    uplink = exp.server.payload_size(cfg.synthetic_samples)  # no budget: n = synthetic-samples
+    uplink = reply_size(exp.server.payload_size(cfg.synthetic_samples))  # n = synthetic-samples
     assert all(int(r["n_uplink"]) == cfg.synthetic_samples for r in rows)
-    # 4 clients; the correction's positions are Rice-coded, so a payload is at most its bound
+    # 4 replies; the correction's positions are Rice-coded, so a reply is at most its bound
     assert all(0.9 * 4 * uplink < int(r["uplink_bytes"]) <= 4 * uplink for r in rows)
     assert all(r["skipped"] == "False" and int(r["accepted"]) == 4 for r in rows)
     assert all(0.0 < float(r["mean_cosine"]) <= 1.0 for r in rows)
