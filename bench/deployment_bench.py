@@ -197,8 +197,9 @@ def compare(names: list[str], argv: list[str] | None) -> str:
         "`bench/results/deployment_<row>.json`, with the machine's load when it ran): 3 "
         "SuperNodes with TLS and node authentication on 127.0.0.1, dialling the SuperLink through "
         "a byte-counting relay, and the same config simulated. 'counted' is what our outputs "
-        "count per message (uplink / downlink; before the compact messages: payload bytes only, "
-        "after: the whole encoded message); 'Flower framing' is Flower's own per-run accounting "
+        "counted per message when the row ran (uplink / downlink; rows measured before commit "
+        "4b81295, `before-*` and `after-*`, count payload bytes only, later rows the whole "
+        "encoded message, its own fields included); 'Flower framing' is Flower's own per-run accounting "
         "minus the counted bytes, per message; 'wire' is the relay's count minus the counted "
         "bytes, idle polling and the FAB downloads, per message. Seconds per round are the "
         "strategy's wall time over its rounds.",
