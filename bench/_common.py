@@ -10,7 +10,7 @@
   the local-training seconds of each update.
 
 The scripts are run as ``python bench/<script>.py`` from the repository root; this
-module is imported as ``_common`` (the script's folder is first on ``sys.path``).
+module is imported as ``_common``: Python puts the script's folder first on ``sys.path``.
 """
 
 from __future__ import annotations

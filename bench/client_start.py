@@ -22,12 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import REPO, env_info, md_table, report_head, write_results  # noqa: E402
+from _common import REPO, env_info, md_table, report_head, write_results
 
 SCRIPT = "client_start.py"
 LOAD = (

@@ -44,14 +44,11 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     REPO,
     client_data,
     client_settings,
@@ -69,16 +66,16 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta  # noqa: E402
-from e3sfc_core.config import ExperimentConfig  # noqa: E402
-from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec  # noqa: E402
-from e3sfc_core.experiment import resolve_path  # noqa: E402
-from e3sfc_core.models import build_model  # noqa: E402
-from e3sfc_core.rounds import compress_update  # noqa: E402
-from e3sfc_core.synthetic import CosineObjective, SyntheticFeatureCompressor, init_seed  # noqa: E402
-from e3sfc_core.synthetic_gradient import synthetic_gradient  # noqa: E402
-from e3sfc_core.tensors import get_flat, set_flat  # noqa: E402
-from e3sfc_core.training import train_local  # noqa: E402
+from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec
+from e3sfc_core.experiment import resolve_path
+from e3sfc_core.models import build_model
+from e3sfc_core.rounds import compress_update
+from e3sfc_core.synthetic import CosineObjective, SyntheticFeatureCompressor, init_seed
+from e3sfc_core.synthetic_gradient import synthetic_gradient
+from e3sfc_core.tensors import get_flat, set_flat
+from e3sfc_core.training import train_local
 
 
 def previous_cosine(

@@ -43,16 +43,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     REPO,
     add_setting_args,
     client_settings,
@@ -72,14 +68,14 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from e3sfc_core.baselines import TopKCompressor, topk_count  # noqa: E402
-from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build_compressor  # noqa: E402
-from e3sfc_core.datasets import get_spec  # noqa: E402
-from e3sfc_core.models import build_model  # noqa: E402
-from e3sfc_core.payload import dense_size  # noqa: E402
-from e3sfc_core.synthetic_gradient import parameter_sizes  # noqa: E402
-from e3sfc_core.tensors import cosine, num_params, set_flat  # noqa: E402
-from e3sfc_core.training import resolve_device  # noqa: E402
+from e3sfc_core.baselines import TopKCompressor, topk_count
+from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build_compressor
+from e3sfc_core.datasets import get_spec
+from e3sfc_core.models import build_model
+from e3sfc_core.payload import dense_size
+from e3sfc_core.synthetic_gradient import parameter_sizes
+from e3sfc_core.tensors import cosine, num_params, set_flat
+from e3sfc_core.training import resolve_device
 
 GOAL_COS_RATIO = 1.3
 GOAL_TIME_RATIO = 2.0

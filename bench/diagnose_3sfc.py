@@ -16,15 +16,11 @@ Variants run in parallel worker processes (``--workers``), each with one torch t
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from _common import (
     add_run_options,
     add_setting_args,
     env_info,

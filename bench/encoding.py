@@ -37,17 +37,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     REPO,
     add_setting_args,
     client_settings,
@@ -63,12 +59,12 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from e3sfc_core.compact import levels_bytes_bound, positions_bytes_bound  # noqa: E402
-from e3sfc_core.compressor import Budget, PayloadMeta, build_compressor  # noqa: E402
-from e3sfc_core.config import ExperimentConfig  # noqa: E402
-from e3sfc_core.datasets import get_spec  # noqa: E402
-from e3sfc_core.models import build_model  # noqa: E402
-from e3sfc_core.payload import (  # noqa: E402
+from e3sfc_core.compact import levels_bytes_bound, positions_bytes_bound
+from e3sfc_core.compressor import Budget, PayloadMeta, build_compressor
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.datasets import get_spec
+from e3sfc_core.models import build_model
+from e3sfc_core.payload import (
     HEADER_SIZE,
     Direction,
     LowRankBody,
@@ -84,7 +80,7 @@ from e3sfc_core.payload import (  # noqa: E402
     sparse_size,
     ternary_size,
 )
-from e3sfc_core.tensors import num_params  # noqa: E402
+from e3sfc_core.tensors import num_params
 
 GOAL_RATIO = 1.15
 GOAL_METHODS = ("topk", "stc", "qsgd")

@@ -38,12 +38,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     REPO,
     add_run_options,
     add_setting_args,
@@ -61,14 +58,14 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from e3sfc_core.baselines import topk_count  # noqa: E402
-from e3sfc_core.budget import largest_fitting  # noqa: E402
-from e3sfc_core.compressor import Budget, build_compressor  # noqa: E402
-from e3sfc_core.config import ExperimentConfig  # noqa: E402
-from e3sfc_core.datasets import get_spec  # noqa: E402
-from e3sfc_core.models import build_model  # noqa: E402
-from e3sfc_core.synthetic_gradient import parameter_sizes  # noqa: E402
-from e3sfc_core.tensors import num_params  # noqa: E402
+from e3sfc_core.baselines import topk_count
+from e3sfc_core.budget import largest_fitting
+from e3sfc_core.compressor import Budget, build_compressor
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.datasets import get_spec
+from e3sfc_core.models import build_model
+from e3sfc_core.synthetic_gradient import parameter_sizes
+from e3sfc_core.tensors import num_params
 
 
 def size_of(method: str, raw: dict[str, Any], numel: int, n: int = 1) -> int:

@@ -10,8 +10,9 @@ out=bench/results/flower-digits
 mkdir -p "$out"
 # Each method as its paper runs it: STC compresses both ways with error feedback on the
 # server too (Sattler et al. 2019); Top-k, signSGD and QSGD are uplink compressors (dense
-# downlink); E-3SFC compresses both ways; 3sfc is its uplink-only ablation.
-for method in ${METHODS:-fedavg topk stc signsgd qsgd 3sfc e3sfc}; do
+# downlink), and so is PowerSGD here (its all-reduce has no server; see the README); E-3SFC
+# compresses both ways; 3sfc is its uplink-only ablation.
+for method in ${METHODS:-fedavg topk stc signsgd qsgd powersgd 3sfc e3sfc}; do
   extra=()
   if [ "$method" = stc ]; then extra=('downlink="compressed"'); fi
   e3sfc-run "method=\"$method\"" "run-name=\"$method\"" "output-dir=\"$out\"" "${extra[@]}" "$@" > "$out/$method.log" 2>&1

@@ -15,15 +15,10 @@ by scaling: a larger multiple of the aggregate then *raises* the loss).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from _common import (
     REPO,
     add_setting_args,
     env_info,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import env_info, md_table, parse_ints, print_table, report_head, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import env_info, md_table, parse_ints, print_table, report_head, write_results  # noqa: E402
-
-from e3sfc_core.compressor import COMPRESSORS, CompressorSettings, PayloadMeta  # noqa: E402
-from e3sfc_core.config import ExperimentConfig  # noqa: E402
-from e3sfc_core.powersgd import PowerSGDCompressor, model_shapes  # noqa: E402
-from e3sfc_core.simulate import run_reference  # noqa: E402
+from e3sfc_core.compressor import COMPRESSORS, CompressorSettings, PayloadMeta
+from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.powersgd import PowerSGDCompressor, model_shapes
+from e3sfc_core.simulate import run_reference
 
 _LAST_Q: dict[tuple[int, int, int], torch.Tensor] = {}
 
