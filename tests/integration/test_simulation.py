@@ -89,6 +89,39 @@ def test_half_sampled_flower_run_equals_the_in_process_loop(tmp_path: Path) -> N
     assert flower == rows(ref.run_dir / "metrics.csv")
 
 
+def test_budgeted_half_sampled_flower_run_spends_its_budget_as_the_in_process_loop(tmp_path: Path) -> None:
+    # Prepare: a 40 kB budget for 3 rounds of half of 4 clients, the adaptive policy
+    over = {
+        "num-rounds": 3,
+        "local-epochs": 1,
+        "fraction-train": 0.5,
+        "num-threads": 1,
+        "device": "cpu",
+        "budget-total-bytes": 40_000,
+        "budget-policy": "adaptive",
+    }
+    args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in over.items()]
+    # Execute: a real simulation, then the in-process loop with the same config
+    proc = _run(
+        [*args, 'output-dir="runs"', "--num-supernodes", "4", "--flwr-home", str(tmp_path / "home")],
+        cwd=tmp_path,
+    )
+    ref_cfg = ExperimentConfig.from_run_config(
+        {**over, "num-partitions": 4, "output-dir": str(tmp_path / "ref")}
+    )
+    _, ref_summary = run_reference(ref_cfg, base_dir=tmp_path)
+    # Assert: every message's bytes counted, within the budget and at least 95% of it,
+    # and the same plans and bytes as the in-process loop
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e3sfc-digits-mlp-s0"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    budget = json.loads((run_dir / "summary.json").read_text())["budget"]
+    spent = sum(int(r["uplink_bytes"]) + int(r["downlink_bytes"]) for r in rows)
+    assert budget["spent_total"] == spent
+    assert 0.95 * 40_000 <= spent <= 40_000
+    assert budget == ref_summary["budget"]
+
+
 def test_bad_value_fails_before_anything_starts(tmp_path: Path) -> None:
     proc = _run(['method="zip"'], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
