@@ -105,7 +105,7 @@ def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str
         "n_uplink_per_round": n_up,
         "n_downlink_per_round": n_down,
         "planned_per_round": [r["planned_uplink"] + r["planned_downlink"] for r in budget["rounds"]],
-        "spent_per_round": [r["spent"] for r in budget["rounds"]],
+        "spent_per_round": [r["spent_uplink"] + r["spent_downlink"] for r in budget["rounds"]],
         "mean_uplink_cosine": mean_uplink_cosine(res),
     }
 

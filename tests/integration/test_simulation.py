@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from e3sfc_core.config import ExperimentConfig
+from e3sfc_core.experiment import Experiment
 from e3sfc_core.simulate import run_reference
 
 from .procs import flower_processes_mentioning
@@ -29,6 +31,23 @@ def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complet
         timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def _flower_then_in_process(
+    over: dict[str, Any], tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], Experiment, dict[str, Any]]:
+    """``over`` run by ``e3sfc-run`` on 4 simulated SuperNodes (outputs under
+    ``tmp_path/runs``), then by the in-process loop with 4 partitions."""
+    args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in over.items()]
+    proc = _run(
+        [*args, 'output-dir="runs"', "--num-supernodes", "4", "--flwr-home", str(tmp_path / "home")],
+        cwd=tmp_path,
+    )
+    ref_cfg = ExperimentConfig.from_run_config(
+        {**over, "num-partitions": 4, "output-dir": str(tmp_path / "ref")}
+    )
+    ref, summary = run_reference(ref_cfg, base_dir=tmp_path)
+    return proc, ref, summary
 
 
 def test_run_streams_rounds_writes_outputs_and_leaves_nothing_running(tmp_path: Path) -> None:
@@ -66,16 +85,8 @@ def test_half_sampled_flower_run_equals_the_in_process_loop(tmp_path: Path) -> N
     # Prepare: half of 4 clients per round; one torch thread on both sides, so that local
     # training is bit-identical in a Ray worker and here
     over = {"num-rounds": 3, "local-epochs": 1, "fraction-train": 0.5, "num-threads": 1, "device": "cpu"}
-    args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in over.items()]
     # Execute: a real simulation (Flower draws the node IDs), then the in-process loop
-    proc = _run(
-        [*args, 'output-dir="runs"', "--num-supernodes", "4", "--flwr-home", str(tmp_path / "home")],
-        cwd=tmp_path,
-    )
-    ref_cfg = ExperimentConfig.from_run_config(
-        {**over, "num-partitions": 4, "output-dir": str(tmp_path / "ref")}
-    )
-    ref, _ = run_reference(ref_cfg, base_dir=tmp_path)
+    proc, ref, _ = _flower_then_in_process(over, tmp_path)
     # Assert: the same partitions trained every round, so the same numbers (timing aside)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     timing = {"compress_seconds", "train_seconds", "aggregate_seconds"}
@@ -100,16 +111,8 @@ def test_budgeted_half_sampled_flower_run_spends_its_budget_as_the_in_process_lo
         "budget-total-bytes": 40_000,
         "budget-policy": "adaptive",
     }
-    args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in over.items()]
     # Execute: a real simulation, then the in-process loop with the same config
-    proc = _run(
-        [*args, 'output-dir="runs"', "--num-supernodes", "4", "--flwr-home", str(tmp_path / "home")],
-        cwd=tmp_path,
-    )
-    ref_cfg = ExperimentConfig.from_run_config(
-        {**over, "num-partitions": 4, "output-dir": str(tmp_path / "ref")}
-    )
-    _, ref_summary = run_reference(ref_cfg, base_dir=tmp_path)
+    proc, _, ref_summary = _flower_then_in_process(over, tmp_path)
     # Assert: every message's bytes counted, within the budget and at least 95% of it,
     # and the same plans and bytes as the in-process loop
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
