@@ -18,16 +18,19 @@ How the budget and the knobs are chosen
   ``downlink = compressed``: each method also compresses the server's broadcast with its
   own compressor, since a dense float32 downlink alone would exceed B in one round.
   With all clients training every round a run sends ``C * (R * up + (R - 1) * down)``
-  bytes (no downlink in round 1, one payload per client after), so each method's knob is
-  set to the largest value whose payload is at most ``B / (C * (2R - 1))`` bytes:
+  payload bytes (no downlink in round 1, one payload per client after) plus every
+  message's own fields, so each method's knob is set to the largest value whose payload
+  is at most ``(B - fields) / (C * (2R - 1))`` bytes:
   Top-k and STC ratio (exact k), 3SFC n. signSGD and QSGD are run at their default
   size (a QSGD payload shrinks with fewer levels, but not by the 30x a budget this small
   would need), FedAvg too: they run until the budget is spent and their accuracy at that point is
   reported, with the rounds they completed. Uplink-only 3SFC (dense downlink) is shown
   for the same reason.
 * E-3SFC with the budget scheduler: ``budget-policy`` constant / decay / adaptive with
-  the same total (n chosen per round and direction in [2, ``synthetic-samples-max``] =
-  [1, 16]); planned vs spent bytes come from ``summary.json["budget"]``.
+  the same total (n chosen per round and direction in [1, ``synthetic-samples-max``]:
+  ``budget-n-min-*`` lowered from its default 2 to 1, so that a budget sized on the
+  default's n = 2 leaves the scheduler room); planned vs spent bytes come from
+  ``summary.json["budget"]``.
 
 Writes ``bench/results/<out-name>.{json,md}``; per-run outputs go to
 ``bench/results/runs/<out-name>/``.
@@ -64,6 +67,7 @@ from e3sfc_core.compressor import Budget, build_compressor
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec
 from e3sfc_core.models import build_model
+from e3sfc_core.protocol import instruction_size, reply_size
 from e3sfc_core.synthetic_gradient import parameter_sizes
 from e3sfc_core.tensors import num_params
 
@@ -157,7 +161,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         math.floor(ref[0]["summary"]["total_bytes"] * args.budget_multiplier)
     )
     C, R = args.num_partitions, args.num_rounds
-    per_payload = budget // (C * (2 * R - 1))
+    # every message's own fields first: C replies and C instructions per round, and a
+    # length field per payload the C * (R - 1) instructions after round 1 carry
+    fields = C * R * (reply_size(0) + instruction_size([])) + C * (R - 1) * (
+        instruction_size([0]) - instruction_size([])
+    )
+    per_payload = (budget - fields) // (C * (2 * R - 1))
     print(f"budget {budget:,} bytes -> at most {per_payload:,} bytes per payload (C={C}, R={R})")
 
     b = {"budget-total-bytes": budget, "downlink": "compressed"}
@@ -185,8 +194,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         knobs.append(
             (
                 f"e3sfc scheduler {policy}",
-                f"n in [2, {smax}]",
-                {"method": "e3sfc", "budget-policy": policy, "synthetic-samples-max": smax, **b},
+                f"n in [1, {smax}]",
+                {
+                    "method": "e3sfc",
+                    "budget-policy": policy,
+                    "synthetic-samples-max": smax,
+                    "budget-n-min-uplink": 1,
+                    "budget-n-min-downlink": 1,
+                    **b,
+                },
             )
         )
     for method in ("topk", "stc"):
@@ -294,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             argv,
             f"Setting: {setting}. Budget B = {budget:,} bytes (= E-3SFC's default run x "
             f"{args.budget_multiplier:g}); "
-            f"knobs sized for at most {per_payload:,} bytes per payload (B / (C (2R - 1))). Every "
+            f"knobs sized for at most {per_payload:,} bytes per payload "
+            "((B - the messages' own fields) / (C (2R - 1))). Every "
             "budgeted run uses "
             "`budget-total-bytes = B` and `downlink = compressed` (its own compressor both ways) "
             "except the uplink-only "
