@@ -5,7 +5,7 @@ included). Before each round the server *forecasts* the rest of the run: which c
 each coming round samples (sampling is seeded), how many uplink payloads that makes,
 how many times the downlink payload a round makes will be sent later (once to every
 client that catches up with it) and the bytes no choice of ``n`` changes (replays of
-payloads already made, full-weights re-syncs). From that forecast
+payloads already made, full-weights re-syncs, every message's own fields). From that forecast
 (:class:`Demand` per round) the scheduler
 
 * takes the fixed bytes off what is left, keeps for every later round what it needs at
@@ -229,6 +229,19 @@ def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int | None
     return lo
 
 
+def rounds_affordable(
+    params: BudgetParams, demands: Sequence[Demand], size_of: SizeOf, remaining: int
+) -> int:
+    """How many of the coming rounds ``remaining`` bytes pay for at the smallest ``n``
+    (each round's cost includes the later deliveries of its downlink payload)."""
+    spent = 0
+    for k, demand in enumerate(demands):
+        spent += demand.cost(size_of, params.n_min_uplink, params.n_min_downlink)
+        if spent > remaining:
+            return k
+    return len(demands)
+
+
 def _spent_v1(row: Mapping[str, Any]) -> RoundPlan:
     """A round of a format-1 state (its plan had no sample counts): what it spent."""
     try:
@@ -257,6 +270,7 @@ class BudgetScheduler:
     pending: dict[Direction, list[Feedback]] = field(default_factory=lambda: {d: [] for d in Direction})
     last: dict[Direction, Feedback] = field(default_factory=dict)
     current_round: int = 0
+    warned_short: bool = field(default=False, repr=False)  # the run-too-short warning, once
 
     @property
     def unlimited(self) -> bool:
@@ -302,6 +316,7 @@ class BudgetScheduler:
             raise BudgetExhausted(
                 f"round {server_round} needs {needed} bytes at n = {p.n_min_uplink}, {remaining} left"
             )
+        self._warn_if_short(server_round, demands, size_of, remaining)
         self._update_factors()
         free = remaining - sum(x.committed for x in demands)
         later = sum(x.cost(size_of, p.n_min_uplink, p.n_min_downlink) - x.committed for x in demands[1:])
@@ -332,6 +347,27 @@ class BudgetScheduler:
             self.factors[Direction.DOWNLINK],
         )
         return self._keep(plan)
+
+    def _warn_if_short(
+        self, server_round: int, demands: Sequence[Demand], size_of: SizeOf, remaining: int
+    ) -> None:
+        """Say once, as early as it is known, that the budget cannot pay for every
+        coming round even at ``n_min``, and how far it reaches: the run will stop early."""
+        fit = rounds_affordable(self.params, demands, size_of, remaining)
+        if fit >= len(demands) or self.warned_short:
+            return
+        self.warned_short = True
+        p = self.params
+        logger.warning(
+            "budget: %d bytes left pay for rounds %d to %d of %d at n = %d/%d (uplink/downlink); "
+            "the run will stop there unless budget-total-bytes is raised or budget-n-min-* lowered",
+            remaining,
+            server_round,
+            server_round + fit - 1,
+            server_round + len(demands) - 1,
+            p.n_min_uplink,
+            p.n_min_downlink,
+        )
 
     def _keep(self, plan: RoundPlan) -> RoundPlan:
         self.plans[plan.round] = plan

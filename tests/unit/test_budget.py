@@ -20,6 +20,7 @@ from e3sfc_core.budget import (
     RoundPlan,
     largest_fitting,
     next_factor,
+    rounds_affordable,
 )
 from e3sfc_core.errors import BudgetExhausted, ConfigError
 from e3sfc_core.payload import Direction
@@ -128,6 +129,25 @@ def test_n_min_is_kept_per_direction_and_a_round_that_cannot_pay_it_stops_the_ru
     broke = make("constant", K * size_of(3) - 1, 5, n_min_uplink=3)
     with pytest.raises(BudgetExhausted, match="round 1 needs"):
         federation(broke)
+
+
+def test_a_budget_too_small_for_every_round_says_once_where_the_run_will_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: 4 of 10 rounds at n_min = 1 (each round's uplinks plus its downlink's deliveries)
+    total = 4 * 2 * K * size_of(1)
+    demands = [Demand(K, K) for _ in range(10)]
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="e3sfc_core.budget"):
+        short = make("constant", total, 10)
+        short.plan_round(1, demands, size_of)
+        short.plan_round(2, demands[1:], size_of)
+        enough = make("constant", 10 * 2 * K * size_of(1), 10)
+        enough.plan_round(1, demands, size_of)
+    # Assert: one warning, naming the last round paid for; none when every round fits
+    assert rounds_affordable(enough.params, demands, size_of, total) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "rounds 1 to 4 of 10" in warnings[0], warnings
 
 
 def test_a_flat_size_function_gets_the_largest_n_of_equal_size() -> None:
