@@ -352,15 +352,17 @@ class BudgetScheduler:
         self, server_round: int, demands: Sequence[Demand], size_of: SizeOf, remaining: int
     ) -> None:
         """Say once, as early as it is known, that the budget cannot pay for every
-        coming round even at ``n_min``, and how far it reaches: the run will stop early."""
+        coming round even at ``n_min``, and how far it surely reaches: the run will stop
+        early."""
         fit = rounds_affordable(self.params, demands, size_of, remaining)
         if fit >= len(demands) or self.warned_short:
             return
         self.warned_short = True
         p = self.params
         logger.warning(
-            "budget: %d bytes left pay for rounds %d to %d of %d at n = %d/%d (uplink/downlink); "
-            "the run will stop there unless budget-total-bytes is raised or budget-n-min-* lowered",
+            "budget: %d bytes left pay for at least rounds %d to %d of %d at n = %d/%d "
+            "(uplink/downlink; the forecast is an upper bound): the run will stop early unless "
+            "budget-total-bytes is raised or budget-n-min-* lowered",
             remaining,
             server_round,
             server_round + fit - 1,
