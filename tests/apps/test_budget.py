@@ -8,35 +8,19 @@ from pathlib import Path
 
 from flwr.app import Array, Message
 
-from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
 from e3sfc_flower.records import STATE_RESIDUAL, content_bytes, instruction_from
 from server_app.strategy import E3SFCStrategy
 
+from ..budget_setup import TOTAL, budget_config
 from .conftest import FakeGrid
-
-TOTAL = 450_000  # every round at n_min and one full re-sync fit; every round at n_max does not
 
 
 def test_budgeted_flower_run_with_a_desync_counts_every_byte_and_spends_95_to_100_percent(
     tmp_path: Path,
 ) -> None:
     # Prepare: 6 nodes, half sampled per round, adaptive policy
-    cfg = ExperimentConfig.from_run_config(
-        {
-            "num-rounds": 6,
-            "num-partitions": 6,
-            "fraction-train": 0.5,
-            "local-epochs": 1,
-            "max-evals": 5,
-            "synthetic-samples-max": 12,
-            "budget-total-bytes": TOTAL,
-            "budget-policy": "adaptive",
-            "device": "cpu",
-            "num-threads": 1,
-            "output-dir": str(tmp_path / "out"),
-        }
-    )
+    cfg = budget_config(tmp_path, **{"budget-policy": "adaptive"})
     wire = {"bytes": 0}
     corrupted: list[int] = []
 

@@ -4,35 +4,14 @@ every byte that travels counted, the total never exceeded and nearly all of it s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
 from e3sfc_core.protocol import STATUS_DESYNC, Instruction, Reply
 from e3sfc_core.simulate import run_reference
 
-# Enough for every round at n_min plus the one full-weights re-sync the desync forces
-# (220,868 B for the digits MLP), less than every round at n_max: it needs all rounds.
-TOTAL = 450_000
-
-
-def budget_config(tmp: Path, **over: Any) -> ExperimentConfig:
-    raw = {
-        "num-rounds": 6,
-        "num-partitions": 6,
-        "fraction-train": 0.5,
-        "local-epochs": 1,
-        "max-evals": 5,
-        "synthetic-samples-max": 12,
-        "budget-total-bytes": TOTAL,
-        "device": "cpu",
-        "num-threads": 1,
-        "output-dir": str(tmp / "out"),
-        **over,
-    }
-    return ExperimentConfig.from_run_config(raw)
+from ..budget_setup import TOTAL, budget_config
 
 
 class Wire:
