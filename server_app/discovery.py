@@ -4,8 +4,9 @@ The server samples partitions (``e3sfc_core.roster`` says why), so before a roun
 the partition of every connected node. Nodes seen before are not asked again; new or
 restarted ones are asked at the start of the next round. The query and its answer carry
 only the partition id and count: control data like Flower's own message envelope, not
-part of the algorithm's traffic, so they are not in the byte counts (which are payload
-bytes only, the same in Flower and in the in-process loop, which has no such message).
+part of the algorithm's traffic, so they are not in the byte counts (which count the
+round's instructions and replies only, the same in Flower and in the in-process loop,
+which has no such message).
 """
 
 from __future__ import annotations
