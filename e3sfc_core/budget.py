@@ -354,8 +354,10 @@ class BudgetScheduler:
         """Say once, as early as it is known, that the budget cannot pay for every
         coming round even at ``n_min``, and how far it surely reaches: the run will stop
         early."""
+        if self.warned_short:
+            return
         fit = rounds_affordable(self.params, demands, size_of, remaining)
-        if fit >= len(demands) or self.warned_short:
+        if fit >= len(demands):
             return
         self.warned_short = True
         p = self.params
