@@ -46,7 +46,6 @@ REFERENCE_N = 4
 FACTORS = (0.25, 1.0, 4.0)
 POLICIES = ("constant", "decay", "adaptive")
 N_MAX = 32  # above the default 16, so that 4x the n = 4 run can be spent
-DEFAULT_N_MIN = 2  # budget-n-min-* by default
 CELLS: dict[str, dict[str, Any]] = {
     "digits-mlp": {"dataset": "digits", "model": "mlp"},
     "digits-lenet5": {"dataset": "digits", "model": "lenet5"},
@@ -79,6 +78,14 @@ def fixed_costs(raw: dict[str, Any]) -> dict[int, int]:
     return {n: sum(d.cost(server.payload_size, n, n) for d in demands) for n in range(1, N_MAX + 1)}
 
 
+def default_n_min() -> int:
+    """The smaller of the config's default ``budget-n-min-*`` (the policies' floor)."""
+    from e3sfc_core.config import ExperimentConfig
+
+    fields = ExperimentConfig.model_fields
+    return min(int(fields["budget_n_min_uplink"].default), int(fields["budget_n_min_downlink"].default))
+
+
 def runs_for(raw: dict[str, Any], costs: dict[int, int]) -> list[tuple[str, float, dict[str, Any]]]:
     """(label, budget factor, config) of every run of one cell and seed."""
     out = []
@@ -90,7 +97,7 @@ def runs_for(raw: dict[str, Any], costs: dict[int, int]) -> list[tuple[str, floa
         fixed = {"budget-n-min-uplink": n, "budget-n-min-downlink": n, "synthetic-samples-max": n}
         out.append((f"fixed n={n}", factor, {**budget, **fixed, "synthetic-samples": min(n, 2)}))
         out += [(p, factor, {**budget, "budget-policy": p}) for p in POLICIES]
-        if n < DEFAULT_N_MIN:  # no n >= n_min fits: the policies also at the fixed run's floor
+        if n < default_n_min():  # no n >= n_min fits: the policies also at the fixed run's floor
             floor = {"budget-n-min-uplink": n, "budget-n-min-downlink": n}
             out += [(f"{p}, n_min {n}", factor, {**budget, "budget-policy": p, **floor}) for p in POLICIES]
     return out
