@@ -11,9 +11,10 @@ codes are in ``bitcodec.py``), each with a size bound the compressors use for bu
   to decode). Rice with ``b = 0`` (unary gaps) takes ``idx_(k-1) + 1 <= numel`` bits, so
   the bitmap never saves bytes; it is chosen only for dense selections, where it ties.
 * **Levels** (QSGD): ``numel`` integers in ``[-s, s]``, sent as Elias-gamma run lengths
-  of zeros, Elias-gamma magnitudes and sign bits of the nonzero entries, or as plain
-  ``ceil(log2(2s+1))``-bit fields, whichever takes fewer bytes (the packed fields on a
-  tie).
+  of zeros, Elias-gamma magnitudes and sign bits of the nonzero entries; as Rice-coded
+  zero runs and magnitudes (format v5: near-geometric runs, magnitudes mostly 1, which a
+  gamma code prices at 1.3x their entropy when ``s`` is small); or as plain
+  ``ceil(log2(2s+1))``-bit fields, whichever takes fewest bytes (ties: packed, then Rice).
 
 The encoder's choices (mode, Rice parameter) are part of the format: the decoder
 recomputes them and refuses a stream that differs, so every body has one encoding.
@@ -30,7 +31,7 @@ from .bitcodec import BitReader, BitWriter, IntArray, best_rice_parameter, gamma
 from .errors import PayloadError
 
 MODE_RICE, MODE_BITMAP = 0, 1
-MODE_GAMMA, MODE_PACKED = 0, 1
+MODE_GAMMA, MODE_PACKED, MODE_RICE_LEVELS = 0, 1, 2
 MAX_RICE = 30  # gaps are below numel <= 2**31 - 1
 
 
@@ -120,44 +121,125 @@ def packed_width(levels: int) -> int:
     return (2 * levels).bit_length()
 
 
-def _gamma_section_bits(q: IntArray) -> int:
-    nz = np.flatnonzero(q)
+def _gamma_section_bits(q: IntArray, nz: IntArray) -> int:
     runs = gaps_of(nz) + 1
     return gamma_bits(runs) + gamma_bits(np.abs(q[nz])) + nz.size
 
 
-def _choose_levels(q: IntArray, levels: int) -> tuple[int, int]:
-    """(mode, section bytes) that ``encode_levels`` writes."""
-    gamma = 4 + _bytes(_gamma_section_bits(q))
+RICE_LEVELS_HEAD = struct.Struct("<IIBBB")  # m, m2, b_run, b_gap, b_big
+
+
+def _rice_levels_parts(q: IntArray, nz: IntArray) -> tuple[list[IntArray], tuple[int, int, int]]:
+    """The three Rice-coded sequences of a Rice levels section and their parameters:
+    the zeros before each nonzero, then (magnitudes are mostly 1, which a per-magnitude
+    code would spend a bit on) the nonzeros skipped before each magnitude of 2 or more,
+    and those magnitudes minus 2 (``nz``: the nonzero positions of ``q``)."""
+    mags = np.abs(q[nz])
+    big = np.flatnonzero(mags > 1)
+    parts = [gaps_of(nz), gaps_of(big), mags[big] - 2]
+    b_run, b_gap, b_big = (best_rice_parameter(v, MAX_RICE) for v in parts)
+    return parts, (b_run, b_gap, b_big)
+
+
+def _rice_section_bits(q: IntArray, nz: IntArray) -> int:
+    parts, params = _rice_levels_parts(q, nz)
+    return sum(rice_bits(v, b) for v, b in zip(parts, params, strict=True)) + parts[0].size
+
+
+def _choose_levels(q: IntArray, levels: int, version: int, nz: IntArray) -> tuple[int, int]:
+    """(mode, section bytes) that ``encode_levels`` writes (``nz``: the nonzero positions
+    of ``q``); the Rice mode exists from format v5 on (earlier versions chose between
+    gamma and packed only)."""
     packed = _bytes(q.size * packed_width(levels))
-    return (MODE_GAMMA, gamma) if gamma < packed else (MODE_PACKED, packed)
+    choices = [(packed, MODE_PACKED)]
+    if version >= 5:
+        choices.append((RICE_LEVELS_HEAD.size + _bytes(_rice_section_bits(q, nz)), MODE_RICE_LEVELS))
+    choices.append((4 + _bytes(_gamma_section_bits(q, nz)), MODE_GAMMA))
+    size, mode = min(choices, key=lambda c: c[0])  # first of equals: packed, Rice, gamma
+    return mode, size
 
 
 def encode_levels(q: IntArray, levels: int) -> tuple[int, bytes]:
-    """``(mode, section)`` of integers ``|q| <= levels``.
+    """``(mode, section)`` of integers ``|q| <= levels``, as format v5 writes them.
 
     Gamma section: ``u32 m`` (nonzero count), then the bit stream ``gamma(run_j + 1)``
     for the zeros before each nonzero, ``gamma(|q_j|)``, and one sign bit per nonzero
-    (set: negative). Packed section: ``q + s`` in ``packed_width(s)``-bit fields.
+    (set: negative). Rice section: ``u32 m, u32 m2, u8 b_run, u8 b_gap, u8 b_big``, then
+    the stream ``rice_b_run(run_j)`` (``m`` of them), ``rice_b_gap`` of the nonzeros
+    skipped before each of the ``m2`` magnitudes above 1, ``rice_b_big(|q| - 2)`` of those,
+    and the ``m`` sign bits. Packed section: ``q + s`` in ``packed_width(s)``-bit fields.
     """
     qa = np.asarray(q, dtype=np.int64)
-    mode, _ = _choose_levels(qa, levels)
+    nz = np.flatnonzero(qa)
+    mode, _ = _choose_levels(qa, levels, 5, nz)
     w = BitWriter()
     if mode == MODE_PACKED:
         w.fields(qa + levels, packed_width(levels))
         return mode, w.getvalue()
-    nz = np.flatnonzero(qa)
-    w.gamma(gaps_of(nz) + 1)
-    w.gamma(np.abs(qa[nz]))
+    if mode == MODE_RICE_LEVELS:
+        parts, params = _rice_levels_parts(qa, nz)
+        for values, b in zip(parts, params, strict=True):
+            w.rice(values, b)
+        head = RICE_LEVELS_HEAD.pack(nz.size, parts[1].size, *params)
+    else:
+        w.gamma(gaps_of(nz) + 1)
+        w.gamma(np.abs(qa[nz]))
+        head = struct.pack("<I", nz.size)
     w.flags(qa[nz] < 0)
-    return mode, struct.pack("<I", nz.size) + w.getvalue()
+    return mode, head + w.getvalue()
+
+
+# positions, magnitudes and sign flags of the nonzero levels, as a levels section states them
+_NonzeroLevels = tuple[IntArray, IntArray, np.ndarray[Any, np.dtype[np.bool_]]]
+
+
+def _nonzero_count(section: memoryview, head: int, numel: int, min_bits: int) -> int:
+    """The section's ``u32 m``, refused unless ``m`` nonzeros of at least ``min_bits``
+    bits each fit in what follows the ``head`` bytes."""
+    if len(section) < head:
+        raise PayloadError("QSGD levels: section too short for its nonzero count")
+    (m,) = struct.unpack("<I", section[:4])
+    if m > numel or min_bits * m > 8 * (len(section) - head):
+        raise PayloadError(f"QSGD levels: declared {m} nonzero levels do not fit (numel {numel})")
+    return int(m)
+
+
+def _decode_rice_levels(section: memoryview, levels: int, numel: int) -> _NonzeroLevels:
+    m = _nonzero_count(section, RICE_LEVELS_HEAD.size, numel, 2)  # a run bit and a sign bit at least
+    _, m2, *params = RICE_LEVELS_HEAD.unpack(section[: RICE_LEVELS_HEAD.size])
+    if max(params) > MAX_RICE:
+        raise PayloadError(f"QSGD levels: Rice parameters {params} out of range 0..{MAX_RICE}")
+    if m2 > m or (levels == 1 and m2):
+        raise PayloadError(f"QSGD levels: {m2} magnitudes above 1 among {m} nonzeros with s = {levels}")
+    b_run, b_gap, b_big = params
+    r = BitReader(section[RICE_LEVELS_HEAD.size :], "Rice-coded QSGD levels")
+    runs = r.rice(m, b_run, max(numel - 1, 0))
+    big = np.cumsum(r.rice(m2, b_gap, max(m - 1, 0)) + 1) - 1
+    if m2 and int(big[-1]) >= m:
+        raise PayloadError(f"QSGD levels: magnitudes above 1 reach past the {m} nonzeros")
+    mags = np.ones(m, dtype=np.int64)
+    mags[big] = r.rice(m2, b_big, max(levels - 2, 0)) + 2
+    negative = r.flags(m)
+    r.finish()
+    return np.cumsum(runs + 1) - 1, mags, negative
+
+
+def _decode_gamma_levels(section: memoryview, levels: int, numel: int) -> _NonzeroLevels:
+    m = _nonzero_count(section, 4, numel, 3)  # a run, a magnitude and a sign bit at least
+    r = BitReader(section[4:], "gamma-coded QSGD levels")
+    runs = r.gamma(m, max(numel, 1))
+    mags = r.gamma(m, levels)
+    negative = r.flags(m)
+    r.finish()
+    return np.cumsum(runs) - 1, mags, negative
 
 
 def decode_levels(
-    section: memoryview, mode: int, levels: int, numel: int
+    section: memoryview, mode: int, levels: int, numel: int, version: int = 5
 ) -> np.ndarray[Any, np.dtype[np.int8]]:
-    """The ``numel`` levels of a section that fills ``section`` exactly (int8). It
-    allocates ``numel`` bytes: the caller bounds ``numel`` by the data first."""
+    """The ``numel`` levels of a section that fills ``section`` exactly (int8), as format
+    ``version`` (3 and later) writes them. It allocates ``numel`` bytes: the caller bounds
+    ``numel`` by the data first."""
     if mode == MODE_PACKED:
         width = packed_width(levels)
         if len(section) != _bytes(numel * width):
@@ -171,26 +253,27 @@ def decode_levels(
         if stored.size and int(stored.max()) > 2 * levels:
             raise PayloadError("QSGD levels exceed the declared number of levels")
         q = (stored - levels).astype(np.int8)
-    elif mode == MODE_GAMMA:
-        if len(section) < 4:
-            raise PayloadError("QSGD levels: gamma section too short for its nonzero count")
-        (m,) = struct.unpack("<I", section[:4])
-        if m > numel or 3 * m > 8 * (len(section) - 4):
-            raise PayloadError(f"QSGD levels: declared {m} nonzero levels do not fit (numel {numel})")
-        r = BitReader(section[4:], "gamma-coded QSGD levels")
-        runs = r.gamma(m, max(numel, 1))
-        mags = r.gamma(m, levels)
-        negative = r.flags(m)
-        r.finish()
-        pos = np.cumsum(runs) - 1
-        if m and int(pos[-1]) >= numel:
+    elif mode == MODE_GAMMA or (mode == MODE_RICE_LEVELS and version >= 5):
+        decoder = _decode_gamma_levels if mode == MODE_GAMMA else _decode_rice_levels
+        pos, mags, negative = decoder(section, levels, numel)
+        if pos.size and int(pos[-1]) >= numel:
             raise PayloadError(f"QSGD levels: run lengths reach past numel={numel}")
         q = np.zeros(numel, dtype=np.int8)
         q[pos] = np.where(negative, -mags, mags).astype(np.int8)
     else:
-        raise PayloadError(f"QSGD levels: unknown mode {mode} (0 gamma, 1 packed)")
-    if _choose_levels(q.astype(np.int64), levels)[0] != mode:
+        known = "0 gamma, 1 packed" + (
+            ", 2 Rice" if version >= 5 else f"; 2 Rice is v5 and later, this is v{version}"
+        )
+        raise PayloadError(f"QSGD levels: unknown mode {mode} ({known})")
+    q64 = q.astype(np.int64)
+    nz = np.flatnonzero(q64)
+    if _choose_levels(q64, levels, version, nz)[0] != mode:
         raise PayloadError("QSGD levels: mode is not the encoder's choice (non-canonical)")
+    if (
+        mode == MODE_RICE_LEVELS
+        and RICE_LEVELS_HEAD.unpack(section[: RICE_LEVELS_HEAD.size])[2:] != _rice_levels_parts(q64, nz)[1]
+    ):
+        raise PayloadError("QSGD levels: Rice parameters are not the encoder's choice (non-canonical)")
     return q
 
 

@@ -1,4 +1,4 @@
-"""Versioned, pickle-free wire format for every compressed update (format v4).
+"""Versioned, pickle-free wire format for every compressed update (format v5).
 
 Everything that crosses the network for a model update is ``encode(payload)``; its
 ``len()`` is the byte count we report. ``decode`` trusts nothing: it checks every size
@@ -10,7 +10,7 @@ Layout (little-endian; integers unsigned unless noted). Common header, 28 bytes:
 offset size field
 ====== ==== ==================================================================
 0      4    magic ``b"E3SF"``
-4      1    format version (4; versions 1 to 3 still decode, see below)
+4      1    format version (5; versions 1 to 4 still decode, see below)
 5      1    direction: 0 uplink (client to server), 1 downlink
 6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights, 8 bundle,
             9 low-rank (v3 and later), 10 corrected (v4 and later)
@@ -80,9 +80,17 @@ more: the bitmap is used for dense selections, where they tie).
 * mode 0, gamma: ``u32 m``, then the stream ``gamma(p_j - p_(j-1))`` (``p_(-1) = -1``:
   one more than the zeros before each nonzero), ``gamma(|q_(p_j)|)``, then ``m`` sign
   bits (set: negative);
-* mode 1, packed: ``q_i + s`` in ``ceil(log2(2s + 1))``-bit fields, ``numel`` of them.
+* mode 1, packed: ``q_i + s`` in ``ceil(log2(2s + 1))``-bit fields, ``numel`` of them;
+* mode 2, Rice (v5 and later): ``u32 m, u32 m2, u8 b_run, u8 b_gap, u8 b_big``, then the
+  stream ``rice_b_run(p_j - p_(j-1) - 1)`` (the zeros before each nonzero), then for the
+  ``m2`` nonzeros whose magnitude is above 1 (none when ``s = 1``), at ``c_i`` among the
+  ``m`` nonzeros, ``rice_b_gap(c_i - c_(i-1) - 1)`` (``c_(-1) = -1``) and then
+  ``rice_b_big(|q| - 2)`` of each, then ``m`` sign bits; each parameter in ``0..30`` is the
+  smallest that minimises its part of the stream (0 for an empty part).
 
-Mode 0 is used iff it takes fewer bytes (``m`` included) than the packed section.
+The section is the one that takes fewest bytes (head bytes included); on a tie packed,
+then Rice, then gamma. Before v5 the choice was between gamma and packed only (gamma iff
+strictly smaller), and v3/v4 bodies are checked by that rule.
 
 ``decode`` refuses a mode or Rice parameter other than the one stated above, so every
 body has exactly one encoding (``encode(decode(b)) == b``).
@@ -92,9 +100,10 @@ u16 n_layer_scales``, so a v1 synthetic payload is a v2 payload with no layer sc
 v1 and v2 sent top-k as ``u32 k, u32 indices[k], F values[k]``, STC as ``u32 k,
 f32 magnitude, u32 indices[k], sign bits[ceil(k/8)]`` and QSGD as ``f32 norm, u8 s,
 i8 q[numel]`` (one bucket); v3 codes positions and levels as above. Every other codec is
-byte-identical in v1 to v4 apart from the version byte (bundles exist from v2).
-v4 added the corrected codec and changed nothing else. All four versions decode (a v1/v2
-QSGD body becomes one bucket of ``max(numel, 1)`` entries); ``encode`` writes v4.
+byte-identical in v1 to v5 apart from the version byte (bundles exist from v2).
+v4 added the corrected codec and changed nothing else. v5 added the Rice mode of the
+levels section (QSGD) and changed nothing else. All five versions decode (a v1/v2
+QSGD body becomes one bucket of ``max(numel, 1)`` entries); ``encode`` writes v5.
 
 Sign bits are packed little-endian within each byte (bit set = negative); unused bits of
 the last byte must be zero. All floats must be finite.
@@ -126,8 +135,8 @@ from .lowrank import LowRankBody, decode_lowrank, encode_lowrank, record_floats
 from .tensors import DIGEST_SIZE
 
 MAGIC = b"E3SF"
-VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 HEADER = struct.Struct("<4sBBBBI8sII")
 HEADER_SIZE = HEADER.size  # 28
 MAX_NUMEL = 2**31 - 1
@@ -544,8 +553,8 @@ def encode(payload: Payload) -> bytes:
 class _Reader:
     """Bounds-checked cursor over a body; every read says what was missing."""
 
-    def __init__(self, data: memoryview, codec: Codec) -> None:
-        self.data, self.pos, self.codec = data, 0, codec
+    def __init__(self, data: memoryview, codec: Codec, version: int = VERSION) -> None:
+        self.data, self.pos, self.codec, self.version = data, 0, codec, version
 
     def take(self, size: int, what: str) -> memoryview:
         if size < 0 or self.pos + size > len(self.data):
@@ -660,7 +669,7 @@ def _decode_qsgd(r: _Reader, numel: int) -> QuantBody:
         raise PayloadError(f"QSGD bucket size must be 1..{MAX_QSGD_BUCKET}, got {bucket}")
     n_buckets = r.count(_buckets(numel, bucket), 4, "QSGD buckets")
     norms = r.floats(n_buckets, FloatType.FLOAT32, "QSGD norms")
-    q = decode_levels(r.rest(), mode, levels, numel)
+    q = decode_levels(r.rest(), mode, levels, numel, r.version)
     return QuantBody(norms=norms, levels=levels, q=torch.from_numpy(q), bucket_size=bucket)
 
 
@@ -771,7 +780,7 @@ def decode(data: bytes) -> Payload:
         raise PayloadError(f"low-rank payloads do not exist in format v{version} (v3 and later)")
     if version < 4 and codec_e == Codec.CORRECTED:
         raise PayloadError(f"corrected payloads do not exist in format v{version} (v4 and later)")
-    reader = _Reader(view[HEADER_SIZE:], codec_e)
+    reader = _Reader(view[HEADER_SIZE:], codec_e, version)
     if codec_e in (Codec.DENSE, Codec.WEIGHTS):
         reader.count(numel, _NP_FLOAT[ftype_e].itemsize, "numel")
     decoders = _LEGACY_DECODERS if version < 3 and codec_e in _LEGACY_DECODERS else _BODY_DECODERS

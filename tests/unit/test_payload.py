@@ -1,8 +1,8 @@
-"""Wire codec v3 (e3sfc_core.payload): golden vectors and every decode rule.
+"""Wire codec (e3sfc_core.payload): golden vectors and every decode rule.
 
-The golden file ``tests/data/payload_v3_golden.json`` is the frozen byte layout of
-format v3; ``payload_v1_golden.json`` and ``payload_v2_golden.json`` are the previous
-formats', which must still decode. The tests compare against the stored files and never
+The golden file ``tests/data/payload_v5_golden.json`` is the frozen byte layout of
+the current format; ``payload_v1_golden.json`` to ``payload_v4_golden.json`` are the
+previous formats', which must still decode. The tests compare against the stored files and never
 rewrite them; regenerate the current one only on purpose (a format change must bump
 ``VERSION``, which writes a new ``payload_v<VERSION>_golden.json`` and keeps the old ones)::
 
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from e3sfc_core import compact
 from e3sfc_core.bitcodec import BitWriter
 from e3sfc_core.errors import PayloadError, UnsupportedVersion
 from e3sfc_core.lowrank import LowRankBody
@@ -58,7 +59,8 @@ GOLDEN = DATA / f"payload_v{VERSION}_golden.json"
 GOLDEN_V1 = DATA / "payload_v1_golden.json"
 GOLDEN_V2 = DATA / "payload_v2_golden.json"
 GOLDEN_V3 = DATA / "payload_v3_golden.json"
-LEGACY = {1: GOLDEN_V1, 2: GOLDEN_V2, 3: GOLDEN_V3}
+GOLDEN_V4 = DATA / "payload_v4_golden.json"
+LEGACY = {1: GOLDEN_V1, 2: GOLDEN_V2, 3: GOLDEN_V3, 4: GOLDEN_V4}
 # codecs whose body layout changed in v3 (v1/v2 bodies decode with the old layout)
 RECODED = {Codec.TOPK, Codec.STC, Codec.QSGD}
 DIGEST = bytes(range(1, 9))
@@ -102,6 +104,19 @@ def assert_payload_equal(actual: Payload, expected: Payload) -> None:
         expected.float_type,
     )
     assert_same_body(actual.body, expected.body)
+
+
+SPREAD = [3, 17, 30, 46, 60, 71, 88, 97, 110, 125, 131, 150, 166, 170, 188, 199, 215, 228, 240, 251]
+
+
+def _spread(big: dict[int, int]) -> torch.Tensor:
+    """256 levels: +-1 at 20 unevenly spaced positions (every third negative), the
+    entries ``big`` (index into the 20 -> level) set apart."""
+    q = torch.zeros(256, dtype=torch.int8)
+    q[torch.tensor(SPREAD)] = torch.tensor([-1 if j % 3 == 0 else 1 for j in range(20)], dtype=torch.int8)
+    for j, level in big.items():
+        q[SPREAD[j]] = level
+    return q
 
 
 def golden_payloads() -> dict[str, Payload]:
@@ -195,6 +210,19 @@ def golden_payloads() -> dict[str, Payload]:
                 bucket_size=16,
             ),
             40,
+        ),
+        # Rice-coded levels (v5): 20 nonzeros of 256, s = 1 in one bucket (no magnitudes
+        # above 1), then s = 4 in buckets of 128 with two magnitudes above 1 (a tie with
+        # gamma, which the Rice mode wins)
+        "qsgd_rice_s1": make(
+            Codec.QSGD,
+            QuantBody(norms=torch.tensor([0.5]), levels=1, q=_spread({}), bucket_size=256),
+            256,
+        ),
+        "qsgd_rice": make(
+            Codec.QSGD,
+            QuantBody(norms=torch.tensor([4.0, 0.25]), levels=4, q=_spread({2: 4, 11: -2}), bucket_size=128),
+            256,
         ),
         "lowrank_f32": make(
             Codec.LOWRANK,
@@ -342,8 +370,8 @@ def test_golden_file_covers_every_codec() -> None:
     codecs = {v["codec"] for v in doc["vectors"].values()}
 
     # Assert
-    assert doc["format_version"] == VERSION == 4
-    assert READABLE_VERSIONS == (1, 2, 3, 4)
+    assert doc["format_version"] == VERSION == 5
+    assert READABLE_VERSIONS == (1, 2, 3, 4, 5)
     assert doc["header_size"] == HEADER_SIZE == 28
     assert codecs == {c.name for c in Codec}
     assert set(doc["vectors"]) == set(golden_payloads())
@@ -404,7 +432,8 @@ def test_older_versions_still_decode(version: int, name: str) -> None:
     else:
         assert_payload_equal(decoded, expected)
     again = encode(decoded)
-    if decoded.codec in RECODED and version < 3:
+    if (decoded.codec in RECODED and version < 3) or (decoded.codec == Codec.QSGD and version < 5):
+        # v5 may pick the Rice levels mode where v3/v4 could only pick gamma or packed
         assert again[4] == VERSION
         assert_payload_equal(decode(again), decoded)
     else:
@@ -893,7 +922,95 @@ def test_qsgd_mode_must_be_the_encoders_choice() -> None:
     # Execute / Assert
     expect_error(header(codec=Codec.QSGD, numel=200, body=as_packed), "non-canonical")
     assert decode(header(codec=Codec.QSGD, numel=200, body=as_gamma)).body.q[7] == 1  # type: ignore[union-attr]
-    expect_error(header(codec=Codec.QSGD, numel=200, body=qsgd_body(16, 2, 512, [1.0], b"")), "mode")
+    expect_error(header(codec=Codec.QSGD, numel=200, body=qsgd_body(16, 3, 512, [1.0], b"")), "mode")
+    rice_in_v4 = header(codec=Codec.QSGD, numel=200, body=qsgd_body(16, 2, 512, [1.0], b""), version=4)
+    expect_error(rice_in_v4, "mode", "v5")
+
+
+def rice_levels(
+    runs: list[int],
+    b_run: int,
+    big: list[int],
+    b_gap: int,
+    above_two: list[int],
+    b_big: int,
+    negative: list[bool],
+) -> bytes:
+    """A Rice levels section: ``big`` are the gaps before each magnitude above 1 (among the
+    nonzeros), ``above_two`` those magnitudes minus 2."""
+    w = BitWriter()
+    w.rice(np.array(runs), b_run)
+    w.rice(np.array(big), b_gap)
+    w.rice(np.array(above_two), b_big)
+    w.flags(np.array(negative, dtype=bool))
+    return struct.pack("<IIBBB", len(runs), len(big), b_run, b_gap, b_big) + w.getvalue()
+
+
+# 800 weights, s = 1, 16 nonzeros after runs of 30 to 50 zeros: Rice is the encoder's
+# choice with b_run = 5; with s = 4 the 3rd and 10th nonzero are 3 and -2 (b_gap = 2)
+RICE_RUNS = [40, 37, 50, 33, 45, 39, 41, 36, 48, 30, 44, 38, 42, 35, 47, 40]
+PLUS = [False] * 16
+
+
+def rice_s1(**change: int) -> bytes:
+    params = {"b_run": 5, "b_gap": 0, "b_big": 0, **change}
+    return rice_levels(RICE_RUNS, params["b_run"], [], params["b_gap"], [], params["b_big"], PLUS)
+
+
+def test_qsgd_rice_section_decodes_and_is_canonical() -> None:
+    # Prepare
+    pos = np.cumsum(np.array(RICE_RUNS) + 1) - 1
+    q = np.zeros(800, dtype=np.int64)
+    q[pos] = 1
+    q4 = q.copy()
+    q4[pos[[2, 9]]] = [3, -2]
+    signs = [i == 9 for i in range(16)]
+    s4 = rice_levels(RICE_RUNS, 5, [2, 6], 2, [1, 0], 0, signs)
+
+    # Execute
+    p = decode(header(codec=Codec.QSGD, numel=800, body=qsgd_body(1, 2, 1024, [1.0], rice_s1())))
+    p4 = decode(header(codec=Codec.QSGD, numel=800, body=qsgd_body(4, 2, 1024, [1.0], s4)))
+
+    # Assert
+    assert p.body.q.tolist() == q.tolist()  # type: ignore[union-attr]
+    assert p4.body.q.tolist() == q4.tolist()  # type: ignore[union-attr]
+    assert compact.encode_levels(q, 1) == (compact.MODE_RICE_LEVELS, rice_s1())
+    assert compact.encode_levels(q4, 4) == (compact.MODE_RICE_LEVELS, s4)
+
+
+@pytest.mark.parametrize(
+    ("levels", "section", "words"),
+    [
+        (1, rice_s1(b_run=4), ("non-canonical",)),  # b_run not the best
+        (1, rice_s1(b_run=31), ("rice", "range")),
+        (1, rice_levels(RICE_RUNS, 5, [3], 0, [0], 0, PLUS), ("magnitudes above 1", "s = 1")),
+        (4, rice_levels(RICE_RUNS, 5, [16], 0, [0], 0, PLUS), ("exceeds", "fit")),  # 17th nonzero of 16
+        (4, rice_levels(RICE_RUNS, 5, [3], 0, [3], 0, PLUS), ("exceeds", "fit")),  # magnitude 5 > s
+        (1, rice_s1()[:-1], ("short", "fit")),
+        (1, rice_s1() + b"\x00", ("trailing",)),
+        (1, rice_levels([900], 5, [], 0, [], 0, [False]), ("exceeds", "fit", "numel")),  # run past numel
+        (1, struct.pack("<IIBBB", 2**31, 0, 0, 0, 0), ("nonzero", "fit")),
+        (1, b"\x01\x00\x00\x00\x00", ("short",)),
+    ],
+    ids=[
+        "b-run",
+        "b-run-range",
+        "big-with-s1",
+        "big-past-m",
+        "beyond-levels",
+        "truncated",
+        "trailing",
+        "past-numel",
+        "huge-m",
+        "no-head",
+    ],
+)
+def test_qsgd_rice_stream_rules(levels: int, section: bytes, words: tuple[str, ...]) -> None:
+    # Prepare
+    body = qsgd_body(levels, 2, 1024, [1.0], section)
+
+    # Execute / Assert
+    expect_error(header(codec=Codec.QSGD, numel=800, body=body), *words)
 
 
 # ------------------------------------------------------------------- positions (v3)

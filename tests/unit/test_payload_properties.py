@@ -296,13 +296,23 @@ def ref_positions_bytes(idx: list[int], numel: int) -> int:
 
 
 def ref_levels_bytes(q: list[int], levels: int) -> int:
-    """Levels section size from the spec: gamma-coded runs, magnitudes and signs (with
-    the u32 count) or packed fields, whichever is smaller."""
+    """Levels section size from the spec (v5): gamma-coded runs, magnitudes and signs
+    (with the u32 count), Rice-coded runs, positions and values of the magnitudes above
+    1 and signs (with the two counts and three parameters) or packed fields, whichever
+    is smallest."""
     nz = [i for i, x in enumerate(q) if x]
     runs = [j - i for i, j in zip([-1, *nz], nz, strict=False)]
-    gamma = sum(2 * v.bit_length() - 1 for v in runs + [abs(q[i]) for i in nz]) + len(nz)
+    mags = [abs(q[i]) for i in nz]
+    gamma = sum(2 * v.bit_length() - 1 for v in runs + mags) + len(nz)
+
+    def rice(values: list[int]) -> int:
+        return min(sum(v >> b for v in values) + len(values) * (1 + b) for b in range(31))
+
+    big = [j for j, m in enumerate(mags) if m > 1]
+    big_gaps = [j - i - 1 for i, j in zip([-1, *big], big, strict=False)]
+    rice_bits = rice([r - 1 for r in runs]) + rice(big_gaps) + rice([mags[j] - 2 for j in big]) + len(nz)
     width = math.ceil(math.log2(2 * levels + 1))
-    return min(4 + (gamma + 7) // 8, (len(q) * width + 7) // 8)
+    return min(4 + (gamma + 7) // 8, 11 + (rice_bits + 7) // 8, (len(q) * width + 7) // 8)
 
 
 def assert_same(actual: Payload, expected: Payload) -> None:
