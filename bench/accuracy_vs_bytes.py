@@ -98,8 +98,9 @@ def defaults_text() -> str:
 
     d = ExperimentConfig()
     return (
-        f"3SFC n = {d.synthetic_samples} with a Top-k correction in {d.correction_share:g} of the "
-        f"payload, at most {d.max_evals} evaluations per search with the stall rule, float16 "
+        f"3SFC n = {d.synthetic_samples} with a {d.correction_code} correction in "
+        f"{d.correction_share:g} of the payload, at most {d.max_evals} evaluations per search "
+        "with the stall rule, float16 "
         f"{d.float16!s} (3SFC payloads only), Top-k/STC ratio {d.topk_ratio:g}, QSGD "
         f"{d.qsgd_levels} levels in buckets of {d.qsgd_bucket_size}, PowerSGD rank "
         f"{d.powersgd_rank}, norm clipping {'off' if not d.clip_norm_factor else d.clip_norm_factor}"

@@ -4,7 +4,9 @@ For each *cell* (dataset, model, federation) it runs, with the in-process loop a
 same seeds, FedAvg, E-3SFC as shipped (every default), and Top-k with error feedback
 compressed both ways at exactly E-3SFC's payload bound (``topk-eq``: equal total bytes);
 some cells add E-3SFC with one synthetic sample (``e3sfc-n1``) or with the conv presets'
-``batch-min-cosine = 0.7`` (``e3sfc-c7``). It reports the mean accuracy over the last 5
+``batch-min-cosine = 0.7`` (``e3sfc-c7``), and ``-float`` columns the same with the
+correction's values in float16 (``correction-code = "float"``, the default before the
+ternary code). It reports the mean accuracy over the last 5
 rounds with its spread over seeds and the total bytes both ways (every message, catch-up
 included).
 
@@ -47,33 +49,64 @@ JSONL = RESULTS / "model_matrix.jsonl"
 # the matrix as it stood at commit 3d966e3 (bytes of payloads only, many exploratory columns)
 ARCHIVE = RESULTS / "archive" / "model_matrix_payload_bytes.jsonl"
 LAST = 5
-# every column's settings on top of the cell's; "e3sfc" is the shipped default
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "fedavg": {"method": "fedavg"},
+# every column's settings on top of the cell's; "e3sfc" is the shipped default (the
+# correction's code chosen per payload), and each E-3SFC column has twins that pin it
+SHIPPED: dict[str, dict[str, Any]] = {
     "e3sfc": {"method": "e3sfc"},
     "e3sfc-n1": {"method": "e3sfc", "synthetic-samples": 1},
     "e3sfc-c7": {"method": "e3sfc", "batch-min-cosine": 0.7},
-    "e3sfc-r110-c7": {"method": "e3sfc", "batch-min-cosine": 0.7, "payload-ratio": 110.0},
+}
+CODES = {"float": {"correction-code": "float"}, "ternary": {"correction-code": "ternary"}}
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "fedavg": {"method": "fedavg"},
+    **SHIPPED,
+    **{
+        f"e3sfc-{code}{name[5:]}": {**over, **pin}
+        for code, pin in CODES.items()
+        for name, over in SHIPPED.items()
+    },
+    "e3sfc-float-r110-c7": {
+        "method": "e3sfc",
+        "batch-min-cosine": 0.7,
+        "payload-ratio": 110.0,
+        **CODES["float"],
+    },
 }
 # Top-k both ways at the payload bound of an E-3SFC column (same float width)
-EQUAL_BYTES = {"topk-eq": "e3sfc", "topk-eq-r110": "e3sfc-r110-c7"}
+# baselines at the payload bound of an E-3SFC column, compressed both ways with error
+# feedback on both sides: (method, the column whose bound it matches)
+EQUAL_BYTES = {
+    "topk-eq": ("topk", "e3sfc"),
+    "topk-eq-r110": ("topk", "e3sfc-float-r110-c7"),
+    "stc-eq": ("stc", "e3sfc"),
+}
 METHODS = (*METHOD_OVERRIDES, *EQUAL_BYTES)
 # E-3SFC columns judged against the goal, each with its equal-bytes Top-k
-CANDIDATES = {"e3sfc": "topk-eq", "e3sfc-n1": None, "e3sfc-c7": "topk-eq", "e3sfc-r110-c7": "topk-eq-r110"}
+CANDIDATES = {
+    "e3sfc": "topk-eq",
+    "e3sfc-n1": None,
+    "e3sfc-c7": "topk-eq",
+    "e3sfc-float": "topk-eq",
+    "e3sfc-float-c7": "topk-eq",
+    "e3sfc-ternary": "topk-eq",
+    "e3sfc-ternary-c7": "topk-eq",
+    "e3sfc-float-r110-c7": "topk-eq-r110",
+}
 # a column here -> the archived columns of the same settings, first found first: payload-ratio
-# 160 is the default; where it does not bind (MLP, LeNet-5) the n2 columns ran the default
+# 160 was the default; where it does not bind (MLP, LeNet-5) the n2 columns ran it
 ARCHIVED_AS = {
     "fedavg": ("fedavg",),
-    "e3sfc": ("e3sfc-corr-r160", "e3sfc-corr-n2"),
+    "e3sfc-float": ("e3sfc-corr-r160", "e3sfc-corr-n2"),
     "topk-eq": ("topk-eq-corr-r160", "topk-eq-corr-n2"),
-    "e3sfc-c7": ("e3sfc-corr-r160-c7",),
+    "e3sfc-float-c7": ("e3sfc-corr-r160-c7",),
 }
 ALL_SAMPLED = {"num-partitions": 10, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
 HALF_SAMPLED = {"num-partitions": 20, "dirichlet-alpha": 0.1, "fraction-train": 0.5}
 HEAVY = {"num-partitions": 5, "dirichlet-alpha": 1.0, "fraction-train": 1.0}
 PAPER_TRAINING = {"lr": 0.01, "batch-size": 64}  # conf/*.toml: the paper's local training
-BASE = ("fedavg", "e3sfc", "topk-eq")
-CONV = (*BASE, "e3sfc-c7")
+BASE = ("fedavg", "e3sfc", "topk-eq", "e3sfc-float")
+CONV = (*BASE, "e3sfc-c7", "e3sfc-float-c7")
+N1 = ("e3sfc-n1", "e3sfc-float-n1")
 
 
 @dataclass(frozen=True)
@@ -101,10 +134,10 @@ class Cell:
 CELLS = {
     c.name: c
     for c in [
-        Cell("digits-mlp-a1", "digits", "mlp", ALL_SAMPLED, 30, methods=(*BASE, "e3sfc-n1")),
-        Cell("digits-mlp-a0.1", "digits", "mlp", HALF_SAMPLED, 30, methods=(*BASE, "e3sfc-n1")),
+        Cell("digits-mlp-a1", "digits", "mlp", ALL_SAMPLED, 30, methods=(*BASE, *N1)),
+        Cell("digits-mlp-a0.1", "digits", "mlp", HALF_SAMPLED, 30, methods=(*BASE, *N1)),
         Cell("digits-mlp-default", "digits", "mlp", ALL_SAMPLED, 40, methods=("fedavg", "e3sfc")),
-        Cell("digits-lenet5-a1", "digits", "lenet5", ALL_SAMPLED, 30, methods=(*BASE, "e3sfc-n1")),
+        Cell("digits-lenet5-a1", "digits", "lenet5", ALL_SAMPLED, 30, methods=(*BASE, *N1)),
         Cell("digits-lenet5-a0.1", "digits", "lenet5", HALF_SAMPLED, 30),
         Cell("mnist-mlp-a1", "mnist", "mlp", ALL_SAMPLED, 30, PAPER_TRAINING),
         Cell("mnist-lenet5-a1", "mnist", "lenet5", ALL_SAMPLED, 30, PAPER_TRAINING),
@@ -145,29 +178,31 @@ def default_downlink(cell: Cell) -> str:
     return "relay" if relay else "3SFC"
 
 
-def equal_bytes_topk_ratio(raw: dict[str, Any]) -> float:
-    """The Top-k ratio whose payload is as large as E-3SFC's (``len(encode)`` of both)."""
+def equal_bytes_ratio(method: str, raw: dict[str, Any]) -> float:
+    """The ratio of Top-k or STC (``method``) whose payload is as large as E-3SFC's
+    (``len(encode)`` of both)."""
     from e3sfc_core.baselines import TopKCompressor
     from e3sfc_core.compressor import build_compressor
 
     cfg, spec, sizes, target = _e3sfc_sizes(raw)
     numel = sum(sizes)
-    topk = build_compressor("topk", cfg.compressor_settings(len(sizes)), spec)
-    assert isinstance(topk, TopKCompressor)
-    k = max(1, topk.k_for_bytes(numel, target))  # its payload never exceeds E-3SFC's
+    sparse = build_compressor(method, cfg.compressor_settings(len(sizes)), spec)
+    assert isinstance(sparse, TopKCompressor)  # STC is one too
+    k = max(1, sparse.k_for_bytes(numel, target))  # its payload never exceeds E-3SFC's
     return (k + 0.5) / numel
 
 
 def method_overrides(method: str, base: dict[str, Any]) -> dict[str, Any]:
     if method in EQUAL_BYTES:
-        matched = {**base, **METHOD_OVERRIDES[EQUAL_BYTES[method]]}
+        baseline, column = EQUAL_BYTES[method]
+        matched = {**base, **METHOD_OVERRIDES[column]}
         # Top-k's values in E-3SFC's float width (float16 = "auto" means float32 for Top-k)
         return {
             **matched,
-            "method": "topk",
+            "method": baseline,
             "downlink": "compressed",
             "float16": True,
-            "topk-ratio": equal_bytes_topk_ratio(matched),
+            "topk-ratio": equal_bytes_ratio(baseline, matched),
         }
     return METHOD_OVERRIDES[method]
 
@@ -271,12 +306,13 @@ def byte_goal(cell: Cell) -> float:
 
 
 def verdict(by_method: dict[str, list[dict[str, Any]]], method: str, needed: float) -> list[str]:
-    """``method`` against the goal: [bytes, ratio, % of FedAvg, Top-k at equal bytes, verdict]."""
+    """``method`` against the goal: [bytes, ratio, % of FedAvg, Top-k and STC at equal
+    bytes, verdict]."""
     fed, mine = by_method["fedavg"], by_method[method]
     rival = CANDIDATES[method]
     eq = by_method[rival] if rival else []
     if not fed or not mine:
-        return ["-"] * 5
+        return ["-"] * 6
     acc_ratio = _mean_acc(mine) / _mean_acc(fed)
     byte_ratio = _bytes(fed) / _bytes(mine)
     parts = [
@@ -287,11 +323,15 @@ def verdict(by_method: dict[str, list[dict[str, Any]]], method: str, needed: flo
         parts.append(f"{rival} not at equal bytes")
     elif eq:
         parts.append(f"beats {rival}" if _mean_acc(mine) > _mean_acc(eq) else f"LOSES to {rival}")
+    stc = by_method["stc-eq"] if rival == "topk-eq" else []
+    if stc and abs(_bytes(stc) / _bytes(mine) - 1.0) <= 0.1:
+        parts.append("beats stc-eq" if _mean_acc(mine) > _mean_acc(stc) else "LOSES to stc-eq")
     return [
         fmt_bytes(_bytes(mine)),
         f"{byte_ratio:.0f}x",
         f"{100 * acc_ratio:.0f}%",
         _acc(eq) if rival else "-",
+        _acc(stc),
         "; ".join(parts),
     ]
 
@@ -299,17 +339,23 @@ def verdict(by_method: dict[str, list[dict[str, Any]]], method: str, needed: flo
 def cell_rows(
     name: str, current: list[dict[str, Any]], archived: list[dict[str, Any]]
 ) -> tuple[dict[str, list[dict[str, Any]]], str]:
-    """Each column's runs of a cell, and what they count: this code's runs where the cell
-    has any, else the archived runs of the same settings (payload bytes only)."""
-    mine = [r for r in current if r["cell"] == name]
-    if mine:
-        return {m: [r for r in mine if r["method"] == m] for m in METHODS}, "messages"
+    """Each column's runs of a cell, and what they count: this code's runs, and for a
+    column with none the archived runs of the same settings (payload bytes only)."""
+    by_method = {m: [r for r in current if r["cell"] == name and r["method"] == m] for m in METHODS}
     old = [r for r in archived if r["cell"] == name]
-    by_method: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    from_archive = []
     for column, sources in ARCHIVED_AS.items():
+        if by_method[column]:
+            continue
         found = ([r for r in old if r["method"] == source] for source in sources)
         by_method[column] = next((runs for runs in found if runs), [])
-    return by_method, "payloads (archive)"
+        if by_method[column]:
+            from_archive.append(column)
+    if not from_archive:
+        return by_method, "messages"
+    if len(from_archive) == sum(1 for runs in by_method.values() if runs):
+        return by_method, "payloads (archive)"
+    return by_method, f"messages; payloads (archive): {', '.join(from_archive)}"
 
 
 def report(argv: list[str] | None) -> str:
@@ -343,11 +389,17 @@ def report(argv: list[str] | None) -> str:
         "fields 41 B, plus the payloads; catch-up included). `e3sfc` is E-3SFC as shipped: "
         "2 float16 samples and a Top-k correction in 3/4 of a payload of at least 1/160 of the "
         'dense float32 update, 3SFC on the downlink where `downlink = "auto"` picks it; '
+        'its correction ternary (`correction-code = "ternary"`: positions, a sign each and one '
+        "magnitude, as STC sends them); `-float` the correction's values in float16 instead "
+        '(`correction-code = "float"`, the default before the ternary code; those rows ran '
+        "before the key existed, with that behaviour); "
         "`-n1` one sample, `-c7` with `batch-min-cosine = 0.7` (the conv presets), "
         "`-r110-c7` the same with a payload of at least 1/110. `topk-eq` is Top-k with error "
         "feedback on both sides, compressed both ways, keeping as many float16 values (Rice- or "
         "bitmap-coded positions) as fit in `e3sfc`'s payload bound, so its bytes equal that "
-        "column's; `topk-eq-r110` likewise for `e3sfc-r110-c7`. 'bytes counted': `messages` "
+        "column's (the ternary and the float code have the same bound within 8 bytes; rows "
+        "measured before the ternary code were sized to the float one); `topk-eq-r110` likewise "
+        "for `e3sfc-float-r110-c7`. 'bytes counted': `messages` "
         "rows ran on this code; `payloads (archive)` rows are the same settings' runs from "
         "`archive/model_matrix_payload_bytes.jsonl` (commit 3d966e3 and before: payload bytes "
         "only; the messages' fields add 34-41 B per message, for every method alike; a short "
@@ -379,6 +431,7 @@ def report(argv: list[str] | None) -> str:
                 "fewer bytes than FedAvg",
                 "of FedAvg's acc",
                 "Top-k at equal bytes",
+                "STC at equal bytes",
                 "verdict",
                 "swing",
             ],

@@ -270,8 +270,9 @@ class STCCompressor(TopKCompressor):
     uses_error_feedback = True
     body_type = TernaryBody
 
-    def _body(self, flat: torch.Tensor, meta: PayloadMeta) -> TernaryBody:
-        idx = topk_indices(flat, self.k(flat.numel()))
+    def keep(self, flat: torch.Tensor, k: int) -> TernaryBody:  # type: ignore[override]
+        """The ``k`` largest-magnitude entries of ``flat`` as ``mu * sign``."""
+        idx = topk_indices(flat, k)
         kept = flat[idx]
         mu = float(kept.abs().double().mean()) if kept.numel() else 0.0
         mu = _f32(min(mu, FLOAT32_MAX))

@@ -93,11 +93,14 @@ class CompressorSettings:
     parameter tensors, sizes those payloads). ``powersgd_rank`` is PowerSGD's rank ``r``;
     ``model`` (a ``models.MODELS`` key, "" if unknown) lets PowerSGD size its payloads,
     which depend on the parameter shapes. ``correction_share`` (0 for the paper's 3SFC)
-    is the share of a 3SFC payload's bytes given to a Top-k correction of what the
+    is the share of a 3SFC payload's bytes given to a sparse correction of what the
     synthetic batch misses (``corrected``), and ``batch_min_cosine`` the cosine with the
     target below which a corrected payload leaves its batch out; ``payload_ratio`` (> 0)
     grows a corrected payload's correction until the payload is at least the dense
-    float32 update's bytes divided by it.
+    float32 update's bytes divided by it; ``correction_code`` is how the correction's
+    values travel: ``"ternary"`` (STC's one magnitude and a sign each, about 3x the
+    entries in the same bytes), ``"float"`` (each value in the payload's float width) or
+    ``"auto"`` (per payload, whichever leaves the smaller residual).
     """
 
     topk_ratio: float = 0.01
@@ -116,6 +119,7 @@ class CompressorSettings:
     correction_share: float = 0.0
     batch_min_cosine: float = 0.0
     payload_ratio: float = 0.0
+    correction_code: str = "auto"
 
 
 def checked_body(payload: Payload, codec: Codec, body_type: type[BodyT], model: nn.Module) -> BodyT:

@@ -35,7 +35,7 @@ class ExperimentConfig(BaseModel):
     total; the ``budget_*`` tunables are the scheduler's (``e3sfc_core.budget``). The
     lower bound defaults to 2: at n = 1 the digits MLP was unstable without the
     correction (``bench/results/equal_budget.md``), and n = 2 is the unbudgeted default.
-    ``correction_share`` is the share of each 3SFC payload's bytes given to a Top-k
+    ``correction_share`` is the share of each 3SFC payload's bytes given to a sparse
     correction of what the synthetic batch misses (0: the paper's 3SFC; see
     ``corrected``): without it, error feedback piles up what a few samples cannot
     express and convolutional models do not learn (``bench/results/model_matrix.md``);
@@ -45,7 +45,12 @@ class ExperimentConfig(BaseModel):
     divided by it: the batch's bytes follow the input size, not the model, so without it
     a ResNet-18 payload is 1/7,000 of its update (0: the batch and the share alone size
     it; the default, 160, is just under the digits MLP's n = 2 payload, which it leaves
-    as it is, but lifts its n = 1 payload to about that size).
+    as it is, but lifts its n = 1 payload to about that size). ``correction_code``
+    ``"ternary"`` sends the correction's entries as STC does (one magnitude, a sign
+    each), about 3x as many as ``"float"`` values in the same bytes; ``"auto"`` sends,
+    per payload, whichever leaves the smaller residual: ternary learned far better on the
+    ConvNet and LeNet-5 but far worse on RegNetX, whose layers' magnitudes differ widely
+    (``bench/results/model_matrix.md``).
     ``downlink="auto"`` compresses the downlink for ``e3sfc`` only (the paper's
     double-way method), except in rounds where relaying the clients' synthetic payloads
     costs at most ``relay_max_fraction`` of the dense weights (without a byte budget);
@@ -81,6 +86,7 @@ class ExperimentConfig(BaseModel):
     correction_share: float = Field(0.75, ge=0.0, le=0.99)
     batch_min_cosine: float = Field(0.0, ge=0.0, le=1.0)
     payload_ratio: float = Field(160.0, ge=0.0, le=1e9)
+    correction_code: Literal["auto", "ternary", "float"] = "auto"
     float16: bool | Literal["auto"] = "auto"
     downlink: Literal["auto", "compressed", "relay", "dense"] = "auto"
     downlink_samples: int = Field(0, ge=0, le=4096)
@@ -185,6 +191,7 @@ class ExperimentConfig(BaseModel):
             correction_share=self.correction_share,
             batch_min_cosine=self.batch_min_cosine,
             payload_ratio=self.payload_ratio,
+            correction_code=self.correction_code,
         )
 
     def budget_params(self) -> BudgetParams:

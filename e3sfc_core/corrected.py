@@ -1,4 +1,4 @@
-"""3SFC with a sparse correction: a synthetic batch plus the Top-k of what it missed.
+"""3SFC with a sparse correction: a synthetic batch plus the largest entries of what it missed.
 
 A few synthetic samples cannot express every direction of a convolutional network's
 update (|cos| about 0.5 inside the ConvNet's convolutions, ``bench/results/
@@ -20,6 +20,16 @@ batch explains less than the Top-k entries its bytes would buy (it can, on conv 
 the payload carries the sparse part alone, in the same bytes: each round sends whichever
 of the two leaves the smaller residual, so error feedback contracts at least as fast as
 under either.
+
+``correction_code`` is how the correction's entries travel: ``"ternary"`` as STC sends
+them (Sattler et al. 2019: positions, one sign each and their mean magnitude),
+``"float"`` with their values, ``"auto"`` (the default) whichever of the two leaves the
+smaller residual in each payload (the tagged codec says which). In the same bytes
+ternary keeps about 3x the entries, and error feedback carries each entry's lost
+magnitude to the next round: on the digits ConvNet at equal bytes STC alone reached
+94.8% against Top-k's 89.9%; but one magnitude for the whole update serves a model whose
+layers' magnitudes differ widely badly (RegNetX), hence the per-payload choice
+(``bench/results/model_matrix.md``).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .baselines import TopKCompressor
+from .baselines import STCCompressor, TopKCompressor
 from .compressor import Budget, CompressorSettings, CompressStats, PayloadMeta, checked_body
 from .errors import ConfigError
 from .payload import (
@@ -40,6 +50,7 @@ from .payload import (
     Payload,
     SparseBody,
     SyntheticBody,
+    TernaryBody,
     corrected_size,
     dense_size,
 )
@@ -50,41 +61,66 @@ MAX_CORRECTION_SHARE = 0.99
 NO_BATCH = corrected_size(HEADER_SIZE, 0)  # what a payload without a batch adds to its sparse part
 
 
+# the codes each ``correction_code`` may send: "auto" tries both per payload
+CORRECTIONS: dict[str, tuple[type[TopKCompressor], ...]] = {
+    "auto": (STCCompressor, TopKCompressor),
+    "ternary": (STCCompressor,),
+    "float": (TopKCompressor,),
+}
+
+
 class CorrectedSyntheticCompressor:
-    """3SFC's batch plus a Top-k correction of its error, in one payload."""
+    """3SFC's batch plus a sparse correction of its error, in one payload."""
 
     name = "3sfc-corrected"
-    codec = Codec.CORRECTED
+    codec = Codec.CORRECTED_TAGGED
     uses_error_feedback = True
 
     def __init__(self, settings: CompressorSettings, input_shape: tuple[int, ...], n_classes: int) -> None:
         share = settings.correction_share
         if not 0.0 < share <= MAX_CORRECTION_SHARE:
             raise ConfigError(f"correction_share must be in (0, {MAX_CORRECTION_SHARE}], got {share!r}")
+        if settings.correction_code not in CORRECTIONS:
+            raise ConfigError(
+                f"correction_code must be one of {sorted(CORRECTIONS)}, got {settings.correction_code!r}"
+            )
         self.share = float(share)
         self.min_cosine = float(settings.batch_min_cosine)
         self.ratio = float(settings.payload_ratio)
         self.synthetic = SyntheticFeatureCompressor(settings, input_shape, n_classes)
-        self.sparse = TopKCompressor(settings)
+        self.codes = [code(settings) for code in CORRECTIONS[settings.correction_code]]
+        self.sparse = self.codes[0]
+        # the receiver reads either code, whatever it sends itself
+        self._readers = {SparseBody: TopKCompressor(settings), TernaryBody: STCCompressor(settings)}
         self.float_type = self.synthetic.float_type
 
-    def k(self, numel: int, budget: Budget) -> int:
-        """Entries the correction keeps next to the batch: as many as fit in its share."""
+    def code_for(self, correction: SparseBody | TernaryBody) -> TopKCompressor:
+        """The code that reads (and sizes) ``correction``: Top-k values or STC signs."""
+        return self._readers[type(correction)]
+
+    def _correction_bytes(self, numel: int, budget: Budget) -> int:
+        """Bytes the correction next to a batch may take, counted as a payload of its own."""
         synthetic = self.synthetic.encoded_size(numel, budget)
-        correction_body = int((synthetic - HEADER_SIZE) * self.share / (1.0 - self.share))
+        body = int((synthetic - HEADER_SIZE) * self.share / (1.0 - self.share))
         if self.ratio > 0:
             floor = int(dense_size(numel) / self.ratio)  # the whole payload's least size
-            correction_body = max(correction_body, floor - corrected_size(synthetic, HEADER_SIZE))
-        return self.sparse.k_for_bytes(numel, HEADER_SIZE + correction_body)
+            body = max(body, floor - corrected_size(synthetic, HEADER_SIZE))
+        return HEADER_SIZE + body
 
-    def k_alone(self, numel: int, budget: Budget) -> int:
+    def k(self, numel: int, budget: Budget, code: TopKCompressor | None = None) -> int:
+        """Entries the correction keeps next to the batch: as many as fit in its share."""
+        return (code or self.sparse).k_for_bytes(numel, self._correction_bytes(numel, budget))
+
+    def k_alone(self, numel: int, budget: Budget, code: TopKCompressor | None = None) -> int:
         """Entries a payload without the batch keeps in the same bytes."""
-        return self.sparse.k_for_bytes(numel, self.encoded_size(numel, budget) - NO_BATCH)
+        return (code or self.sparse).k_for_bytes(numel, self.encoded_size(numel, budget) - NO_BATCH)
 
     def encoded_size(self, numel: int, budget: Budget) -> int:
         """Most bytes a payload can take (the positions' code length varies)."""
-        sparse = self.sparse.size_for_k(numel, self.k(numel, budget))
-        return corrected_size(self.synthetic.encoded_size(numel, budget), sparse)
+        synthetic = self.synthetic.encoded_size(numel, budget)
+        return max(
+            corrected_size(synthetic, c.size_for_k(numel, self.k(numel, budget, c))) for c in self.codes
+        )
 
     def compress(
         self, target: torch.Tensor, model: nn.Module, meta: PayloadMeta, budget: Budget
@@ -96,13 +132,16 @@ class CorrectedSyntheticCompressor:
         synthetic, stats = self.synthetic.compress(target, model, meta, budget)
         missed = target - self.synthetic.decompress(synthetic, model).to(target.device)
         numel = target.numel()
-        with_batch = self.sparse.keep(missed, self.k(numel, budget))
-        alone = self.sparse.keep(target, self.k_alone(numel, budget))
-        batch: SyntheticBody | None = synthetic.body  # type: ignore[assignment]
-        correction = with_batch
         weak = cosine(target - missed, target) < self.min_cosine
-        if weak or _left(target, alone) < _left(missed, with_batch):
-            batch, correction = None, alone
+        # (what stays behind, batch or None, correction): the batch first, so it wins ties
+        options: list[tuple[float, SyntheticBody | None, SparseBody | TernaryBody]] = []
+        for code in self.codes:
+            if not weak:
+                with_batch = code.keep(missed, self.k(numel, budget, code))
+                options.append((_left(missed, with_batch), synthetic.body, with_batch))  # type: ignore[arg-type]
+            alone = code.keep(target, self.k_alone(numel, budget, code))
+            options.append((_left(target, alone), None, alone))
+        _, batch, correction = min(options, key=lambda option: option[0])
         payload = Payload(
             codec=self.codec,
             direction=meta.direction,
@@ -117,16 +156,22 @@ class CorrectedSyntheticCompressor:
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
         """The batch's update (if any) plus the sparse correction."""
         body = checked_body(payload, self.codec, CorrectedBody, model)
-        update = self.sparse.decompress(replace(payload, codec=Codec.TOPK, body=body.correction), model)
+        reader = self.code_for(body.correction)
+        update = reader.decompress(replace(payload, codec=reader.codec, body=body.correction), model)
         if body.synthetic is not None:
             synthetic = replace(payload, codec=Codec.SYNTHETIC, body=body.synthetic)
             update = self.synthetic.decompress(synthetic, model).to(update.device) + update
         return update
 
 
-def _left(values: torch.Tensor, sent: SparseBody) -> float:
+def _left(values: torch.Tensor, sent: SparseBody | TernaryBody) -> float:
     """Squared norm of what stays behind after ``sent`` replaces its entries of ``values``."""
     idx = sent.indices.to(values.device)
-    kept = values[idx] - sent.values.to(values.device)
+    if isinstance(sent, TernaryBody):
+        mu = torch.tensor(sent.magnitude, dtype=values.dtype, device=values.device)
+        sent_values = torch.where(sent.negative.to(values.device), -mu, mu)
+    else:
+        sent_values = sent.values.to(values.device)
+    kept = values[idx] - sent_values
     rest = float(values.pow(2).sum()) - float(values[idx].pow(2).sum())
     return rest + float(kept.pow(2).sum())

@@ -13,7 +13,8 @@ offset size field
 4      1    format version (5; versions 1 to 4 still decode, see below)
 5      1    direction: 0 uplink (client to server), 1 downlink
 6      1    codec: 1 dense, 2 synthetic, 3 top-k, 4 STC, 5 sign, 6 QSGD, 7 weights, 8 bundle,
-            9 low-rank (v3 and later), 10 corrected (v4 and later)
+            9 low-rank (v3 and later), 10 corrected (v4 and later), 11 tagged corrected
+            (v5 and later)
 7      1    float dtype of the body's float arrays: 1 float32, 2 float16
 8      4    server round
 12     8    digest of the weights the payload is relative to (``tensors.digest_flat``)
@@ -56,6 +57,10 @@ Bodies (``F`` = the header's float dtype; offsets from the start of the body):
   ``u32 length``, then a synthetic body of exactly ``length`` bytes (none when 0), then a
   top-k body to the end: the update is the synthetic part's (if any) plus the top-k
   part's. Refused before v4.
+* tagged corrected (v5 and later): ``u32 length, u8 correction codec`` (3 top-k, 4 STC),
+  then a synthetic body of exactly ``length`` bytes (none when 0), then a body of that
+  codec to the end: the correction's entries with their values, or with one magnitude
+  and a sign each. Refused before v5.
 
 Bit streams (``e3sfc_core.bitcodec``): bit ``i`` is bit ``i % 8`` of byte ``i // 8``;
 fields are least significant bit first; ``unary(q)`` is ``q`` zero bits then a one;
@@ -102,8 +107,9 @@ f32 magnitude, u32 indices[k], sign bits[ceil(k/8)]`` and QSGD as ``f32 norm, u8
 i8 q[numel]`` (one bucket); v3 codes positions and levels as above. Every other codec is
 byte-identical in v1 to v5 apart from the version byte (bundles exist from v2).
 v4 added the corrected codec and changed nothing else. v5 added the Rice mode of the
-levels section (QSGD) and changed nothing else. All five versions decode (a v1/v2
-QSGD body becomes one bucket of ``max(numel, 1)`` entries); ``encode`` writes v5.
+levels section (QSGD) and the tagged corrected codec, and changed nothing else. All
+five versions decode (a v1/v2 QSGD body becomes one bucket of ``max(numel, 1)``
+entries); ``encode`` writes v5.
 
 Sign bits are packed little-endian within each byte (bit set = negative); unused bits of
 the last byte must be zero. All floats must be finite.
@@ -169,6 +175,7 @@ class Codec(enum.IntEnum):
     BUNDLE = 8
     LOWRANK = 9
     CORRECTED = 10
+    CORRECTED_TAGGED = 11
 
 
 class FloatType(enum.IntEnum):
@@ -225,12 +232,13 @@ class SparseBody:
 
 @dataclass(frozen=True)
 class CorrectedBody:
-    """3SFC with a Top-k correction: the update is the synthetic part's plus the sparse
-    part's (the largest entries of what the synthetic gradient missed). ``synthetic`` is
-    None when the sender found the bytes better spent on the sparse part alone."""
+    """3SFC with a sparse correction: the update is the synthetic part's plus the sparse
+    part's (the largest entries of what the synthetic gradient missed: their values, or
+    STC's one magnitude and their signs). ``synthetic`` is None when the sender found the
+    bytes better spent on the sparse part alone."""
 
     synthetic: SyntheticBody | None
-    correction: SparseBody
+    correction: SparseBody | TernaryBody
 
 
 @dataclass(frozen=True)
@@ -367,7 +375,15 @@ _BODY_OF_CODEC: dict[Codec, type] = {
     Codec.BUNDLE: BundleBody,
     Codec.LOWRANK: LowRankBody,
     Codec.CORRECTED: CorrectedBody,
+    Codec.CORRECTED_TAGGED: CorrectedBody,
 }
+# the correction's body in each corrected codec
+_CORRECTIONS_OF_CODEC: dict[Codec, tuple[type, ...]] = {
+    Codec.CORRECTED: (SparseBody,),
+    Codec.CORRECTED_TAGGED: (SparseBody, TernaryBody),
+}
+# the tag of a tagged corrected body: the codec its correction would have as a payload
+_CORRECTION_TAG = {SparseBody: Codec.TOPK, TernaryBody: Codec.STC}
 
 
 def _encode_synthetic(b: SyntheticBody, ft: FloatType) -> bytes:
@@ -398,6 +414,20 @@ def _encode_sparse(b: SparseBody, ft: FloatType, numel: int) -> bytes:
     return struct.pack("<IBB", k, mode, rice) + _floats(b.values, ft, "values") + positions
 
 
+def _encode_ternary(b: TernaryBody, numel: int) -> bytes:
+    k = b.indices.numel()
+    if b.negative.numel() != k:
+        raise PayloadError("STC signs and indices differ in length")
+    mode, rice, positions = encode_positions(_indices(b.indices, numel), numel)
+    return (
+        struct.pack("<I", k)
+        + _finite_f32(b.magnitude, "magnitude")
+        + struct.pack("<BB", mode, rice)
+        + _bits(b.negative)
+        + positions
+    )
+
+
 def _encode_body(p: Payload) -> bytes:
     b, ft = p.body, p.float_type
     if not isinstance(b, _BODY_OF_CODEC[p.codec]):
@@ -411,20 +441,20 @@ def _encode_body(p: Payload) -> bytes:
     if isinstance(b, SparseBody):
         return _encode_sparse(b, ft, p.numel)
     if isinstance(b, CorrectedBody):
+        if not isinstance(b.correction, _CORRECTIONS_OF_CODEC[p.codec]):
+            raise PayloadError(
+                f"codec {p.codec.name} cannot carry a {type(b.correction).__name__} correction"
+            )
         synthetic = b"" if b.synthetic is None else _encode_synthetic(b.synthetic, ft)
-        return struct.pack("<I", len(synthetic)) + synthetic + _encode_sparse(b.correction, ft, p.numel)
-    if isinstance(b, TernaryBody):
-        k = b.indices.numel()
-        if b.negative.numel() != k:
-            raise PayloadError("STC signs and indices differ in length")
-        mode, rice, positions = encode_positions(_indices(b.indices, p.numel), p.numel)
-        return (
-            struct.pack("<I", k)
-            + _finite_f32(b.magnitude, "magnitude")
-            + struct.pack("<BB", mode, rice)
-            + _bits(b.negative)
-            + positions
+        correction = (
+            _encode_sparse(b.correction, ft, p.numel)
+            if isinstance(b.correction, SparseBody)
+            else _encode_ternary(b.correction, p.numel)
         )
+        tag = bytes([_CORRECTION_TAG[type(b.correction)]]) if p.codec == Codec.CORRECTED_TAGGED else b""
+        return struct.pack("<I", len(synthetic)) + tag + synthetic + correction
+    if isinstance(b, TernaryBody):
+        return _encode_ternary(b, p.numel)
     if isinstance(b, SignBody):
         if b.negative.numel() != p.numel:
             raise PayloadError("sign body must hold one sign per weight")
@@ -515,10 +545,10 @@ def lowrank_size(layout: Sequence[tuple[int, int, int]], float_type: FloatType) 
     return HEADER_SIZE + 4 + LOWRANK_RECORD.size * len(layout) + float_width(float_type) * floats
 
 
-def corrected_size(synthetic_bytes: int, sparse_bytes: int) -> int:
-    """Size of a corrected payload whose synthetic and sparse parts would take these many
-    bytes as payloads of their own (exact or a bound as the sparse size is)."""
-    return synthetic_bytes + sparse_bytes - HEADER_SIZE + 4
+def corrected_size(synthetic_bytes: int, sparse_bytes: int, codec: Codec = Codec.CORRECTED_TAGGED) -> int:
+    """Size of a corrected payload (``codec``) whose synthetic and sparse parts would take
+    these many bytes as payloads of their own (exact or a bound as the sparse size is)."""
+    return synthetic_bytes + sparse_bytes - HEADER_SIZE + 4 + (codec == Codec.CORRECTED_TAGGED)
 
 
 def bundle_size(lengths: Sequence[int]) -> int:
@@ -640,14 +670,24 @@ def _decode_topk(r: _Reader, ft: FloatType, numel: int) -> SparseBody:
 
 
 def _decode_corrected(r: _Reader, ft: FloatType, numel: int) -> CorrectedBody:
+    """A corrected body: a top-k correction in codec 10, the tagged one in codec 11."""
     (length,) = r.unpack("<I", "synthetic part length")
+    tag = Codec.TOPK
+    if r.codec == Codec.CORRECTED_TAGGED:
+        (raw,) = r.unpack("<B", "correction codec")
+        if raw not in (Codec.TOPK, Codec.STC):
+            raise PayloadError(
+                f"correction codec {raw} is neither top-k ({Codec.TOPK:d}) nor STC ({Codec.STC:d})"
+            )
+        tag = Codec(int(raw))
     synthetic = None
     if length:
         part = _Reader(r.take(int(length), "synthetic part"), r.codec)
         synthetic = _decode_synthetic(part, ft)
         if part.pos != len(part.data):
             raise PayloadError(f"{len(part.data) - part.pos} trailing bytes after the synthetic part")
-    return CorrectedBody(synthetic=synthetic, correction=_decode_topk(r, ft, numel))
+    correction = _decode_topk(r, ft, numel) if tag == Codec.TOPK else _decode_stc(r, numel)
+    return CorrectedBody(synthetic=synthetic, correction=correction)
 
 
 def _decode_stc(r: _Reader, numel: int) -> TernaryBody:
@@ -735,6 +775,7 @@ _BODY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.BUNDLE: lambda r, ft, n: _decode_bundle(r, n),
     Codec.LOWRANK: lambda r, ft, n: decode_lowrank(r.rest(), _NP_FLOAT[ft], n),
     Codec.CORRECTED: _decode_corrected,
+    Codec.CORRECTED_TAGGED: _decode_corrected,
 }
 _LEGACY_DECODERS: dict[Codec, Callable[[_Reader, FloatType, int], Body]] = {
     Codec.TOPK: _decode_topk_v2,
@@ -780,6 +821,8 @@ def decode(data: bytes) -> Payload:
         raise PayloadError(f"low-rank payloads do not exist in format v{version} (v3 and later)")
     if version < 4 and codec_e == Codec.CORRECTED:
         raise PayloadError(f"corrected payloads do not exist in format v{version} (v4 and later)")
+    if version < 5 and codec_e == Codec.CORRECTED_TAGGED:
+        raise PayloadError(f"tagged corrected payloads do not exist in format v{version} (v5 and later)")
     reader = _Reader(view[HEADER_SIZE:], codec_e, version)
     if codec_e in (Codec.DENSE, Codec.WEIGHTS):
         reader.count(numel, _NP_FLOAT[ftype_e].itemsize, "numel")

@@ -10,7 +10,7 @@ from flwr.app import Array, Error, Message
 
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.experiment import Experiment
-from e3sfc_core.payload import CorrectedBody, decode, encode
+from e3sfc_core.payload import CorrectedBody, TernaryBody, decode, encode
 from e3sfc_core.protocol import Reply
 from e3sfc_flower.records import STATE_RESIDUAL, content_bytes, instruction_from
 from server_app.strategy import E3SFCStrategy
@@ -66,11 +66,16 @@ def _amplify(scale_factor: float):  # type: ignore[no-untyped-def]
         p = decode(Reply.decode(0, content_bytes(reply.content)).payload)
         body = p.body
         assert isinstance(body, CorrectedBody)  # the default: a batch and a sparse correction
-        values = (body.correction.values * scale_factor).clamp(-6e4, 6e4)  # float16 range
+        correction = body.correction
+        if isinstance(correction, TernaryBody):  # the default: one magnitude (float32)
+            correction = dataclasses.replace(correction, magnitude=correction.magnitude * scale_factor)
+        else:
+            values = (correction.values * scale_factor).clamp(-6e4, 6e4)  # float16 range
+            correction = dataclasses.replace(correction, values=values)
         batch = body.synthetic
-        assert batch is not None  # the MLP's batch always explains more than Top-k
+        assert batch is not None  # the MLP's batch always explains more than the correction alone
         batch = dataclasses.replace(batch, scale=batch.scale * scale_factor)
-        scaled = CorrectedBody(batch, dataclasses.replace(body.correction, values=values))
+        scaled = CorrectedBody(batch, correction)
         return with_payload(reply, encode(dataclasses.replace(p, body=scaled)))
 
     return tamper

@@ -21,6 +21,7 @@ from e3sfc_core.payload import (
     Direction,
     SparseBody,
     SyntheticBody,
+    TernaryBody,
     decode,
     dense_size,
     encode,
@@ -54,12 +55,15 @@ def settings(model: nn.Module, **kw: object) -> CompressorSettings:
         "scale_mode": "layer",
         "max_evals": 6,
         "float16": True,
+        "correction_code": "float",  # the tests of the correction's values; ternary below
     }
     return CompressorSettings(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def corrected(model: nn.Module, share: float = 0.5) -> CorrectedSyntheticCompressor:
-    c = build_compressor("3sfc", settings(model, correction_share=share), get_spec("digits"))
+def corrected(model: nn.Module, share: float = 0.5, code: str = "float") -> CorrectedSyntheticCompressor:
+    c = build_compressor(
+        "3sfc", settings(model, correction_share=share, correction_code=code), get_spec("digits")
+    )
     assert isinstance(c, CorrectedSyntheticCompressor)
     return c
 
@@ -95,7 +99,7 @@ def test_the_correction_takes_its_share_of_the_payload(
     # of the batch's (the positions' length varies), and the payload never passes its bound
     assert isinstance(body, CorrectedBody) and body.synthetic.inputs.shape[0] == 2
     batch = synthetic_size(2, SHAPE, CLASSES, c.float_type, len(parameter_sizes(model)))
-    correction = len(data) - batch - 4
+    correction = len(data) - batch - 5  # after the length and the correction codec tag
     assert 0.8 * share / (1 - share) <= correction / (batch - 28) <= share / (1 - share)
     assert len(data) <= c.encoded_size(update.numel(), budget)
     assert body.correction.indices.numel() == c.k(update.numel(), budget) > 0
@@ -170,6 +174,52 @@ def test_the_correction_sends_the_largest_entries_the_batch_missed(
     assert float(enc.residual[idx].abs().max()) <= 1e-3 * smallest_kept
 
 
+def test_a_ternary_correction_sends_more_of_the_largest_entries_as_their_mean_magnitude(
+    mlp_update: tuple[nn.Module, torch.Tensor, PayloadMeta],
+) -> None:
+    # Prepare
+    model, update, meta = mlp_update
+    ternary, floats = corrected(model, code="ternary"), corrected(model)
+    numel, budget = update.numel(), Budget(2)
+
+    # Execute
+    enc = compress_update(ternary, update, model, meta, budget)
+    p = decode(enc.data)
+    body = p.body
+    assert isinstance(body, CorrectedBody) and isinstance(body.correction, TernaryBody)
+    missed = update - ternary.synthetic.decompress(
+        replace(p, codec=Codec.SYNTHETIC, body=body.synthetic), model
+    )
+
+    # Assert: the codec says ternary; in the same bound it keeps about 3x the entries of
+    # the float16 code (2 + ~1 bits of position and sign against 16 + ~1 bits); they are
+    # the largest |missed| entries, sent as their mean magnitude with their signs
+    idx = body.correction.indices
+    mu = float(missed[idx].abs().mean())
+    assert p.codec == Codec.CORRECTED_TAGGED == ternary.codec
+    assert abs(ternary.encoded_size(numel, budget) - floats.encoded_size(numel, budget)) <= 8
+    assert idx.numel() == ternary.k(numel, budget) >= 2.5 * floats.k(numel, budget)
+    others = torch.ones_like(missed, dtype=torch.bool)
+    others[idx] = False
+    assert float(missed[idx].abs().min()) >= float(missed[others].abs().max())
+    assert body.correction.magnitude == pytest.approx(mu, rel=1e-6)
+    assert torch.equal(body.correction.negative, missed[idx] < 0)
+    assert torch.equal(enc.residual, update - enc.transmitted)
+
+
+def test_an_unknown_correction_code_is_refused() -> None:
+    # Prepare
+    model = build_model("mlp", SHAPE, CLASSES, seed=0)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="correction_code"):
+        CorrectedSyntheticCompressor(
+            settings(model, correction_share=0.5, correction_code="int8"), SHAPE, CLASSES
+        )
+    with pytest.raises(ValueError, match="correction-code"):
+        ExperimentConfig.from_run_config({"correction-code": "int8"})
+
+
 def test_the_correction_lowers_the_residual_of_the_batch_alone(
     mlp_update: tuple[nn.Module, torch.Tensor, PayloadMeta],
 ) -> None:
@@ -193,7 +243,9 @@ def test_the_server_checks_the_sample_count_inside_a_corrected_payload(
     model, update, meta = mlp_update
     c = corrected(model)
     data = compress_update(c, update, model, meta, Budget(2)).data
-    rules = Expectation(Direction.UPLINK, 3, meta.base_digest, Codec.CORRECTED, update.numel(), len(data), 2)
+    rules = Expectation(
+        Direction.UPLINK, 3, meta.base_digest, Codec.CORRECTED_TAGGED, update.numel(), len(data), 2
+    )
 
     # Execute / Assert
     assert isinstance(check_payload(data, rules).body, CorrectedBody)
@@ -213,7 +265,7 @@ def test_decompress_refuses_another_codec(mlp_update: tuple[nn.Module, torch.Ten
         c.decompress(plain, model)
     wrong = replace(
         plain,
-        codec=Codec.CORRECTED,
+        codec=Codec.CORRECTED_TAGGED,
         body=CorrectedBody(plain.body, SparseBody(torch.tensor([0]), torch.ones(1))),
         numel=5,
     )

@@ -77,7 +77,7 @@ def test_every_model_compresses_and_reconstructs(name: str, channels: int, n: in
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_with_a_sparse_correction(name: str) -> None:
-    # Prepare: 3-channel inputs, 2 samples and a Top-k correction in 3/4 of the payload
+    # Prepare: 3-channel inputs, 2 samples and a sparse correction in 3/4 of the payload
     shape = (3, 8, 8)
     model = build_model(name, shape, CLASSES, seed=0)
     target = sgd_direction(model, shape)
@@ -97,11 +97,12 @@ def test_every_model_with_a_sparse_correction(name: str) -> None:
     # residual subtracts, and the payload beats the batch alone
     body = decode(enc.data).body
     assert isinstance(body, CorrectedBody)
+    code = comp.code_for(body.correction)  # the default tries both codes per payload
     if body.synthetic is None:
-        assert body.correction.indices.numel() == comp.k_alone(target.numel(), Budget(2))
+        assert body.correction.indices.numel() == comp.k_alone(target.numel(), Budget(2), code)
     else:
         assert body.synthetic.inputs.shape == (2, *shape)
-        assert body.correction.indices.numel() == comp.k(target.numel(), Budget(2)) > 0
+        assert body.correction.indices.numel() == comp.k(target.numel(), Budget(2), code) > 0
     assert len(enc.data) <= comp.encoded_size(target.numel(), Budget(2))
     received = exact_decompress(comp, decode(enc.data), model)
     assert torch.equal(enc.residual, target - received)

@@ -263,6 +263,43 @@ def golden_payloads() -> dict[str, Payload]:
             6,
             direction=Direction.DOWNLINK,
         ),
+        "corrected_ternary_f16": make(
+            Codec.CORRECTED_TAGGED,
+            CorrectedBody(
+                synthetic=SyntheticBody(
+                    scale=-0.5,
+                    inputs=torch.tensor([[1.0, 0.25]]),
+                    labels=torch.tensor([[-1.0, 3.0]]),
+                ),
+                correction=TernaryBody(
+                    indices=torch.tensor([0, 7, 39]),
+                    negative=torch.tensor([False, True, True]),
+                    magnitude=0.375,
+                ),
+            ),
+            40,
+            float_type=F16,
+        ),
+        "corrected_ternary_alone_f32": make(
+            Codec.CORRECTED_TAGGED,
+            CorrectedBody(
+                synthetic=None,
+                correction=TernaryBody(
+                    indices=torch.tensor([1, 4]), negative=torch.tensor([True, False]), magnitude=2.0
+                ),
+            ),
+            5,
+        ),
+        "corrected_tagged_topk_f32": make(
+            Codec.CORRECTED_TAGGED,
+            CorrectedBody(
+                synthetic=SyntheticBody(
+                    scale=2.0, inputs=torch.tensor([[0.5]]), labels=torch.tensor([[1.0, -1.0]])
+                ),
+                correction=SparseBody(indices=torch.tensor([0, 5]), values=torch.tensor([-0.25, 4.0])),
+            ),
+            6,
+        ),
         "bundle": make(
             Codec.BUNDLE,
             BundleBody(
@@ -628,7 +665,7 @@ def test_unknown_version_is_unsupported_version() -> None:
 
 @pytest.mark.parametrize(
     ("offset", "value", "word"),
-    [(5, 2, "direction"), (6, 0, "codec"), (6, 11, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
+    [(5, 2, "direction"), (6, 0, "codec"), (6, 12, "codec"), (7, 0, "floattype"), (7, 3, "floattype")],
 )
 def test_unknown_enum_values(offset: int, value: int, word: str) -> None:
     # Prepare

@@ -118,9 +118,10 @@ def bodies(draw: st.DrawFn, codec: Codec, ft: FloatType) -> tuple[int, object]:
             layer_scales=None if layers is None else torch.tensor(layers, dtype=torch.float32),
         )
         return numel, body
-    if codec == Codec.CORRECTED:
+    if codec in (Codec.CORRECTED, Codec.CORRECTED_TAGGED):
         _, synthetic = draw(st.one_of(bodies(Codec.SYNTHETIC, ft), st.just((0, None))))
-        numel, correction = draw(bodies(Codec.TOPK, ft))
+        inner = Codec.TOPK if codec == Codec.CORRECTED else draw(st.sampled_from([Codec.TOPK, Codec.STC]))
+        numel, correction = draw(bodies(inner, ft))
         return numel, CorrectedBody(synthetic, correction)
     if codec == Codec.BUNDLE:
         count = draw(st.integers(1, 3))
@@ -187,7 +188,7 @@ def payloads(draw: st.DrawFn) -> Payload:
     )
 
 
-def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
+def valid_pool(count: int = 132, seed: int = 1) -> list[bytes]:
     """Pre-encoded valid payloads of every codec and float width (fixed seed).
 
     The fuzz tests mutate these instead of drawing a payload per example: drawing
@@ -210,9 +211,14 @@ def valid_pool(count: int = 96, seed: int = 1) -> list[bytes]:
             body = DenseBody(vals)
         elif codec == Codec.SYNTHETIC:
             body = _synthetic_body(rng, g, vals.dtype)
-        elif codec == Codec.CORRECTED:
+        elif codec in (Codec.CORRECTED, Codec.CORRECTED_TAGGED):
             idx = torch.tensor(sorted(rng.sample(range(numel), rng.randint(0, numel))), dtype=torch.int64)
-            body = CorrectedBody(_synthetic_body(rng, g, vals.dtype), SparseBody(idx, vals[: idx.numel()]))
+            sparse = (
+                SparseBody(idx, vals[: idx.numel()])
+                if codec == Codec.CORRECTED or i % 2
+                else TernaryBody(idx, vals[: idx.numel()] < 0, rng.uniform(0, 2))
+            )
+            body = CorrectedBody(_synthetic_body(rng, g, vals.dtype), sparse)
         elif codec in (Codec.TOPK, Codec.STC):
             span = numel if (i // 16) % 2 else 40 * numel  # dense (bitmap) and sparse (Rice)
             k = rng.randint(0, numel)
@@ -271,7 +277,7 @@ def body_length(p: Payload) -> int:
         return 4 + 2 + 2 + 1 + 3 + 4 * ndim + layers + w * (b.inputs.numel() + b.labels.numel())
     if isinstance(b, CorrectedBody):
         batch = 0 if b.synthetic is None else body_length(replace(p, body=b.synthetic))
-        return 4 + batch + body_length(replace(p, body=b.correction))
+        return 4 + (p.codec == Codec.CORRECTED_TAGGED) + batch + body_length(replace(p, body=b.correction))
     if isinstance(b, BundleBody):
         return 2 + sum(12 + len(inner) for inner in b.payloads)
     if isinstance(b, SparseBody):

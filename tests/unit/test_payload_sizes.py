@@ -46,7 +46,7 @@ def size_of(p: Payload) -> int:
         return dense_size(n, p.float_type)
     if isinstance(b, CorrectedBody):
         batch = HEADER_SIZE if b.synthetic is None else size_of(replace(p, body=b.synthetic))
-        return corrected_size(batch, size_of(replace(p, body=b.correction)))
+        return corrected_size(batch, size_of(replace(p, body=b.correction)), p.codec)
     if isinstance(b, SyntheticBody):
         layers = 0 if b.layer_scales is None else b.layer_scales.numel()
         shape = tuple(b.inputs.shape[1:])
