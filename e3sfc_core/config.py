@@ -38,7 +38,7 @@ class ExperimentConfig(BaseModel):
     ``correction_share`` is the share of each 3SFC payload's bytes given to a sparse
     correction of what the synthetic batch misses (0: the paper's 3SFC; see
     ``corrected``): without it, error feedback piles up what a few samples cannot
-    express and convolutional models do not learn (``bench/results/model_matrix.md``);
+    express and convolutional models do not learn (``bench/results/archive/model_matrix_payload_bytes.md``);
     ``batch_min_cosine`` sends the batch only where its own cosine with the target reaches
     it (0.7 makes conv nets match Top-k at equal bytes; it costs the MLP about a point).
     ``payload_ratio`` keeps a corrected payload at least the dense float32 update's bytes
@@ -165,8 +165,8 @@ class ExperimentConfig(BaseModel):
     def uses_float16(self) -> bool:
         """``float16 = "auto"``: float16 for 3SFC's synthetic payloads, whose scales are
         fitted after the rounding (twice the samples for the same bytes learned better than
-        float32, ``bench/results/model_matrix.md``), float32 for the other methods, so
-        FedAvg stays the float32 reference the papers compare against."""
+        float32, ``bench/results/archive/model_matrix_payload_bytes.md``), float32 for the
+        other methods, so FedAvg stays the float32 reference the papers compare against."""
         if self.float16 == "auto":
             return self.method in ("3sfc", "e3sfc")
         return self.float16
