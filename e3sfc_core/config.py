@@ -40,7 +40,8 @@ class ExperimentConfig(BaseModel):
     ``corrected``): without it, error feedback piles up what a few samples cannot
     express and convolutional models do not learn (``bench/results/archive/model_matrix_payload_bytes.md``);
     ``batch_min_cosine`` sends the batch only where its own cosine with the target reaches
-    it (0.7 makes conv nets match Top-k at equal bytes; it costs the MLP about a point).
+    it (0.7 helped conv nets with the float correction code; with the default code it
+    does not).
     ``payload_ratio`` keeps a corrected payload at least the dense float32 update's bytes
     divided by it: the batch's bytes follow the input size, not the model, so without it
     a ResNet-18 payload is 1/7,000 of its update (0: the batch and the share alone size

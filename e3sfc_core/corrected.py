@@ -27,9 +27,9 @@ them (Sattler et al. 2019: positions, one sign each and their mean magnitude),
 smaller residual in each payload (the tagged codec says which). In the same bytes
 ternary keeps about 3x the entries, and error feedback carries each entry's lost
 magnitude to the next round: on the digits ConvNet at equal bytes STC alone reached
-94.8% against Top-k's 89.9%; but one magnitude for the whole update serves a model whose
-layers' magnitudes differ widely badly (RegNetX), hence the per-payload choice
-(``bench/results/model_matrix.md``).
+94.8% against Top-k's 89.5%. But one magnitude for the whole update fits a model whose
+layers' magnitudes differ widely badly (RegNetX: 62.7% ternary, 84.7% float), hence the
+per-payload choice (``bench/results/model_matrix.md``).
 """
 
 from __future__ import annotations
