@@ -227,7 +227,9 @@ def report(argv: list[str] | None) -> None:
         "(the scheduler warns at round 1 how far such a budget reaches). Each JSON line was "
         "written by the checkout it ran on (see the "
         "history of `bench/results/budget.jsonl`); the rows measured before commit 4b81295, "
-        "which counted payload bytes only, are kept in `budget_payload_bytes.jsonl`.",
+        "which counted payload bytes only, are kept in `budget_payload_bytes.jsonl`, and those "
+        "measured on format v4 with the float correction code in "
+        "`archive/budget_v4_float_code.jsonl`.",
     )
     runs: dict[tuple[str, int], set[int]] = {}
     for r in rows:
