@@ -129,7 +129,11 @@ def _gamma_section_bits(q: IntArray, nz: IntArray) -> int:
 RICE_LEVELS_HEAD = struct.Struct("<IIBBB")  # m, m2, b_run, b_gap, b_big
 
 
-def _rice_levels_parts(q: IntArray, nz: IntArray) -> tuple[list[IntArray], tuple[int, int, int]]:
+# the Rice-coded sequences of a Rice levels section and their parameters
+_RiceParts = tuple[list[IntArray], tuple[int, int, int]]
+
+
+def _rice_levels_parts(q: IntArray, nz: IntArray) -> _RiceParts:
     """The three Rice-coded sequences of a Rice levels section and their parameters:
     the zeros before each nonzero, then (magnitudes are mostly 1, which a per-magnitude
     code would spend a bit on) the nonzeros skipped before each magnitude of 2 or more,
@@ -141,22 +145,23 @@ def _rice_levels_parts(q: IntArray, nz: IntArray) -> tuple[list[IntArray], tuple
     return parts, (b_run, b_gap, b_big)
 
 
-def _rice_section_bits(q: IntArray, nz: IntArray) -> int:
-    parts, params = _rice_levels_parts(q, nz)
+def _rice_section_bits(rice: _RiceParts) -> int:
+    parts, params = rice
     return sum(rice_bits(v, b) for v, b in zip(parts, params, strict=True)) + parts[0].size
 
 
-def _choose_levels(q: IntArray, levels: int, version: int, nz: IntArray) -> tuple[int, int]:
-    """(mode, section bytes) that ``encode_levels`` writes (``nz``: the nonzero positions
-    of ``q``); the Rice mode exists from format v5 on (earlier versions chose between
-    gamma and packed only)."""
+def _choose_levels(q: IntArray, levels: int, version: int, nz: IntArray) -> tuple[int, _RiceParts | None]:
+    """The mode ``encode_levels`` writes (``nz``: the nonzero positions of ``q``), and
+    the Rice parts it weighed (None before v5: the Rice mode exists from format v5 on,
+    earlier versions chose between gamma and packed only), for the caller to reuse."""
     packed = _bytes(q.size * packed_width(levels))
     choices = [(packed, MODE_PACKED)]
-    if version >= 5:
-        choices.append((RICE_LEVELS_HEAD.size + _bytes(_rice_section_bits(q, nz)), MODE_RICE_LEVELS))
+    rice = _rice_levels_parts(q, nz) if version >= 5 else None
+    if rice is not None:
+        choices.append((RICE_LEVELS_HEAD.size + _bytes(_rice_section_bits(rice)), MODE_RICE_LEVELS))
     choices.append((4 + _bytes(_gamma_section_bits(q, nz)), MODE_GAMMA))
-    size, mode = min(choices, key=lambda c: c[0])  # first of equals: packed, Rice, gamma
-    return mode, size
+    _, mode = min(choices, key=lambda c: c[0])  # first of equals: packed, Rice, gamma
+    return mode, rice
 
 
 def encode_levels(q: IntArray, levels: int) -> tuple[int, bytes]:
@@ -171,13 +176,13 @@ def encode_levels(q: IntArray, levels: int) -> tuple[int, bytes]:
     """
     qa = np.asarray(q, dtype=np.int64)
     nz = np.flatnonzero(qa)
-    mode, _ = _choose_levels(qa, levels, 5, nz)
+    mode, rice = _choose_levels(qa, levels, 5, nz)
     w = BitWriter()
     if mode == MODE_PACKED:
         w.fields(qa + levels, packed_width(levels))
         return mode, w.getvalue()
-    if mode == MODE_RICE_LEVELS:
-        parts, params = _rice_levels_parts(qa, nz)
+    if mode == MODE_RICE_LEVELS and rice is not None:  # chosen only where it was weighed
+        parts, params = rice
         for values, b in zip(parts, params, strict=True):
             w.rice(values, b)
         head = RICE_LEVELS_HEAD.pack(nz.size, parts[1].size, *params)
@@ -267,11 +272,13 @@ def decode_levels(
         raise PayloadError(f"QSGD levels: unknown mode {mode} ({known})")
     q64 = q.astype(np.int64)
     nz = np.flatnonzero(q64)
-    if _choose_levels(q64, levels, version, nz)[0] != mode:
+    chosen, rice = _choose_levels(q64, levels, version, nz)
+    if chosen != mode:
         raise PayloadError("QSGD levels: mode is not the encoder's choice (non-canonical)")
     if (
-        mode == MODE_RICE_LEVELS
-        and RICE_LEVELS_HEAD.unpack(section[: RICE_LEVELS_HEAD.size])[2:] != _rice_levels_parts(q64, nz)[1]
+        rice is not None
+        and mode == MODE_RICE_LEVELS
+        and RICE_LEVELS_HEAD.unpack(section[: RICE_LEVELS_HEAD.size])[2:] != rice[1]
     ):
         raise PayloadError("QSGD levels: Rice parameters are not the encoder's choice (non-canonical)")
     return q
