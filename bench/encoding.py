@@ -59,7 +59,13 @@ from _common import (
     write_results,
 )
 
-from e3sfc_core.compact import levels_bytes_bound, positions_bytes_bound
+from e3sfc_core.compact import (
+    MODE_GAMMA,
+    MODE_PACKED,
+    MODE_RICE_LEVELS,
+    levels_bytes_bound,
+    positions_bytes_bound,
+)
 from e3sfc_core.compressor import Budget, PayloadMeta, build_compressor
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import get_spec
@@ -164,6 +170,9 @@ def nonzero_fraction(p: Payload) -> float:
     return 1.0
 
 
+LEVEL_MODES = {MODE_GAMMA: "gamma", MODE_PACKED: "packed", MODE_RICE_LEVELS: "rice"}
+
+
 def mode_name(data: bytes, p: Payload) -> str:
     """Which code the encoder chose (see the spec in payload.py)."""
     if isinstance(p.body, SparseBody):
@@ -171,7 +180,7 @@ def mode_name(data: bytes, p: Payload) -> str:
     if isinstance(p.body, TernaryBody):
         return ("rice", "bitmap")[data[HEADER_SIZE + 8]]
     if isinstance(p.body, QuantBody):
-        return ("gamma", "packed", "rice")[data[HEADER_SIZE + 1]]
+        return LEVEL_MODES[data[HEADER_SIZE + 1]]
     if isinstance(p.body, LowRankBody):
         return "floats"
     return "bits"

@@ -233,12 +233,15 @@ class TopKCompressor(BaselineCompressor):
         idx = topk_indices(flat, k)
         return SparseBody(indices=idx, values=wire_rounded(flat[idx], self.float_type))
 
+    def sent_values(self, body: SparseBody, device: torch.device) -> torch.Tensor:
+        """The float32 values the receiver puts at ``body``'s indices."""
+        return body.values.reshape(-1).to(device, torch.float32)
+
     def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
         n, device = self._check(payload, model)
         body: SparseBody = payload.body  # type: ignore[assignment]
         out = torch.zeros(n, dtype=torch.float32, device=device)
-        idx = body.indices.to(device, torch.int64)
-        out[idx] = body.values.reshape(-1).to(device, torch.float32)
+        out[body.indices.to(device, torch.int64)] = self.sent_values(body, device)
         return out
 
     def size_for_k(self, numel: int, k: int) -> int:
@@ -278,15 +281,11 @@ class STCCompressor(TopKCompressor):
         mu = _f32(min(mu, FLOAT32_MAX))
         return TernaryBody(indices=idx, negative=kept < 0, magnitude=mu)
 
-    def decompress(self, payload: Payload, model: nn.Module) -> torch.Tensor:
-        n, device = self._check(payload, model)
-        body: TernaryBody = payload.body  # type: ignore[assignment]
-        out = torch.zeros(n, dtype=torch.float32, device=device)
-        idx = body.indices.to(device, torch.int64)
+    def sent_values(self, body: TernaryBody, device: torch.device) -> torch.Tensor:  # type: ignore[override]
+        """``mu`` with each kept index's sign, float32."""
         neg = body.negative.reshape(-1).to(device, torch.bool)
         mu = torch.tensor(body.magnitude, dtype=torch.float32, device=device)
-        out[idx] = torch.where(neg, -mu, mu)
-        return out
+        return torch.where(neg, -mu, mu)
 
     def size_for_k(self, numel: int, k: int) -> int:
         return ternary_size(numel, k)

@@ -138,9 +138,9 @@ class CorrectedSyntheticCompressor:
         for code in self.codes:
             if not weak:
                 with_batch = code.keep(missed, self.k(numel, budget, code))
-                options.append((_left(missed, with_batch), synthetic.body, with_batch))  # type: ignore[arg-type]
+                options.append((_left(missed, with_batch, code), synthetic.body, with_batch))  # type: ignore[arg-type]
             alone = code.keep(target, self.k_alone(numel, budget, code))
-            options.append((_left(target, alone), None, alone))
+            options.append((_left(target, alone, code), None, alone))
         _, batch, correction = min(options, key=lambda option: option[0])
         payload = Payload(
             codec=self.codec,
@@ -164,14 +164,10 @@ class CorrectedSyntheticCompressor:
         return update
 
 
-def _left(values: torch.Tensor, sent: SparseBody | TernaryBody) -> float:
-    """Squared norm of what stays behind after ``sent`` replaces its entries of ``values``."""
+def _left(values: torch.Tensor, sent: SparseBody | TernaryBody, code: TopKCompressor) -> float:
+    """Squared norm of what stays behind after ``sent`` (in ``code``) replaces its entries
+    of ``values``."""
     idx = sent.indices.to(values.device)
-    if isinstance(sent, TernaryBody):
-        mu = torch.tensor(sent.magnitude, dtype=values.dtype, device=values.device)
-        sent_values = torch.where(sent.negative.to(values.device), -mu, mu)
-    else:
-        sent_values = sent.values.to(values.device)
-    kept = values[idx] - sent_values
+    kept = values[idx] - code.sent_values(sent, values.device)  # type: ignore[arg-type]
     rest = float(values.pow(2).sum()) - float(values[idx].pow(2).sum())
     return rest + float(kept.pow(2).sum())

@@ -675,7 +675,7 @@ def _decode_corrected(r: _Reader, ft: FloatType, numel: int) -> CorrectedBody:
     tag = Codec.TOPK
     if r.codec == Codec.CORRECTED_TAGGED:
         (raw,) = r.unpack("<B", "correction codec")
-        if raw not in (Codec.TOPK, Codec.STC):
+        if raw not in _CORRECTION_TAG.values():
             raise PayloadError(
                 f"correction codec {raw} is neither top-k ({Codec.TOPK:d}) nor STC ({Codec.STC:d})"
             )
