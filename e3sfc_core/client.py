@@ -168,9 +168,6 @@ def client_round(
     numel = base.numel()
     start = state.residual_for(instruction, compressor.uses_error_feedback)
     residual = start.to(device) if start is not None else torch.zeros(numel, device=device)
-    missed = instruction.server_round - state.pending_round - 1 if state.pending_round >= 0 else 0
-    if missed > 0 and cfg.stale_residual_decay < 1.0:
-        residual = residual * cfg.stale_residual_decay**missed
     seed = derive_seed(cfg.seed, SHUFFLE, instruction.server_round, partition_id)
     stats = train_local(
         model, data, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=device, seed=seed

@@ -84,7 +84,6 @@ class ExperimentConfig(BaseModel):
     init_scale: float = Field(0.25, gt=0.0, le=100.0)
     scale_mode: Literal["layer", "global"] = "layer"
     residual_cap: float = Field(0.0, ge=0.0)
-    stale_residual_decay: float = Field(1.0, ge=0.0, le=1.0)
     correction_share: float = Field(0.75, ge=0.0, le=0.99)
     batch_min_cosine: float = Field(0.0, ge=0.0, le=1.0)
     payload_ratio: float = Field(160.0, ge=0.0, le=1e9)
