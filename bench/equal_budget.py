@@ -83,37 +83,47 @@ def size_of(method: str, raw: dict[str, Any], numel: int, n: int = 1) -> int:
     return comp.encoded_size(numel, Budget(n))
 
 
-def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str, Any]:
-    sums = [r["summary"] for r in res]
-    accs = [s["final_accuracy"] if s["final_accuracy"] is not None else float("nan") for s in sums]
+def result_row(
+    label: str, knob: str, accs: list[float], records: list[dict[str, Any]], **rest: Any
+) -> dict[str, Any]:
+    """One table row: final accuracies over seeds, seed 0's per-round samples, and ``rest``."""
     acc_m, acc_s = mean_std(accs)
-    budget = sums[0]["budget"]
-    planned = [sum(r["planned_uplink"] + r["planned_downlink"] for r in s["budget"]["rounds"]) for s in sums]
-    recs = res[0]["records"]
-    n_up = [r["n_uplink"] for r in recs]
-    n_down = [r["n_downlink"] for r in recs]
     return {
         "method": label,
         "knob": knob,
         "final_accuracy_mean": acc_m,
         "final_accuracy_std": acc_s,
         "final_accuracy_per_seed": accs,
-        "rounds_completed": [s["rounds"] for s in sums],
-        "stopped_early": [bool(s["stopped_early"]) for s in sums],
-        "stopped_reason": sums[0]["stopped_early"],
-        "total_bytes": mean_std([s["total_bytes"] for s in sums])[0],
-        "uplink_bytes": mean_std([s["total_uplink_bytes"] for s in sums])[0],
-        "downlink_bytes": mean_std([s["total_downlink_bytes"] for s in sums])[0],
-        "budget_total": budget["total"],
-        "budget_spent": mean_std([s["budget"]["spent_total"] for s in sums])[0],
-        "budget_planned_sum": mean_std(planned)[0],
-        "overspent": max(max(0, s["budget"]["spent_total"] - s["budget"]["total"]) for s in sums),
-        "n_uplink_per_round": n_up,
-        "n_downlink_per_round": n_down,
-        "planned_per_round": [r["planned_uplink"] + r["planned_downlink"] for r in budget["rounds"]],
-        "spent_per_round": [r["spent_uplink"] + r["spent_downlink"] for r in budget["rounds"]],
-        "mean_uplink_cosine": mean_uplink_cosine(res),
+        "n_uplink_per_round": [r["n_uplink"] for r in records],
+        "n_downlink_per_round": [r["n_downlink"] for r in records],
+        **rest,
     }
+
+
+def summarize_runs(label: str, knob: str, res: list[dict[str, Any]]) -> dict[str, Any]:
+    sums = [r["summary"] for r in res]
+    accs = [s["final_accuracy"] if s["final_accuracy"] is not None else float("nan") for s in sums]
+    budget = sums[0]["budget"]
+    planned = [sum(r["planned_uplink"] + r["planned_downlink"] for r in s["budget"]["rounds"]) for s in sums]
+    return result_row(
+        label,
+        knob,
+        accs,
+        res[0]["records"],
+        rounds_completed=[s["rounds"] for s in sums],
+        stopped_early=[bool(s["stopped_early"]) for s in sums],
+        stopped_reason=sums[0]["stopped_early"],
+        total_bytes=mean_std([s["total_bytes"] for s in sums])[0],
+        uplink_bytes=mean_std([s["total_uplink_bytes"] for s in sums])[0],
+        downlink_bytes=mean_std([s["total_downlink_bytes"] for s in sums])[0],
+        budget_total=budget["total"],
+        budget_spent=mean_std([s["budget"]["spent_total"] for s in sums])[0],
+        budget_planned_sum=mean_std(planned)[0],
+        overspent=max(max(0, s["budget"]["spent_total"] - s["budget"]["total"]) for s in sums),
+        planned_per_round=[r["planned_uplink"] + r["planned_downlink"] for r in budget["rounds"]],
+        spent_per_round=[r["spent_uplink"] + r["spent_downlink"] for r in budget["rounds"]],
+        mean_uplink_cosine=mean_uplink_cosine(res),
+    )
 
 
 def cut_at_budget(label: str, knob: str, res: list[dict[str, Any]], budget: int) -> dict[str, Any]:
@@ -123,42 +133,34 @@ def cut_at_budget(label: str, knob: str, res: list[dict[str, Any]], budget: int)
     the data (QSGD's entropy-coded levels), so that a hard budget, which must reserve
     the largest size a payload can take before sending it, does not charge them their
     bound instead of what they send."""
-    accs, rounds, spent, up, down, cos = [], [], [], [], [], []
+    accs, rounds, up, down, cos = [], [], [], [], []
     for r in res:
         fits = [x for x in r["records"] if x["cum_uplink_bytes"] + x["cum_downlink_bytes"] <= budget]
-        last = fits[-1] if fits else None
-        accs.append(last["accuracy"] if last else float("nan"))
+        accs.append(fits[-1]["accuracy"] if fits else math.nan)
         rounds.append(len(fits))
-        up.append(last["cum_uplink_bytes"] if last else 0)
-        down.append(last["cum_downlink_bytes"] if last else 0)
-        spent.append(up[-1] + down[-1])
-        cos.append(mean_std([x["mean_cosine"] for x in fits])[0] if fits else float("nan"))
-    acc_m, acc_s = mean_std(accs)
-    recs = res[0]["records"]
-    return {
-        "method": label,
-        "knob": knob,
-        "final_accuracy_mean": acc_m,
-        "final_accuracy_std": acc_s,
-        "final_accuracy_per_seed": accs,
-        "rounds_completed": rounds,
-        "stopped_early": [n < len(r["records"]) for n, r in zip(rounds, res, strict=True)],
-        "stopped_reason": "cut at the budget",
-        "total_bytes": mean_std(spent)[0],
-        "uplink_bytes": mean_std(up)[0],
-        "downlink_bytes": mean_std(down)[0],
-        "budget_total": 0,
-        "budget_spent": mean_std(spent)[0],
-        "budget_planned_sum": float("nan"),
-        "overspent": 0,
-        "n_uplink_per_round": [r["n_uplink"] for r in recs],
-        "n_downlink_per_round": [r["n_downlink"] for r in recs],
-        "planned_per_round": [],
-        "spent_per_round": [],
-        "mean_uplink_cosine": mean_std([c for c in cos if math.isfinite(c)])[0]
-        if rounds[0]
-        else float("nan"),
-    }
+        up.append(fits[-1]["cum_uplink_bytes"] if fits else 0)
+        down.append(fits[-1]["cum_downlink_bytes"] if fits else 0)
+        cos += [x["mean_cosine"] for x in fits]
+    spent = mean_std([u + d for u, d in zip(up, down, strict=True)])[0]
+    return result_row(
+        label,
+        knob,
+        accs,
+        res[0]["records"],
+        rounds_completed=rounds,
+        stopped_early=[n < len(r["records"]) for n, r in zip(rounds, res, strict=True)],
+        stopped_reason="cut at the budget",
+        total_bytes=spent,
+        uplink_bytes=mean_std(up)[0],
+        downlink_bytes=mean_std(down)[0],
+        budget_total=0,
+        budget_spent=spent,
+        budget_planned_sum=math.nan,
+        overspent=0,
+        planned_per_round=[],
+        spent_per_round=[],
+        mean_uplink_cosine=mean_std(cos)[0] if cos else math.nan,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -153,6 +153,9 @@ CELLS = {
         Cell("digits-regnetx_200mf-a1", "digits", "regnetx_200mf", HEAVY, 8, PAPER_TRAINING),
         Cell("digits-vgg11-a1", "digits", "vgg11", HEAVY, 8, PAPER_TRAINING),
         Cell("digits-resnet18-a1", "digits", "resnet18", HEAVY, 8, PAPER_TRAINING),
+        # the two heavy cells whose E-3SFC curves still climbed at round 8, run twice as long
+        Cell("digits-regnetx_200mf-a1-r16", "digits", "regnetx_200mf", HEAVY, 16, PAPER_TRAINING),
+        Cell("digits-vgg11-a1-r16", "digits", "vgg11", HEAVY, 16, PAPER_TRAINING),
         Cell("digits-regnetx_200mf-a0.1", "digits", "regnetx_200mf", HEAVY_HALF, 10, PAPER_TRAINING),
         Cell("digits-vgg11-a0.1", "digits", "vgg11", HEAVY_HALF, 10, PAPER_TRAINING),
         Cell("digits-resnet18-a0.1", "digits", "resnet18", HEAVY_HALF, 10, PAPER_TRAINING),
