@@ -1,7 +1,7 @@
 """Copy the result reports into ``bench/README.md`` (not a benchmark).
 
-Every ``<!-- copied from results/<name>.md -->`` marker in the README is followed by the
-current contents of ``bench/results/<name>.md``, headings demoted two levels (``#`` ->
+Every ``<!-- copied from results/<name>.md -->`` marker in the README (``<name>`` may
+start with ``archive/``) is followed by the current contents of ``bench/results/<name>.md``, headings demoted two levels (``#`` ->
 ``###``), up to the next marker or the next ``## `` section. Run it after a benchmark so
 that the README shows exactly what the scripts wrote::
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-MARKER = re.compile(r"^<!-- copied from results/([\w.-]+\.md) -->$")
+MARKER = re.compile(r"^<!-- copied from results/((?:archive/)?[\w.-]+\.md) -->$")
 
 
 IMAGE = re.compile(r"\]\((?!https?:|results/)([\w.-]+\.png)\)")

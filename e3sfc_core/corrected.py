@@ -2,7 +2,7 @@
 
 A few synthetic samples cannot express every direction of a convolutional network's
 update (|cos| about 0.5 inside the ConvNet's convolutions, ``bench/results/
-one_round_digits_convnet_layers.md``). Error feedback then keeps those directions back
+archive/one_round_digits_convnet_layers.md``). Error feedback then keeps those directions back
 round after round: the residual grows in them until it dominates the target and the
 synthetic search chases stale error (the cosine falls from 0.65 to 0.2 over a run).
 Sending, next to the batch, the largest entries of ``target - synthetic update`` gives

@@ -85,7 +85,7 @@ def bounded_residual(residual: torch.Tensor, update: torch.Tensor, cap: float) -
     cannot express every direction at the current weights, so the memory grows in those
     directions until the target is mostly stale error (residual ratio near 1). Bounding it
     is an option, not the default: measured, it cost the digits MLP 3 to 9 points and did
-    not rescue the ConvNet (``bench/results/diag_mlp_a1.md``, ``diag_convnet_a1.md``).
+    not rescue the ConvNet (``bench/results/archive/diag_mlp_a1.md``, ``diag_convnet_a1.md``).
     What the bound removes is forgotten, as a decaying memory forgets.
     """
     if cap <= 0:
