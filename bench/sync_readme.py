@@ -1,8 +1,9 @@
 """Copy the result reports into ``bench/README.md`` (not a benchmark).
 
 Every ``<!-- copied from results/<name>.md -->`` marker in the README (``<name>`` may
-start with ``archive/``) is followed by the current contents of ``bench/results/<name>.md``, headings demoted two levels (``#`` ->
-``###``), up to the next marker or the next ``## `` section. Run it after a benchmark so
+start with ``archive/``) is followed by the current contents of
+``bench/results/<name>.md``, headings demoted two levels (``#`` -> ``###``), up to the
+next marker or the next ``## `` section. Run it after a benchmark so
 that the README shows exactly what the scripts wrote::
 
     .venv/bin/python bench/sync_readme.py          # rewrite bench/README.md
