@@ -399,10 +399,12 @@ def report(argv: list[str] | None) -> str:
         "(number of seeds in brackets). Bytes: total uplink + downlink of a run, mean over seeds, "
         "`len()` of every encoded message (instruction fields 34 B + 4 B per payload, reply "
         "fields 41 B, plus the payloads; catch-up included). `e3sfc` is E-3SFC as shipped: "
-        "2 float16 samples and a Top-k correction in 3/4 of a payload of at least 1/160 of the "
-        'dense float32 update, 3SFC on the downlink where `downlink = "auto"` picks it; '
-        'its correction ternary (`correction-code = "ternary"`: positions, a sign each and one '
-        "magnitude, as STC sends them); `-float` the correction's values in float16 instead "
+        "2 float16 samples and a sparse correction (the largest entries of what they miss) in "
+        "3/4 of a payload of at least 1/160 of the dense float32 update, 3SFC on the downlink "
+        'where `downlink = "auto"` picks it; the correction\'s code chosen per payload '
+        '(`correction-code = "auto"`: ternary, i.e. positions, a sign each and one magnitude '
+        "as STC sends them, or float16 values, whichever leaves the smaller residual); "
+        "`-ternary` pins the ternary code; `-float` the correction's values in float16 instead "
         '(`correction-code = "float"`, the default before the ternary code; those rows ran '
         "before the key existed, with that behaviour); "
         "`-n1` one sample, `-c7` with `batch-min-cosine = 0.7` (the conv presets), "
