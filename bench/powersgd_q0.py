@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import env_info, md_table, parse_ints, print_table, report_head, write_results
 
+from bench.common import parse_ints
+from bench.report import Report, Table, env_info, mean_std, run_script
 from e3sfc_core.compressor import COMPRESSORS, CompressorSettings, PayloadMeta
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.powersgd import PowerSGDCompressor, model_shapes
@@ -91,12 +92,15 @@ def run(raw: dict[str, Any], warm: bool) -> dict[str, Any]:
         }
 
 
-def mean_std(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+def _acc(runs: list[dict[str, Any]]) -> str:
+    return "{:.3f} ± {:.3f}".format(*mean_std([r["accuracy"] for r in runs]))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _cos(runs: list[dict[str, Any]]) -> str:
+    return f"{statistics.fmean(r['mean_cosine'] for r in runs):.3f}"
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--ranks", default="1,2,4,8")
@@ -105,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--num-partitions", type=int, default=10)
     p.add_argument("--out-name", default="powersgd_q0")
-    args = p.parse_args(argv)
+    return p
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = {
         "dataset": "digits",
         "model": "mlp",
@@ -117,40 +123,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num-threads": 1,
         "downlink": "compressed",
     }
-    seeds = parse_ints(args.seeds)
-    fractions = [float(f) for f in args.fractions.split(",")]
     runs: list[dict[str, Any]] = []
-    table = []
-    for frac in fractions:
+    for frac in [float(f) for f in args.fractions.split(",")]:
         common = {**base, "fraction-train": frac}
-        ref = [run({**common, "method": "fedavg", "seed": s}, warm=False) for s in seeds]
-        runs += [
-            {"fraction": frac, "method": "fedavg", "seed": s, **r} for s, r in zip(seeds, ref, strict=True)
-        ]
-        dense = f"{ref[0]['payload_bytes']:,}"
-        table.append([f"{frac:g}", "fedavg", dense, mean_std([r["accuracy"] for r in ref]), "-", "-", "-"])
+        for s in parse_ints(args.seeds):
+            got = run({**common, "method": "fedavg", "seed": s}, warm=False)
+            runs.append({"fraction": frac, "method": "fedavg", "seed": s, **got})
         for rank in parse_ints(args.ranks):
-            got: dict[str, list[dict[str, Any]]] = {}
+            raw = {**common, "method": "powersgd", "powersgd-rank": rank}
             for mode in ("fresh", "warm"):
-                raw = {**common, "method": "powersgd", "powersgd-rank": rank}
-                got[mode] = [run({**raw, "seed": s}, warm=mode == "warm") for s in seeds]
-                runs += [
-                    {"fraction": frac, "method": "powersgd", "rank": rank, "q0": mode, "seed": s, **r}
-                    for s, r in zip(seeds, got[mode], strict=True)
-                ]
-            per_payload = got["fresh"][0]["payload_bytes"]
+                for s in parse_ints(args.seeds):
+                    got = run({**raw, "seed": s}, warm=mode == "warm")
+                    runs.append(
+                        {"fraction": frac, "method": "powersgd", "rank": rank, "q0": mode, "seed": s, **got}
+                    )
+                    print(runs[-1], flush=True)
+    return {"env": env_info(torch.device("cpu")), "args": vars(args), "runs": runs}
+
+
+def render(data: dict[str, Any]) -> Report:
+    args, runs = data["args"], data["runs"]
+    table: list[list[Any]] = []
+    for frac in dict.fromkeys(r["fraction"] for r in runs):
+        ref = [r for r in runs if r["fraction"] == frac and r["method"] == "fedavg"]
+        table.append([f"{frac:g}", "fedavg", f"{ref[0]['payload_bytes']:,}", _acc(ref), "-", "-", "-"])
+        ours = [r for r in runs if r["fraction"] == frac and r["method"] == "powersgd"]
+        for rank in dict.fromkeys(r["rank"] for r in ours):
+            fresh = [r for r in ours if r["rank"] == rank and r["q0"] == "fresh"]
+            warm = [r for r in ours if r["rank"] == rank and r["q0"] == "warm"]
+            size = f"{fresh[0]['payload_bytes']:,.0f}"
             table.append(
-                [
-                    f"{frac:g}",
-                    f"powersgd rank={rank}",
-                    f"{per_payload:,.0f}",
-                    mean_std([r["accuracy"] for r in got["fresh"]]),
-                    mean_std([r["accuracy"] for r in got["warm"]]),
-                    f"{statistics.fmean(r['mean_cosine'] for r in got['fresh']):.3f}",
-                    f"{statistics.fmean(r['mean_cosine'] for r in got['warm']):.3f}",
-                ]
+                [f"{frac:g}", f"powersgd rank={rank}", size, _acc(fresh), _acc(warm), _cos(fresh), _cos(warm)]
             )
-            print(table[-1], flush=True)
     headers = [
         "fraction-train",
         "method",
@@ -160,24 +164,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "uplink cos, fresh",
         "uplink cos, warm",
     ]
-    print_table(headers, table)
-    env = env_info(torch.device("cpu"))
-    md = report_head(
+    return Report(
         "PowerSGD: fresh seeded Q0 vs warm start, and the rank",
-        env,
-        "powersgd_q0.py",
-        argv,
-        f"digits/MLP, {args.num_partitions} clients (Dirichlet 1.0), {args.rounds} rounds of "
-        f"{args.local_epochs} local epoch(s), PowerSGD on the uplink and the compressed downlink "
-        f"(error feedback on both sides), seeds {args.seeds}; final accuracy as mean ± std over "
-        "seeds. *Fresh*: Q0 drawn from (seed, round, direction, tensor) every round, as shipped. "
-        "*Warm*: Q0 = the Q this sender last sent for the tensor (the paper's warm start); with "
-        "fraction-train < 1 a client's Q is from the last round it was sampled in.",
+        intro=[
+            f"digits/MLP, {args['num_partitions']} clients (Dirichlet 1.0), {args['rounds']} rounds of "
+            f"{args['local_epochs']} local epoch(s), PowerSGD on the uplink and the compressed downlink "
+            f"(error feedback on both sides), seeds {args['seeds']}; final accuracy as mean ± std over "
+            "seeds. *Fresh*: Q0 drawn from (seed, round, direction, tensor) every round, as shipped. "
+            "*Warm*: Q0 = the Q this sender last sent for the tensor (the paper's warm start); with "
+            "fraction-train < 1 a client's Q is from the last round it was sampled in."
+        ],
+        body=[Table(headers, table)],
     )
-    md += [md_table(headers, table), ""]
-    data = {"env": env, "args": vars(args), "runs": runs}
-    write_results(args.out_name, data, "\n".join(md))
-    return data
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_script("powersgd_q0.py", parser(), measure, render, argv)
 
 
 if __name__ == "__main__":

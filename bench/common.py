@@ -1,28 +1,17 @@
-"""Shared helpers of the benchmark scripts (not a benchmark itself).
+"""Measurement helpers shared by the benchmark scripts (not a benchmark itself; the
+report side lives in :mod:`bench.report`).
 
-* :func:`env_info` records what the numbers were measured on (torch/flwr versions,
-  CPU model, threads, GPU, date), and :func:`write_results` writes
-  ``bench/results/<name>.json`` (machine-readable) and ``bench/results/<name>.md``
-  (a markdown report with that environment header).
 * :func:`collect_targets` produces *real* compression targets: the local updates of
   clients along a FedAvg trajectory, trained exactly as ``e3sfc_core.client.client_round``
   trains them (same model seed, same per-round shuffling seed, same partitions), with
   the local-training seconds of each update.
-
-The scripts are run as ``python bench/<script>.py`` from the repository root; this
-module is imported as ``_common``: Python puts the script's folder first on ``sys.path``.
+* :func:`run_federated` runs one configuration through the core's in-process loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
-import json
-import math
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,83 +21,9 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+from bench.report import REPO, RESULTS, mean_std, median
 
-
-# ----------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (or platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Versions, hardware and date of this measurement."""
-    try:
-        import flwr
-
-        flwr_version = flwr.__version__
-    except Exception:  # pragma: no cover - flwr is a project dependency
-        flwr_version = "not installed"
-    cuda = torch.cuda.is_available()
-    info: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr_version,
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count_os": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": cuda,
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "device": str(device) if device is not None else None,
-        "loadavg_1m_5m_15m": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    return info
-
-
-def env_markdown(info: dict[str, Any]) -> str:
-    """One-paragraph environment header for the markdown reports."""
-    gpu = info.get("gpu") or "none"
-    return (
-        f"Measured {info['date']} on {info['cpu']} ({info['cpu_affinity']} usable cores, "
-        f"torch threads {info['torch_threads']}, load average {_load(info)}), GPU: {gpu}, "
-        f"device: {info.get('device')}; "
-        f"torch {info['torch']}, flwr {info['flwr']}, Python {info['python']}."
-    )
-
-
-def _load(info: dict[str, Any]) -> str:
-    la = info.get("loadavg_1m_5m_15m")
-    return "/".join(f"{v:.1f}" for v in la) if la else "?"
-
-
-def command_markdown(script: str, argv: Sequence[str] | None) -> str:
-    """The report's ``Command: `.venv/bin/python bench/<script> ...` `` line (``argv``
-    as given to ``main``, else the process's arguments)."""
-    cmd = " ".join(argv if argv is not None else sys.argv[1:])
-    return f"Command: `.venv/bin/python bench/{script} {cmd}`".replace("py `", "py`")
-
-
-def report_head(
-    title: str, env: dict[str, Any], script: str, argv: Sequence[str] | None, *paragraphs: str
-) -> list[str]:
-    """Opening lines of a markdown report: ``# title``, the environment header, the
-    ``paragraphs`` (setting, targets...) and the command line, each followed by a blank line."""
-    lines = [f"# {title}", "", env_markdown(env), ""]
-    for par in paragraphs:
-        lines += [par, ""]
-    return lines + [command_markdown(script, argv), ""]
+# --------------------------------------------------------------------------- helpers
 
 
 def set_threads(threads: int) -> None:
@@ -117,74 +32,6 @@ def set_threads(threads: int) -> None:
     for these small models whenever other jobs were running (see bench/README.md)."""
     if threads > 0:
         torch.set_num_threads(threads)
-
-
-def write_results(
-    name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None
-) -> tuple[Path, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` under ``bench/results`` (or ``out_dir``)."""
-    out = out_dir or RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out / f"{name}.json", out / f"{name}.md"
-    jpath.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-    mpath.write_text(markdown.rstrip() + "\n")
-    return jpath, mpath
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return str(obj)
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; floats are printed as given (format them before).
-    Pipes inside cells (``|cos|``) are escaped so they do not split the cell."""
-
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Fixed-width console table."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for j, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value); NaNs dropped."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def median(values: Sequence[float]) -> float:
-    vals = [float(v) for v in values if math.isfinite(float(v))]
-    return statistics.median(vals) if vals else float("nan")
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Human-readable bytes (kB/MB are powers of 1000)."""
-    if n is None or (isinstance(n, float) and not math.isfinite(n)):
-        return "-"
-    n = float(n)
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def sync(device: torch.device) -> None:
