@@ -32,29 +32,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench.common import (
     REPO,
     RESULTS,
     add_run_options,
     add_setting_args,
-    env_info,
     federated_setup,
-    fmt_bytes,
-    md_table,
-    mean_std,
     mean_uplink_cosine,
     parse_ints,
     parse_method_spec,
     parse_overrides,
-    print_table,
-    report_head,
+    results_name,
     run_federated,
     set_threads,
-    write_results,
 )
+from bench.report import Report, Table, env_info, fmt_bytes, mean_std, run_script
 
 DEFAULT_METHODS = "fedavg,topk,stc,signsgd,qsgd,3sfc,e3sfc,3sfc@synthetic-samples=1,e3sfc@synthetic-samples=1"
 
@@ -107,29 +103,26 @@ def defaults_text() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_args(p)
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of method[@key=value...]")
     add_run_options(p)
-    args = p.parse_args(argv)
+    return p
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     set_threads(args.threads)
-    out_name, common = federated_setup(args, "accuracy_vs_bytes")
+    name, common = federated_setup(args, "accuracy_vs_bytes")
     seeds = parse_ints(args.seeds)
     specs = [parse_method_spec(s) for s in args.methods.split(",") if s.strip()]
 
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in specs}
     for seed in seeds:
         for label, raw in specs:
-            cfg = {
-                **common,
-                **raw,
-                "seed": seed,
-                "run-name": f"{label.replace('@', '_').replace('=', '')}-s{seed}",
-            }
-            res = run_federated(cfg, REPO)
+            run_name = f"{label.replace('@', '_').replace('=', '')}-s{seed}"
+            res = run_federated({**common, **raw, "seed": seed, "run-name": run_name}, REPO)
             s = res["summary"]
             runs[label].append(res)
             print(
@@ -142,11 +135,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "fedavg" in runs:
         fedavg_total = mean_std([r["summary"]["total_bytes"] for r in runs["fedavg"]])[0]
         fedavg_up = mean_std([r["summary"]["total_uplink_bytes"] for r in runs["fedavg"]])[0]
-    rows, table, curves = [], [], {}
+    rows, curves = [], {}
     for label, res in runs.items():
         sums = [r["summary"] for r in res]
         acc_m, acc_s = mean_std([s["final_accuracy"] for s in sums])
-        best_m, _ = mean_std([s["best_accuracy"] for s in sums])
         last_m, last_s = mean_std([mean_std([x["accuracy"] for x in r["records"][-LAST:]])[0] for r in res])
         up = mean_std([s["total_uplink_bytes"] for s in sums])[0]
         down = mean_std([s["total_downlink_bytes"] for s in sums])[0]
@@ -154,54 +146,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratio = (
             (fedavg_total / total) if fedavg_total else mean_std([s["compression_ratio"] for s in sums])[0]
         )
-        ratio_up = (fedavg_up / up) if fedavg_total and up else float("nan")
-        cos = mean_uplink_cosine(res)
-        wall = mean_std([x["wall_seconds"] for x in res])[0]
-        row = {
-            "method": label,
-            "final_accuracy_mean": acc_m,
-            "final_accuracy_std": acc_s,
-            "best_accuracy_mean": best_m,
-            "last_rounds_accuracy_mean": last_m,
-            "last_rounds_accuracy_std": last_s,
-            "total_uplink_bytes": up,
-            "total_downlink_bytes": down,
-            "total_bytes": total,
-            "compression_ratio_vs_fedavg": ratio,
-            "uplink_ratio_vs_fedavg": ratio_up,
-            "mean_uplink_cosine": cos,
-            "wall_seconds_mean": wall,
-            "final_accuracy_per_seed": [s["final_accuracy"] for s in sums],
-        }
-        rows.append(row)
-        table.append(
-            [
-                label,
-                f"{acc_m:.2%} ± {acc_s:.2%}",
-                f"{last_m:.2%} ± {last_s:.2%}",
-                f"{best_m:.2%}",
-                fmt_bytes(up),
-                fmt_bytes(down),
-                fmt_bytes(total),
-                f"{ratio:.1f}x",
-                f"{ratio_up:.0f}x" if ratio_up == ratio_up else "-",
-                f"{cos:.3f}",
-                f"{wall:.1f}",
-            ]
+        rows.append(
+            {
+                "method": label,
+                "final_accuracy_mean": acc_m,
+                "final_accuracy_std": acc_s,
+                "best_accuracy_mean": mean_std([s["best_accuracy"] for s in sums])[0],
+                "last_rounds_accuracy_mean": last_m,
+                "last_rounds_accuracy_std": last_s,
+                "total_uplink_bytes": up,
+                "total_downlink_bytes": down,
+                "total_bytes": total,
+                "compression_ratio_vs_fedavg": ratio,
+                "uplink_ratio_vs_fedavg": (fedavg_up / up) if fedavg_total and up else float("nan"),
+                "mean_uplink_cosine": mean_uplink_cosine(res),
+                "wall_seconds_mean": mean_std([x["wall_seconds"] for x in res])[0],
+                "final_accuracy_per_seed": [s["final_accuracy"] for s in sums],
+            }
         )
+        recs = [x["records"] for x in res]
         curves[label] = {
-            "round": [r["round"] for r in res[0]["records"]],
-            "acc": [[r["accuracy"] for r in x["records"]] for x in res],
+            "round": [r["round"] for r in recs[0]],
+            "acc": [[r["accuracy"] for r in x] for x in recs],
             "total": [
-                sum(x["records"][i]["cum_uplink_bytes"] + x["records"][i]["cum_downlink_bytes"] for x in res)
-                / len(res)
-                for i in range(len(res[0]["records"]))
+                sum(x[i]["cum_uplink_bytes"] + x[i]["cum_downlink_bytes"] for x in recs) / len(recs)
+                for i in range(len(recs[0]))
             ],
-            "up": [
-                sum(x["records"][i]["cum_uplink_bytes"] for x in res) / len(res)
-                for i in range(len(res[0]["records"]))
-            ],
+            "up": [sum(x[i]["cum_uplink_bytes"] for x in recs) / len(recs) for i in range(len(recs[0]))],
         }
+    setting = (
+        f"{args.dataset}/{args.model}, {args.num_partitions} clients (all train every round), Dirichlet "
+        f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, {args.num_rounds} rounds, seeds {seeds}"
+        + (f", overrides {parse_overrides(args.set)}" if args.set else "")
+    )
+    plot(curves, RESULTS / f"{name}.png", setting)
+    return {
+        "env": env_info(args.device),
+        "args": vars(args),
+        "setting": setting,
+        "defaults": defaults_text(),
+        "results": rows,
+        "curves": curves,
+    }
+
+
+def render(data: dict[str, Any]) -> Report:
+    args, rows = data["args"], data["results"]
+    name = results_name("accuracy_vs_bytes", argparse.Namespace(**args))
+    fedavg = any(r["method"] == "fedavg" for r in rows)
+    table = [
+        [
+            r["method"],
+            f"{r['final_accuracy_mean']:.2%} ± {r['final_accuracy_std']:.2%}",
+            f"{r['last_rounds_accuracy_mean']:.2%} ± {r['last_rounds_accuracy_std']:.2%}",
+            f"{r['best_accuracy_mean']:.2%}",
+            fmt_bytes(r["total_uplink_bytes"]),
+            fmt_bytes(r["total_downlink_bytes"]),
+            fmt_bytes(r["total_bytes"]),
+            f"{r['compression_ratio_vs_fedavg']:.1f}x",
+            f"{ratio:.0f}x" if (ratio := r["uplink_ratio_vs_fedavg"]) == ratio else "-",
+            f"{r['mean_uplink_cosine']:.3f}",
+            f"{r['wall_seconds_mean']:.1f}",
+        ]
+        for r in rows
+    ]
     headers = [
         "method",
         "final acc (mean ± std)",
@@ -210,30 +218,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "uplink",
         "downlink",
         "total",
-        "total vs FedAvg" if fedavg_total else "total vs dense equivalent",
+        "total vs FedAvg" if fedavg else "total vs dense equivalent",
         "uplink vs FedAvg",
         "mean uplink |cos|",
         "wall s/run",
     ]
-    print()
-    print_table(headers, table)
-
-    env = env_info(args.device)
-    setting = (
-        f"{args.dataset}/{args.model}, {args.num_partitions} clients (all train every round), Dirichlet "
-        f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, {args.num_rounds} rounds, seeds {seeds}"
-        + (f", overrides {parse_overrides(args.set)}" if args.set else "")
-    )
-    png = RESULTS / f"{out_name}.png"
-    plot(curves, png, setting)
-    md = "\n".join(
-        report_head(
-            f"Accuracy vs bytes ({args.dataset}/{args.model})"
-            + ("" if out_name.startswith("accuracy_vs_bytes") else f": {out_name}"),
-            env,
-            "accuracy_vs_bytes.py",
-            argv,
-            f"Setting: {setting}. Defaults otherwise ({defaults_text()}). A method runs as its paper "
+    # results saved before the defaults were stored: the config's defaults (unchanged since)
+    defaults = data.get("defaults") or defaults_text()
+    return Report(
+        f"Accuracy vs bytes ({args['dataset']}/{args['model']})"
+        + ("" if name.startswith("accuracy_vs_bytes") else f": {name}"),
+        intro=[
+            f"Setting: {data['setting']}. Defaults otherwise ({defaults}). A method runs as its paper "
             "runs it unless `@downlink=compressed` says otherwise: `3sfc`, Top-k, STC, signSGD, "
             "QSGD and PowerSGD compress the uplink and send the dense model down; `e3sfc` "
             "compresses both ways (relaying the round's payloads where that is at most 2% of the "
@@ -242,23 +238,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "downlink). 'vs FedAvg' = FedAvg's bytes / the method's bytes"
             + (
                 "."
-                if fedavg_total
+                if fedavg
                 else " (no FedAvg run here: the ratio is summary.json's "
                 "compression_ratio, vs the dense float32 equivalent of the same traffic)."
             )
-            + " Wall seconds are noisy: "
-            "the machine was shared.",
-        )
-        + [
-            md_table(headers, table),
-            "",
-            f"![accuracy vs bytes]({png.name})",
-        ]
+            + " Wall seconds are noisy: the machine was shared."
+        ],
+        body=[Table(headers, table), f"![accuracy vs bytes]({Path(name).name}.png)"],
     )
-    data = {"env": env, "args": vars(args), "setting": setting, "results": rows, "curves": curves}
-    j, m = write_results(out_name, data, md)
-    print(f"wrote {j}, {m}, {png}")
-    return data
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    name = partial(results_name, "accuracy_vs_bytes")
+    return run_script("accuracy_vs_bytes.py", parser(), measure, render, argv, name=name)
 
 
 if __name__ == "__main__":

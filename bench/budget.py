@@ -14,7 +14,8 @@ round (``fraction-train`` 0.5), so catch-up is part of every run.
 
 Every run appends one JSON line to ``bench/results/budget.jsonl`` as soon as it ends;
 runs already there are skipped (stop and resume at will). ``--report`` only renders
-``bench/results/budget.md`` from the lines present::
+``bench/results/budget.md`` from the lines present (with the environment of the last
+measuring run, kept in ``budget.json``)::
 
     nice -n 5 .venv/bin/python bench/budget.py --cells digits-mlp --rounds 20 --seeds 0,1,2
     .venv/bin/python bench/budget.py --report
@@ -24,23 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from _common import (
-    REPO,
-    RESULTS,
-    env_info,
-    fmt_bytes,
-    md_table,
-    mean_std,
-    parse_ints,
-    report_head,
-    run_federated,
-    write_results,
-)
+from bench.common import parse_ints, run_federated
+from bench.report import REPO, Report, Table, fmt_bytes, mean_std, read_jsonl, run_resumable
 
 SCRIPT = "budget.py"
-JSONL = RESULTS / "budget.jsonl"
 LAST = 5
 REFERENCE_N = 4
 FACTORS = (0.25, 1.0, 4.0)
@@ -129,6 +120,29 @@ def row_of(
     }
 
 
+def measure(args: argparse.Namespace, jsonl: Path) -> None:
+    """Run every missing row, appending each to the JSONL file as it ends."""
+    rounds = args.rounds
+    done = {(r["cell"], r["seed"], r["rounds_planned"], r["factor"], r["label"]) for r in read_jsonl(jsonl)}
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    for cell in [c.strip() for c in args.cells.split(",") if c.strip()]:
+        for seed in parse_ints(args.seeds):
+            raw = setting(cell, seed, rounds)
+            for label, factor, cfg in runs_for(raw, fixed_costs(raw)):
+                if (cell, seed, rounds, factor, label) in done:
+                    continue
+                name = f"{cell}-s{seed}-r{rounds}-x{factor}-{label.replace(' ', '').replace('=', '')}"
+                cfg = {**cfg, "output-dir": "outputs/bench-budget", "run-name": name}
+                row = row_of(cell, label, factor, cfg, run_federated(cfg))
+                with jsonl.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(
+                    f"{name}: acc {row['last_accuracy']:.4f}, spent {row['spent']}/{row['total']}, "
+                    f"{row['rounds_run']} rounds, {row['wall_seconds']:.0f} s",
+                    flush=True,
+                )
+
+
 def verdict(
     cell: str,
     rounds: int,
@@ -150,39 +164,8 @@ def verdict(
     )
 
 
-def done_keys() -> set[tuple[str, int, int, float, str]]:
-    """Runs already in the JSONL file (resume)."""
-    if not JSONL.exists():
-        return set()
-    rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
-    return {(r["cell"], r["seed"], r["rounds_planned"], r["factor"], r["label"]) for r in rows}
-
-
-def run(cells: list[str], seeds: list[int], rounds: int) -> None:
-    """Run every missing row, appending each to the JSONL file as it ends."""
-    done = done_keys()
-    JSONL.parent.mkdir(parents=True, exist_ok=True)
-    for cell in cells:
-        for seed in seeds:
-            raw = setting(cell, seed, rounds)
-            for label, factor, cfg in runs_for(raw, fixed_costs(raw)):
-                if (cell, seed, rounds, factor, label) in done:
-                    continue
-                name = f"{cell}-s{seed}-r{rounds}-x{factor}-{label.replace(' ', '').replace('=', '')}"
-                cfg = {**cfg, "output-dir": "outputs/bench-budget", "run-name": name}
-                row = row_of(cell, label, factor, cfg, run_federated(cfg))
-                with JSONL.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                print(
-                    f"{name}: acc {row['last_accuracy']:.4f}, spent {row['spent']}/{row['total']}, "
-                    f"{row['rounds_run']} rounds, {row['wall_seconds']:.0f} s",
-                    flush=True,
-                )
-
-
-def report(argv: list[str] | None) -> None:
-    """Render budget.md (and budget.json) from the JSONL lines."""
-    rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
+def render(data: dict[str, Any]) -> Report:
+    rows = data["rows"]
     groups: dict[tuple[str, int, float], dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
         key = (r["cell"], r["rounds_planned"], r["factor"])
@@ -193,44 +176,16 @@ def report(argv: list[str] | None) -> None:
         for label in sorted(by_label, key=lambda s: (not s.startswith("fixed"), s)):
             rs = by_label[label]
             acc, sd = mean_std([r["last_accuracy"] for r in rs])
-            spent = mean_std([r["spent"] / r["total"] for r in rs])[0]
-            table.append(
-                [
-                    cell,
-                    rounds,
-                    f"{factor}x",
-                    fmt_bytes(mean_std([r["total"] for r in rs])[0]),
-                    label,
-                    len(rs),
-                    f"{100 * acc:.2f} ± {100 * sd:.2f}",
-                    f"{100 * mean_std([r['final_accuracy'] for r in rs])[0]:.2f}",
-                    f"{100 * spent:.1f}%",
-                    f"{mean_std([r['rounds_run'] for r in rs])[0]:.1f}",
-                    "yes" if all(r["spent"] <= r["total"] for r in rs) else "NO",
-                ]
+            total, final, ran = (
+                mean_std([r[k] for r in rs])[0] for k in ("total", "final_accuracy", "rounds_run")
             )
+            spent = mean_std([r["spent"] / r["total"] for r in rs])[0]
+            within = "yes" if all(r["spent"] <= r["total"] for r in rs) else "NO"
+            accuracy = f"{100 * acc:.2f} ± {100 * sd:.2f}"
+            table.append([cell, rounds, f"{factor}x", fmt_bytes(total), label, len(rs), accuracy])
+            table[-1] += [f"{100 * final:.2f}", f"{100 * spent:.1f}%", f"{ran:.1f}", within]
             if label.split(",")[0] == "adaptive" and fixed:
                 verdicts.append(verdict(cell, rounds, factor, rs, fixed))
-    head = report_head(
-        "Budget scheduler: policies against the best fixed n at equal total bytes",
-        env_info("cpu"),
-        SCRIPT,
-        argv,
-        "Setting: E-3SFC (3SFC both ways, corrected payload), 10 clients, half sampled per round "
-        "(catch-up included in every byte count), default local training; budget = factor x the "
-        "forecast bytes of a fixed n = 4 run of the same cell and seed. `fixed n=k`: the largest "
-        "fixed n whose whole run fits (n = 1 when none does; it then stops early like the others). "
-        f"Accuracy: mean over the last {LAST} rounds run, mean ± std over seeds. `within`: "
-        "spent <= total in every run. Where no fixed n fits (0.25x here) every run stops when "
-        "the budget is spent, and the policies, held at n >= `budget-n-min-*` = 2, all make "
-        "the same choices; rows `<policy>, n_min 1` run them at the fixed run's floor instead "
-        "(the scheduler warns at round 1 how far such a budget reaches). Each JSON line was "
-        "written by the checkout it ran on (see the "
-        "history of `bench/results/budget.jsonl`); the rows measured before commit 4b81295, "
-        "which counted payload bytes only, are kept in `budget_payload_bytes.jsonl`, and those "
-        "measured on format v4 with the float correction code in "
-        "`archive/budget_v4_float_code.jsonl`.",
-    )
     runs: dict[tuple[str, int], set[int]] = {}
     for r in rows:
         runs.setdefault((r["cell"], r["rounds_planned"]), set()).add(r["seed"])
@@ -239,44 +194,47 @@ def report(argv: list[str] | None) -> None:
         f"--seeds {','.join(str(s) for s in sorted(seeds))}`"
         for (cell, rounds), seeds in sorted(runs.items())
     ]
-    head += ["Rows in this file come from: " + "; ".join(commands) + ".", ""]
-    headers = [
-        "cell",
-        "rounds",
-        "budget",
-        "total",
-        "run",
-        "seeds",
-        "accuracy %",
-        "final %",
-        "spent",
-        "rounds run",
-        "within",
-    ]
-    md = "\n".join(
-        [
-            *head,
-            md_table(headers, table),
-            "",
+    headers = ["cell", "rounds", "budget", "total", "run", "seeds", "accuracy %", "final %", "spent"]
+    headers += ["rounds run", "within"]
+    return Report(
+        "Budget scheduler: policies against the best fixed n at equal total bytes",
+        intro=[
+            "Setting: E-3SFC (3SFC both ways, corrected payload), 10 clients, half sampled per round "
+            "(catch-up included in every byte count), default local training; budget = factor x the "
+            "forecast bytes of a fixed n = 4 run of the same cell and seed. `fixed n=k`: the largest "
+            "fixed n whose whole run fits (n = 1 when none does; it then stops early like the others). "
+            f"Accuracy: mean over the last {LAST} rounds run, mean ± std over seeds. `within`: "
+            "spent <= total in every run. Where no fixed n fits (0.25x here) every run stops when "
+            "the budget is spent, and the policies, held at n >= `budget-n-min-*` = 2, all make "
+            "the same choices; rows `<policy>, n_min 1` run them at the fixed run's floor instead "
+            "(the scheduler warns at round 1 how far such a budget reaches). Each JSON line was "
+            "written by the checkout it ran on (see the "
+            "history of `bench/results/budget.jsonl`); the rows measured before commit 4b81295, "
+            "which counted payload bytes only, are kept in `budget_payload_bytes.jsonl`, and those "
+            "measured on format v4 with the float correction code in "
+            "`archive/budget_v4_float_code.jsonl`."
+        ],
+        body=[
+            "Rows in this file come from: " + "; ".join(commands) + ".",
+            Table(headers, table),
             "Goal: adaptive matches or beats the best fixed n (paired by seed; matches: the mean "
             "difference is within its spread over seeds):",
-            "",
-            *verdicts,
-        ]
+            "\n".join(verdicts),
+        ],
     )
-    write_results("budget", {"rows": rows}, md)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default="digits-mlp,digits-lenet5", help=f"comma-separated, of {sorted(CELLS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--report", action="store_true", help="only render budget.md from the JSONL")
-    args = p.parse_args(argv)
-    if not args.report:
-        run([c.strip() for c in args.cells.split(",") if c.strip()], parse_ints(args.seeds), args.rounds)
-    report(argv)
+    p.add_argument("--out-name", default="budget", help="results/NAME.{jsonl,json,md}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_resumable("budget.py", parser(), measure, lambda rows: {"rows": rows}, render, argv)
 
 
 if __name__ == "__main__":

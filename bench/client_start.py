@@ -12,21 +12,21 @@ these seconds are paid every round. Each measurement is a fresh interpreter, rep
   (read, normalise and partition the whole dataset) and from a warm on-disk cache.
 
     .venv/bin/python bench/client_start.py --repeats 5
+
+Writes ``bench/results/client_start.{json,md}`` (``--report`` re-renders the md from the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from _common import REPO, env_info, md_table, report_head, write_results
+from bench.report import REPO, Report, Table, env_info, median, run_script
 
-SCRIPT = "client_start.py"
 LOAD = (
     "import time, sys\n"
     "from e3sfc_core.config import ExperimentConfig\n"
@@ -73,12 +73,16 @@ def app_after_torch() -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--datasets", default="digits,mnist", help="comma-separated; mnist needs data/MNIST")
     p.add_argument("--data-root", default="data")
-    args = p.parse_args(argv)
+    p.add_argument("--out-name", default="client_start")
+    return p
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {"import torch": [], "import client_app.app": []}
     loads: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -90,52 +94,48 @@ def main(argv: list[str] | None = None) -> None:
                 rows["no cache"].append(inner(LOAD, ds, args.data_root, ""))
                 inner(LOAD, ds, args.data_root, cache)  # fills the cache on the first repeat
                 rows["warm cache"].append(inner(LOAD, ds, args.data_root, cache))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    added = med["import client_app.app"] - med["import torch"]
-    breakdown = app_after_torch()
-    data: dict[str, Any] = {
+    return {
         "env": env_info("cpu"),
         "repeats": args.repeats,
         "import_seconds": times,
-        "app_adds_to_torch_s": added,
-        "app_modules_after_torch_s": breakdown,
+        "app_adds_to_torch_s": median(times["import client_app.app"]) - median(times["import torch"]),
+        "app_modules_after_torch_s": app_after_torch(),
         "partition_load_seconds": loads,
     }
-    lines = report_head(
-        "Cold ClientApp start: imports and partition loading",
-        data["env"],
-        SCRIPT,
-        argv,
-        "Each number is the median over fresh interpreters (interleaved repeats). Import rows are "
-        "wall time of `python -c ...` (interpreter start-up included); partition rows are timed "
-        "inside the process after the imports (`e3sfc_core.client.client_data`, partition 3 of "
-        "10, Dirichlet 1.0, seed 0), without the on-disk cache and from a warm one.",
-    )
-    lines += [
-        "## Imports",
-        "",
-        md_table(
-            ["process", "median s", "all runs (s)"],
-            [[k, f"{med[k]:.2f}", ", ".join(f"{x:.2f}" for x in v)] for k, v in times.items()],
-        ),
-        "",
-        f"`import client_app.app` adds **{added:.2f} s** to `import torch` (goal: at most 0.7 s). "
-        "What it loads after torch (`-X importtime`, cumulative, top level):",
-        "",
-        md_table(["module", "s"], [[f"`{name.strip()}`", f"{s:.3f}"] for name, s in breakdown[:10]]),
-        "",
-        "## A client's partition",
-        "",
-        md_table(
-            ["dataset", "no cache (s)", "warm cache (s)"],
-            [
-                [ds, f"{statistics.median(r['no cache']):.3f}", f"{statistics.median(r['warm cache']):.3f}"]
-                for ds, r in loads.items()
-            ],
-        ),
+
+
+def render(data: dict[str, Any]) -> Report:
+    times, loads = data["import_seconds"], data["partition_load_seconds"]
+    imports = [  # the JSON sorts its keys: torch alone first
+        [k, f"{median(times[k]):.2f}", ", ".join(f"{x:.2f}" for x in times[k])]
+        for k in ("import torch", "import client_app.app")
     ]
-    _, md = write_results("client_start", data, "\n".join(lines))
-    print(md.read_text())
+    modules = [[f"`{name.strip()}`", f"{s:.3f}"] for name, s in data["app_modules_after_torch_s"][:10]]
+    partition = [
+        [ds, f"{median(r['no cache']):.3f}", f"{median(r['warm cache']):.3f}"] for ds, r in loads.items()
+    ]
+    return Report(
+        "Cold ClientApp start: imports and partition loading",
+        intro=[
+            "Each number is the median over fresh interpreters (interleaved repeats). Import rows are "
+            "wall time of `python -c ...` (interpreter start-up included); partition rows are timed "
+            "inside the process after the imports (`e3sfc_core.client.client_data`, partition 3 of "
+            "10, Dirichlet 1.0, seed 0), without the on-disk cache and from a warm one."
+        ],
+        body=[
+            "## Imports",
+            Table(["process", "median s", "all runs (s)"], imports),
+            f"`import client_app.app` adds **{data['app_adds_to_torch_s']:.2f} s** to `import torch` "
+            "(goal: at most 0.7 s). What it loads after torch (`-X importtime`, cumulative, top level):",
+            Table(["module", "s"], modules),
+            "## A client's partition",
+            Table(["dataset", "no cache (s)", "warm cache (s)"], partition),
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_script("client_start.py", parser(), measure, render, argv)
 
 
 if __name__ == "__main__":

@@ -285,6 +285,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-name", default="")
 
 
+def results_name(stem: str, args: argparse.Namespace) -> str:
+    """Where a federated script's results go: ``--out-name``, else ``stem`` for digits/MLP
+    and ``<stem>_<dataset>_<model>`` otherwise."""
+    if args.out_name:
+        return str(args.out_name)
+    return stem if (args.dataset, args.model) == ("digits", "mlp") else f"{stem}_{args.dataset}_{args.model}"
+
+
 def federated_setup(args: argparse.Namespace, script: str) -> tuple[str, dict[str, Any]]:
     """Exit with status 2 unless ``args.dataset`` loads; return the out-name (``--out-name``,
     else ``script`` for digits/MLP and ``<script>_<dataset>_<model>`` otherwise) and the
@@ -294,9 +302,7 @@ def federated_setup(args: argparse.Namespace, script: str) -> tuple[str, dict[st
     if missing:
         print(f"cannot run {args.dataset}: {missing}", file=sys.stderr)
         raise SystemExit(2)
-    out_name = args.out_name or (
-        script if (args.dataset, args.model) == ("digits", "mlp") else f"{script}_{args.dataset}_{args.model}"
-    )
+    out_name = results_name(script, args)
     common = {
         "dataset": args.dataset,
         "model": args.model,

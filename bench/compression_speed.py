@@ -40,32 +40,27 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import (
-    REPO,
+
+from bench.common import (
     client_data,
     client_settings,
     collect_targets,
-    env_info,
-    md_table,
-    mean_std,
-    median,
     parse_ints,
-    print_table,
-    report_head,
     retime_training,
     set_threads,
     uplink_meta,
-    write_results,
 )
-
+from bench.report import REPO, Report, Table, env_info, mean_std, median, run_script
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec
@@ -217,7 +212,7 @@ def closure_costs(
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", default="1,5,10")
     p.add_argument("--clients", default="0,1,2,3")
@@ -234,8 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--threads", type=int, default=1, help="threads for parts A, B, D, E")
     p.add_argument("--out-name", default="compression_speed")
-    args = p.parse_args(argv)
+    return p
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     device = torch.device("cpu")
     cfg = ExperimentConfig.from_run_config({"method": "fedavg", "device": "cpu"})
@@ -245,10 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed)
     print(f"{len(targets)} targets")
     data: dict[str, Any] = {"args": vars(args)}
-    md: list[str] = []
 
     # ---- A: the search, before/after
-    rows, table = [], []
+    rows = []
     set_flat(model, targets[0].base)
     model.eval()
     compress_once(client_settings(cfg, targets[0].partition_id), spec, model, targets[0], 1, {})  # warm-up
@@ -268,59 +264,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rs = per[label]
             cos = mean_std([r["cosine"] for r in rs])[0]
             sec = median([r["seconds"] for r in rs])
-            ratio = median([r["seconds"] / r["train_s"] for r in rs])
-            row = {
-                "n": n,
-                "setting": label,
-                "overrides": over,
-                "seconds_median": sec,
-                "evals_mean": mean_std([r["evals"] for r in rs])[0],
-                "cosine_mean": cos,
-                "cosine_fraction_of_200": cos / ref_cos,
-                "speedup_vs_200": ref_s / sec,
-                "compress_over_train_median": ratio,
-                "per_target": rs,
-            }
-            rows.append(row)
-            table.append(
-                [
-                    n,
-                    label,
-                    f"{row['evals_mean']:.1f}",
-                    f"{sec * 1e3:.1f}",
-                    f"{row['speedup_vs_200']:.1f}x",
-                    f"{cos:.3f}",
-                    f"{row['cosine_fraction_of_200']:.1%}",
-                    f"{ratio:.2f}",
-                ]
+            rows.append(
+                {
+                    "n": n,
+                    "setting": label,
+                    "overrides": over,
+                    "seconds_median": sec,
+                    "evals_mean": mean_std([r["evals"] for r in rs])[0],
+                    "cosine_mean": cos,
+                    "cosine_fraction_of_200": cos / ref_cos,
+                    "speedup_vs_200": ref_s / sec,
+                    "compress_over_train_median": median([r["seconds"] / r["train_s"] for r in rs]),
+                    "per_target": rs,
+                }
             )
-    headers = [
-        "n",
-        "search setting",
-        "evals (mean)",
-        "compress ms (median)",
-        "speed-up vs 200",
-        "|cos| mean",
-        "of 200-eval |cos|",
-        "compress / train (median)",
-    ]
-    print_table(headers, table)
     data["early_stop"] = rows
-    md += [
-        "## A. The search, before/after",
-        "",
-        "'before' is the previous default, 'shipped' the current one; the other rows vary one "
-        "setting. 'compress / train' is compression seconds over the local-training seconds of the "
-        "same client and round, re-timed next to its compressions (median over targets; goal: <= 2).",
-        "",
-        md_table(headers, table),
-        "",
-    ]
 
     # ---- C: threads
     part = client_data(cfg, targets[0].partition_id, resolve_path(cfg.data_root, REPO))
     tgt0 = targets[0]
     n_thr = 4 if 4 in samples else samples[-1]
+    data["threads_client"] = {
+        "partition_id": tgt0.partition_id,
+        "server_round": tgt0.server_round,
+        "examples": len(part),
+        "n": n_thr,
+    }
 
     def thread_trial(threads: int) -> tuple[float, float]:
         torch.set_num_threads(threads)
@@ -341,110 +310,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(args.repeats):
             for th in (1, 2):
                 res[th].append(thread_trial(th))
-        out = []
-        for th, vals in res.items():
-            out.append(
-                {
-                    "condition": label,
-                    "threads": th,
-                    "train_s_median": median([v[0] for v in vals]),
-                    "compress_s_median": median([v[1] for v in vals]),
-                    "train_s_max": max(v[0] for v in vals),
-                    "compress_s_max": max(v[1] for v in vals),
-                }
-            )
-        return out
+        return [
+            {
+                "condition": label,
+                "threads": th,
+                "train_s_median": median([v[0] for v in vals]),
+                "compress_s_median": median([v[1] for v in vals]),
+                "train_s_max": max(v[0] for v in vals),
+                "compress_s_max": max(v[1] for v in vals),
+            }
+            for th, vals in res.items()
+        ]
 
-    import os
-
-    thr_rows = threads_block(f"as found (load {os.getloadavg()[0]:.1f})")
+    data["threads"] = threads_block(f"as found (load {os.getloadavg()[0]:.1f})")
     if args.contention > 0:
         spinners = [
             subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contention)
         ]
         try:
             time.sleep(0.5)
-            thr_rows += threads_block(f"+{args.contention} busy process(es)")
+            data["threads"] += threads_block(f"+{args.contention} busy process(es)")
         finally:
             for sp in spinners:  # only the processes started here, by their handles
                 sp.terminate()
                 sp.wait(timeout=10)
     set_threads(args.threads)
-    thr_table = [
-        [
-            r["condition"],
-            r["threads"],
-            f"{r['train_s_median'] * 1e3:.1f} (max {r['train_s_max'] * 1e3:.0f})",
-            f"{r['compress_s_median'] * 1e3:.1f} (max {r['compress_s_max'] * 1e3:.0f})",
-        ]
-        for r in thr_rows
-    ]
-    thr_headers = [
-        "machine",
-        "torch threads",
-        "local training ms (median)",
-        f"3SFC n={n_thr} compress ms (median)",
-    ]
-    print_table(thr_headers, thr_table)
-    data["threads"] = thr_rows
-    md += [
-        "## C. torch threads",
-        "",
-        f"One digits client (partition {tgt0.partition_id}, {len(part)} examples, 5 epochs) and the "
-        "3SFC compression "
-        f"of its round-{tgt0.server_round} update, {args.repeats} interleaved repeats per setting.",
-        "",
-        md_table(thr_headers, thr_table),
-        "",
-    ]
 
     # ---- D: per-evaluation cost
-    d_rows, d_table = [], []
+    data["per_eval"] = []
     set_flat(model, tgt0.base)
     model.eval()
     for n in samples:
         costs = closure_costs(model, tgt0.update, n, spec, 100)
         a = [r for r in rows if r["n"] == n and r["setting"] == SHIPPED][0]
         per_eval = a["seconds_median"] / max(1.0, a["evals_mean"])
-        row = {
-            "n": n,
-            "shipped_closure_s": costs["shipped"],
-            "previous_closure_s": costs["previous"],
-            "torch_func_s": costs["torch.func"],
-            "compress_s_per_eval": per_eval,
-            "search_and_other_overhead_s": per_eval - costs["shipped"],
-        }
-        d_rows.append(row)
-        d_table.append(
-            [
-                n,
-                f"{costs['shipped'] * 1e3:.3f}",
-                f"{costs['previous'] * 1e3:.3f}",
-                f"{costs['torch.func'] * 1e3:.3f}",
-                f"{per_eval * 1e3:.3f}",
-                f"{max(0.0, per_eval - costs['shipped']) / per_eval:.0%}",
-            ]
+        data["per_eval"].append(
+            {
+                "n": n,
+                "shipped_closure_s": costs["shipped"],
+                "previous_closure_s": costs["previous"],
+                "torch_func_s": costs["torch.func"],
+                "compress_s_per_eval": per_eval,
+                "search_and_other_overhead_s": per_eval - costs["shipped"],
+            }
         )
-    d_headers = [
-        "n",
-        "shipped closure ms/eval",
-        "previous closure (backward into weights too) ms/eval",
-        "torch.func closure ms/eval",
-        "compress ms / eval (shipped)",
-        "search + other overhead",
-    ]
-    print_table(d_headers, d_table)
-    data["per_eval"] = d_rows
-    md += [
-        "## D. Cost of one closure evaluation (digits MLP)",
-        "",
-        "Best of 3 x 100 evaluations; 'overhead' = (shipped compression seconds / evaluations - "
-        "closure seconds) / per-evaluation seconds (L-BFGS-B bookkeeping, NumPy/torch conversion, "
-        "keeping the best iterate, final scale and payload).",
-        "",
-        md_table(d_headers, d_table),
-        "",
-    ]
 
     # ---- E: paper scale
     if args.paper_examples > 0:
@@ -466,11 +375,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             server_round, partition_id, update = 1, 0, upd
 
         _T.base = base  # type: ignore[attr-defined]
-        e_rows, e_table = [], []
+        data["paper_scale"] = []
         for label, over in [c for c in CANDIDATES if c[0] in (AUTHORS, BEFORE, SHIPPED)]:
             for n in samples:
                 c = compress_once(cfg.compressor_settings(), pspec, pm, _T, n, over)
-                e_rows.append(
+                data["paper_scale"].append(
                     {
                         "setting": label,
                         "n": n,
@@ -480,53 +389,104 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "ratio": c["seconds"] / st.seconds,
                     }
                 )
-                e_table.append(
-                    [
-                        label,
-                        n,
-                        f"{st.seconds:.2f}",
-                        f"{c['seconds']:.3f}",
-                        c["evals"],
-                        f"{c['seconds'] / st.seconds:.3f}",
-                        "PASS" if c["seconds"] <= 2 * st.seconds else "FAIL",
-                    ]
-                )
-        e_headers = [
-            "search setting",
-            "n",
-            "local training s",
-            "3SFC compress s",
-            "evals",
-            "compress / train",
-            "<= 2x",
-        ]
-        print_table(e_headers, e_table)
-        data["paper_scale"] = e_rows
-        md += [
-            "## E. Goal 2 at paper scale (MNIST-sized client, random data)",
-            "",
-            f"MLP 784-200-200-10, {args.paper_examples} random 1x28x28 examples (MNIST's 60,000 "
-            "over 10 clients), "
-            "5 local epochs, batch 32, vs 3SFC compression of that update. Random data: the timing is "
-            "representative, the cosine is not.",
-            "",
-            md_table(e_headers, e_table),
-            "",
-        ]
 
-    env = env_info(device)
-    data["env"] = env
-    head = report_head(
-        "Making 3SFC compression fast (issue #5, item 4)",
-        env,
-        "compression_speed.py",
-        argv,
-        f"Targets: {len(targets)} real client updates (digits/MLP FedAvg, rounds {args.rounds}, clients "
-        f"{args.clients}); threads {args.threads} unless stated.",
-    )
-    j, m = write_results(args.out_name, data, "\n".join(head + md))
-    print(f"wrote {j}, {m}")
+    data["env"] = env_info(device)
     return data
+
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]  # header, cell of a row
+
+
+def _ms(key: str, digits: int = 3) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r[key] * 1e3:.{digits}f}"
+
+
+def _median_max(part: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r[part + '_s_median'] * 1e3:.1f} (max {r[part + '_s_max'] * 1e3:.0f})"
+
+
+def _table(columns: list[Column], rows: list[dict[str, Any]]) -> Table:
+    return Table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows])
+
+
+SEARCH_COLUMNS: list[Column] = [
+    ("n", lambda r: r["n"]),
+    ("search setting", lambda r: r["setting"]),
+    ("evals (mean)", lambda r: f"{r['evals_mean']:.1f}"),
+    ("compress ms (median)", _ms("seconds_median", 1)),
+    ("speed-up vs 200", lambda r: f"{r['speedup_vs_200']:.1f}x"),
+    ("|cos| mean", lambda r: f"{r['cosine_mean']:.3f}"),
+    ("of 200-eval |cos|", lambda r: f"{r['cosine_fraction_of_200']:.1%}"),
+    ("compress / train (median)", lambda r: f"{r['compress_over_train_median']:.2f}"),
+]
+EVAL_COLUMNS: list[Column] = [
+    ("n", lambda r: r["n"]),
+    ("shipped closure ms/eval", _ms("shipped_closure_s")),
+    ("previous closure (backward into weights too) ms/eval", _ms("previous_closure_s")),
+    ("torch.func closure ms/eval", _ms("torch_func_s")),
+    ("compress ms / eval (shipped)", _ms("compress_s_per_eval")),
+    (
+        "search + other overhead",
+        lambda r: f"{max(0.0, r['search_and_other_overhead_s']) / r['compress_s_per_eval']:.0%}",
+    ),
+]
+PAPER_COLUMNS: list[Column] = [
+    ("search setting", lambda r: r["setting"]),
+    ("n", lambda r: r["n"]),
+    ("local training s", lambda r: f"{r['train_s']:.2f}"),
+    ("3SFC compress s", lambda r: f"{r['compress_s']:.3f}"),
+    ("evals", lambda r: r["evals"]),
+    ("compress / train", lambda r: f"{r['ratio']:.3f}"),
+    ("<= 2x", lambda r: "PASS" if r["compress_s"] <= 2 * r["train_s"] else "FAIL"),
+]
+
+
+def render(data: dict[str, Any]) -> Report:
+    args, tc = data["args"], data["threads_client"]
+    threads_columns: list[Column] = [
+        ("machine", lambda r: r["condition"]),
+        ("torch threads", lambda r: r["threads"]),
+        ("local training ms (median)", _median_max("train")),
+        (f"3SFC n={tc['n']} compress ms (median)", _median_max("compress")),
+    ]
+    body: list[Any] = [
+        "## A. The search, before/after",
+        "'before' is the previous default, 'shipped' the current one; the other rows vary one setting. "
+        "'compress / train' is compression seconds over the local-training seconds of the same client and "
+        "round, re-timed next to its compressions (median over targets; goal: <= 2).",
+        _table(SEARCH_COLUMNS, data["early_stop"]),
+        "## C. torch threads",
+        f"One digits client (partition {tc['partition_id']}, {tc['examples']} examples, 5 epochs) and the "
+        f"3SFC compression of its round-{tc['server_round']} update, {args['repeats']} interleaved repeats "
+        "per setting.",
+        _table(threads_columns, data["threads"]),
+        "## D. Cost of one closure evaluation (digits MLP)",
+        "Best of 3 x 100 evaluations; 'overhead' = (shipped compression seconds / evaluations - closure "
+        "seconds) / per-evaluation seconds (L-BFGS-B bookkeeping, NumPy/torch conversion, keeping the best "
+        "iterate, final scale and payload).",
+        _table(EVAL_COLUMNS, data["per_eval"]),
+    ]
+    if "paper_scale" in data:
+        body += [
+            "## E. Goal 2 at paper scale (MNIST-sized client, random data)",
+            f"MLP 784-200-200-10, {args['paper_examples']} random 1x28x28 examples (MNIST's 60,000 over 10 "
+            "clients), 5 local epochs, batch 32, vs 3SFC compression of that update. Random data: the "
+            "timing is representative, the cosine is not.",
+            _table(PAPER_COLUMNS, data["paper_scale"]),
+        ]
+    targets = len(data["early_stop"][0]["per_target"])
+    return Report(
+        "Making 3SFC compression fast (issue #5, item 4)",
+        intro=[
+            f"Targets: {targets} real client updates (digits/MLP FedAvg, rounds {args['rounds']}, clients "
+            f"{args['clients']}); threads {args['threads']} unless stated."
+        ],
+        body=body,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_script("compression_speed.py", parser(), measure, render, argv)
 
 
 if __name__ == "__main__":

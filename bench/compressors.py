@@ -1,12 +1,13 @@
 """Compressor benchmark (issue #2): bytes, cosine and time of every method on real updates.
 
-Command (digits/MLP, CPU, ~1-2 minutes)::
+Command (digits/MLP, CPU, about 3 minutes on 2 cores)::
 
     .venv/bin/python bench/compressors.py
 
 Quick smoke run::
 
-    .venv/bin/python bench/compressors.py --rounds 1,2 --clients 0,1 --samples 1,4 --eval-sweep 5,20
+    .venv/bin/python bench/compressors.py --rounds 1,2 --clients 0,1 --samples 1,4 --eval-sweep 5,20 \
+        --out-name /tmp/compressors_smoke
 
 What it does
 
@@ -33,10 +34,11 @@ Goals checked (printed and written as pass/fail):
 
 * 3SFC |cosine| at equal bytes >= 1.3x Top-k's (mean over targets, every n).
 * 3SFC compression seconds <= 2x the local-training seconds of the same round (median
-  over targets, for the default n = ``synthetic-samples``, 4).
+  over targets, for the default n = the config's ``synthetic-samples``, 2).
 
 Targets are raw local updates (no error-feedback residual), i.e. what a client
-compresses in its first round. Outputs: ``bench/results/compressors.{json,md}``.
+compresses in its first round. Outputs: ``bench/results/<--out-name>.{json,md}`` (default
+``compressors``); ``--report`` re-renders the markdown from the JSON without measuring.
 """
 
 from __future__ import annotations
@@ -48,26 +50,20 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from _common import (
+
+from bench.common import (
     REPO,
     add_setting_args,
     client_settings,
     collect_targets,
-    env_info,
     fedavg_targets_config,
-    md_table,
-    mean_std,
-    median,
     parse_ints,
-    print_table,
-    report_head,
     retime_training,
     set_threads,
     timed_roundtrip,
     uplink_meta,
-    write_results,
 )
-
+from bench.report import Report, Table, env_info, mean_std, median, run_script
 from e3sfc_core.baselines import TopKCompressor, topk_count
 from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta, build_compressor
 from e3sfc_core.datasets import get_spec
@@ -125,7 +121,7 @@ def run_one(
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_args(p, federated=False)
     p.add_argument("--seed", type=int, default=0)
@@ -140,18 +136,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--out-name", default="compressors")
-    args = p.parse_args(argv)
+    return p
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     device = resolve_device(args.device)
     cfg = fedavg_targets_config(args, args.device)
     spec = get_spec(args.dataset)
     rounds, clients = parse_ints(args.rounds), parse_ints(args.clients)
-    samples, sweep, sweep_n = (
-        parse_ints(args.samples),
-        parse_ints(args.eval_sweep),
-        parse_ints(args.sweep_samples),
-    )
+    samples, sweep_n = parse_ints(args.samples), parse_ints(args.sweep_samples)
     n_default = cfg.synthetic_samples
 
     t0 = time.perf_counter()
@@ -175,10 +169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("signsgd", "signsgd", {}, 1, "baseline"),
         (f"qsgd s={cfg.qsgd_levels}", "qsgd", {}, 1, "baseline"),
     ]
+    eq_k: dict[int, tuple[int, int]] = {}  # n -> (Top-k's k, STC's k) at 3SFC's bytes
     for n in samples:
         settings = cfg.compressor_settings(layers)
         kt = k_for_bytes("topk", settings, spec, numel, sfc_bytes[n])
         ks = k_for_bytes("stc", settings, spec, numel, sfc_bytes[n])
+        eq_k[n] = kt, ks
         methods += [
             (f"3sfc n={n}", "3sfc", {}, n, f"eq{n}"),
             (f"topk@eq n={n} (k={kt})", "topk", {"topk_ratio": ratio_for_k(kt, numel)}, 1, f"eq{n}"),
@@ -186,22 +182,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
     sweep_settings: list[tuple[str, int, dict[str, Any]]] = []
     for n in sweep_n:
-        for m in sweep:
+        for m in parse_ints(args.eval_sweep):
             sweep_settings.append((f"cap {m}", n, {"max_evals": m, "min_improvement": 0.0}))
         sweep_settings.append(("default (20, stall 5 / 1e-3)", n, {}))
         if not args.no_reference:
-            sweep_settings.append(
-                (
-                    f"cap {REFERENCE_EVALS} (authors' budget)",
-                    n,
-                    {"max_evals": REFERENCE_EVALS, "min_improvement": 0.0},
-                )
-            )
+            ref = {"max_evals": REFERENCE_EVALS, "min_improvement": 0.0}
+            sweep_settings.append((f"cap {REFERENCE_EVALS} (authors' budget)", n, ref))
 
     results: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in methods}
-    sweep_results: dict[tuple[str, int], list[dict[str, Any]]] = {
-        (lab, n): [] for lab, n, _ in sweep_settings
-    }
+    sweep_results: dict[tuple[str, int], list[dict[str, Any]]] = {(s[0], s[1]): [] for s in sweep_settings}
     warm = True
     train_s: list[float] = []  # local training re-timed next to each target's compressions
     for i, tgt in enumerate(targets):
@@ -227,61 +216,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{results[f'3sfc n={samples[0]}'][-1]['cosine']:.3f}"
         )
 
-    table_rows, json_rows = [], []
+    json_rows = []
     for label, name, _, n, group in methods:
         rows = results[label]
         cos_m, cos_s = mean_std([r["cosine"] for r in rows])
-        comp_med = median([r["compress_s"] for r in rows])
-        ratio_med = median([r["compress_s"] / r["train_s"] for r in rows])
-        row = {
-            "method": label,
-            "registry": name,
-            "group": group,
-            "n": n if name == "3sfc" else None,
-            "bytes": rows[0]["bytes"],
-            "cosine_mean": cos_m,
-            "cosine_std": cos_s,
-            "compress_s_median": comp_med,
-            "roundtrip_s_median": median([r["roundtrip_s"] for r in rows]),
-            "encode_s_median": median([r["encode_s"] for r in rows]),
-            "decode_s_median": median([r["decode_s"] for r in rows]),
-            "decompress_s_median": median([r["decompress_s"] for r in rows]),
-            "evals_mean": mean_std([r["evals"] for r in rows])[0],
-            "compress_over_train_median": ratio_med,
-            "degenerate": sum(bool(r["degenerate"]) for r in rows),
-        }
-        json_rows.append(row)
-        table_rows.append(
-            [
-                label,
-                row["bytes"],
-                f"{dense_size(numel) / row['bytes']:.0f}x",
-                f"{cos_m:.3f} ± {cos_s:.3f}",
-                f"{comp_med * 1e3:.2f}",
-                f"{row['roundtrip_s_median'] * 1e3:.2f}",
-                f"{ratio_med:.2f}",
-                f"{row['evals_mean']:.0f}" if name == "3sfc" else "-",
-            ]
+        json_rows.append(
+            {
+                "method": label,
+                "registry": name,
+                "group": group,
+                "n": n if name == "3sfc" else None,
+                "bytes": rows[0]["bytes"],
+                "cosine_mean": cos_m,
+                "cosine_std": cos_s,
+                "compress_s_median": median([r["compress_s"] for r in rows]),
+                "roundtrip_s_median": median([r["roundtrip_s"] for r in rows]),
+                "encode_s_median": median([r["encode_s"] for r in rows]),
+                "decode_s_median": median([r["decode_s"] for r in rows]),
+                "decompress_s_median": median([r["decompress_s"] for r in rows]),
+                "evals_mean": mean_std([r["evals"] for r in rows])[0],
+                "compress_over_train_median": median([r["compress_s"] / r["train_s"] for r in rows]),
+                "degenerate": sum(bool(r["degenerate"]) for r in rows),
+            }
         )
-    headers = [
-        "method",
-        "bytes/update",
-        "vs dense",
-        "|cos| mean ± std",
-        "compress ms (median)",
-        "round trip ms (median)",
-        "compress / train",
-        "evals",
-    ]
-    print()
-    print_table(headers, table_rows)
 
     # ---- goal 1: equal bytes
-    eq_rows, eq_json, goal1 = [], [], True
+    eq_json, goal1 = [], True
     by_label = {r["method"]: r for r in json_rows}
     for n in samples:
-        kt = k_for_bytes("topk", cfg.compressor_settings(layers), spec, numel, sfc_bytes[n])
-        ks = k_for_bytes("stc", cfg.compressor_settings(layers), spec, numel, sfc_bytes[n])
+        kt, ks = eq_k[n]
         a = by_label[f"3sfc n={n}"]
         b = by_label[f"topk@eq n={n} (k={kt})"]
         c = by_label[f"stc@eq n={n} (k={ks})"]
@@ -308,40 +271,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "pass": ok,
             }
         )
-        eq_rows.append(
-            [
-                n,
-                a["bytes"],
-                f"{b['bytes']} (k={kt})",
-                f"{a['cosine_mean']:.3f}",
-                f"{b['cosine_mean']:.3f}",
-                f"{c['cosine_mean']:.3f}",
-                f"{ratio:.2f}x",
-                f"{wins}/{len(targets)}",
-                "PASS" if ok else "FAIL",
-            ]
-        )
-    eq_headers = [
-        "n",
-        "3SFC bytes",
-        "Top-k bytes",
-        "3SFC |cos|",
-        "Top-k |cos|",
-        "STC@eq |cos|",
-        "3SFC / Top-k",
-        "3SFC wins (per target)",
-        f">= {GOAL_COS_RATIO}x",
-    ]
-    print()
-    print_table(eq_headers, eq_rows)
 
     # ---- goal 2: compression time vs local training time
-    time_rows, time_json = [], []
+    time_json = []
     goal2 = None
     for n in samples:
         rows = results[f"3sfc n={n}"]
         ratios = [r["compress_s"] / r["train_s"] for r in rows]
-        rt = [r["roundtrip_s"] / r["train_s"] for r in rows]
         med = median(ratios)
         ok = med <= GOAL_TIME_RATIO
         if n == n_default:
@@ -353,88 +289,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "train_s_median": median(train_s),
                 "ratio_median": med,
                 "ratio_max": max(ratios),
-                "roundtrip_ratio_median": median(rt),
+                "roundtrip_ratio_median": median([r["roundtrip_s"] / r["train_s"] for r in rows]),
                 "share_within_goal": sum(x <= GOAL_TIME_RATIO for x in ratios) / len(ratios),
                 "pass": ok,
             }
         )
-        time_rows.append(
-            [
-                n,
-                f"{time_json[-1]['compress_s_median'] * 1e3:.1f}",
-                f"{median(train_s) * 1e3:.1f}",
-                f"{med:.2f}",
-                f"{median(rt):.2f}",
-                f"{time_json[-1]['share_within_goal']:.0%}",
-                "PASS" if ok else "FAIL",
-            ]
-        )
     if goal2 is None:
         goal2 = all(t["pass"] for t in time_json)
-    time_headers = [
-        "n",
-        "3SFC compress ms",
-        "local train ms",
-        "compress / train (median)",
-        "round trip / train",
-        "targets within 2x",
-        f"<= {GOAL_TIME_RATIO}x",
-    ]
-    print()
-    print_table(time_headers, time_rows)
 
     # ---- evaluations sweep
-    sw_rows, sw_json = [], []
+    sw_json = []
     for n in sweep_n:
         ref_key = (f"cap {REFERENCE_EVALS} (authors' budget)", n)
-        ref = (
-            mean_std([r["cosine"] for r in sweep_results[ref_key]])[0]
-            if ref_key in sweep_results
-            else float("nan")
-        )
+        ref_rows = sweep_results.get(ref_key)
+        ref = mean_std([r["cosine"] for r in ref_rows])[0] if ref_rows is not None else math.nan
         for label, nn, _ in sweep_settings:
             if nn != n:
                 continue
             rows = sweep_results[(label, n)]
             cm, cs = mean_std([r["cosine"] for r in rows])
-            frac = cm / ref if ref and math.isfinite(ref) else float("nan")
             sw_json.append(
                 {
                     "n": n,
                     "setting": label,
                     "cosine_mean": cm,
                     "cosine_std": cs,
-                    "fraction_of_reference": frac,
+                    "fraction_of_reference": cm / ref if ref and math.isfinite(ref) else math.nan,
                     "evals_mean": mean_std([r["evals"] for r in rows])[0],
                     "compress_s_median": median([r["compress_s"] for r in rows]),
                 }
             )
-            sw_rows.append(
-                [
-                    n,
-                    label,
-                    f"{sw_json[-1]['evals_mean']:.1f}",
-                    f"{cm:.3f} ± {cs:.3f}",
-                    f"{frac:.1%}" if math.isfinite(frac) else "-",
-                    f"{sw_json[-1]['compress_s_median'] * 1e3:.1f}",
-                ]
-            )
-    sw_headers = [
-        "n",
-        "search setting",
-        "evals (mean)",
-        "|cos| mean ± std",
-        f"of {REFERENCE_EVALS}-eval |cos|",
-        "compress ms (median)",
-    ]
-    print()
-    print_table(sw_headers, sw_rows)
-
-    env = env_info(device)
-    verdict1 = "PASS" if goal1 else "FAIL"
-    verdict2 = "PASS" if goal2 else "FAIL"
-    print(f"\ngoal 1 (3SFC |cos| >= {GOAL_COS_RATIO}x Top-k at equal bytes, every n): {verdict1}")
-    print(f"goal 2 (3SFC compress <= {GOAL_TIME_RATIO}x local training, n={n_default}, median): {verdict2}")
 
     setting = (
         f"{args.dataset}/{args.model} ({numel:,} weights), {args.num_partitions} clients, Dirichlet "
@@ -442,46 +326,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{cfg.lr}; targets: "
         f"local updates of clients {clients} in FedAvg rounds {rounds} ({len(targets)} targets, no residual)"
     )
-    md = report_head(
-        "Compressors on real updates (issue #2)", env, "compressors.py", argv, f"Setting: {setting}."
-    ) + [
-        "## Every method",
-        "",
-        "Bytes are `len(encode(payload))`; |cos| is between the decoded, decompressed update and the target; "
-        "`compress / train` is the compression seconds over the local-training seconds of the same "
-        "client and "
-        "round (median over targets). Round trip = compress + encode + decode + decompress.",
-        "",
-        md_table(headers, table_rows),
-        "",
-        "## 3SFC vs Top-k at equal bytes",
-        "",
-        "Top-k keeps the largest k whose payload (float32 values, Rice-coded positions, format v3) "
-        "cannot exceed 3SFC's bytes (`TopKCompressor.k_for_bytes`); STC@eq likewise.",
-        "",
-        md_table(eq_headers, eq_rows),
-        "",
-        f"**Goal 1, 3SFC |cos| >= {GOAL_COS_RATIO}x Top-k's at equal bytes (every n): {verdict1}.**",
-        "",
-        "## Compression time vs local training time",
-        "",
-        md_table(time_headers, time_rows),
-        "",
-        f"**Goal 2, 3SFC compression <= {GOAL_TIME_RATIO}x local training of the same round "
-        f"(default n={n_default}, median): {verdict2}.**",
-        "",
-        "## |cos| vs closure evaluations",
-        "",
-        "`cap m`: max-evals m, min-improvement 0 (only the cap stops the search; the cap is exact). "
-        "`default`: the shipped early stop.",
-        "",
-        md_table(sw_headers, sw_rows),
-    ]
-    data = {
-        "env": env,
+    return {
+        "env": env_info(device),
         "args": vars(args),
         "setting": setting,
         "numel": numel,
+        "dense_bytes": dense_size(numel),
+        "n_default": n_default,
         "fedavg_trajectory": fedavg_log,
         "train_seconds": train_s,
         "methods": json_rows,
@@ -492,9 +343,110 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_target": results,
         "per_target_sweep": {f"{k[0]} n={k[1]}": v for k, v in sweep_results.items()},
     }
-    j, m = write_results(args.out_name, data, "\n".join(md))
-    print(f"wrote {j} and {m}")
-    return data
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def render(data: dict[str, Any]) -> Report:
+    methods = Table(
+        ["method", "bytes/update", "vs dense", "|cos| mean ± std", "compress ms (median)",
+         "round trip ms (median)", "compress / train", "evals"],
+        [
+            [
+                r["method"],
+                r["bytes"],
+                f"{data['dense_bytes'] / r['bytes']:.0f}x",
+                f"{r['cosine_mean']:.3f} ± {r['cosine_std']:.3f}",
+                f"{r['compress_s_median'] * 1e3:.2f}",
+                f"{r['roundtrip_s_median'] * 1e3:.2f}",
+                f"{r['compress_over_train_median']:.2f}",
+                f"{r['evals_mean']:.0f}" if r["registry"] == "3sfc" else "-",
+            ]
+            for r in data["methods"]
+        ],
+    )
+    equal = Table(
+        ["n", "3SFC bytes", "Top-k bytes", "3SFC |cos|", "Top-k |cos|", "STC@eq |cos|", "3SFC / Top-k",
+         "3SFC wins (per target)", f">= {GOAL_COS_RATIO}x"],
+        [
+            [
+                e["n"],
+                e["bytes_3sfc"],
+                f"{e['bytes_topk']} (k={e['k_topk']})",
+                f"{e['cos_3sfc']:.3f}",
+                f"{e['cos_topk']:.3f}",
+                f"{e['cos_stc']:.3f}",
+                f"{e['ratio']:.2f}x",
+                f"{e['wins']}/{e['targets']}",
+                _verdict(e["pass"]),
+            ]
+            for e in data["equal_bytes"]
+        ],
+    )
+    timing = Table(
+        ["n", "3SFC compress ms", "local train ms", "compress / train (median)", "round trip / train",
+         "targets within 2x", f"<= {GOAL_TIME_RATIO}x"],
+        [
+            [
+                t["n"],
+                f"{t['compress_s_median'] * 1e3:.1f}",
+                f"{t['train_s_median'] * 1e3:.1f}",
+                f"{t['ratio_median']:.2f}",
+                f"{t['roundtrip_ratio_median']:.2f}",
+                f"{t['share_within_goal']:.0%}",
+                _verdict(t["pass"]),
+            ]
+            for t in data["time_vs_train"]
+        ],
+    )
+    sweep = Table(
+        ["n", "search setting", "evals (mean)", "|cos| mean ± std", f"of {REFERENCE_EVALS}-eval |cos|",
+         "compress ms (median)"],
+        [
+            [
+                s["n"],
+                s["setting"],
+                f"{s['evals_mean']:.1f}",
+                f"{s['cosine_mean']:.3f} ± {s['cosine_std']:.3f}",
+                f"{s['fraction_of_reference']:.1%}" if math.isfinite(s["fraction_of_reference"]) else "-",
+                f"{s['compress_s_median'] * 1e3:.1f}",
+            ]
+            for s in data["lbfgs_sweep"]
+        ],
+    )
+    goals = data["goals"]
+    return Report(
+        "Compressors on real updates (issue #2)",
+        intro=[f"Setting: {data['setting']}."],
+        body=[
+            "## Every method",
+            "Bytes are `len(encode(payload))`; |cos| is between the decoded, decompressed update and the "
+            "target; `compress / train` is the compression seconds over the local-training seconds of the "
+            "same client and round (median over targets). Round trip = compress + encode + decode + "
+            "decompress.",
+            methods,
+            "## 3SFC vs Top-k at equal bytes",
+            "Top-k keeps the largest k whose payload (float32 values, Rice-coded positions, format v3) "
+            "cannot exceed 3SFC's bytes (`TopKCompressor.k_for_bytes`); STC@eq likewise.",
+            equal,
+            f"**Goal 1, 3SFC |cos| >= {GOAL_COS_RATIO}x Top-k's at equal bytes (every n): "
+            f"{_verdict(goals['cos_ratio_ge_1.3'])}.**",
+            "## Compression time vs local training time",
+            timing,
+            f"**Goal 2, 3SFC compression <= {GOAL_TIME_RATIO}x local training of the same round "
+            f"(default n={data['n_default']}, median): {_verdict(goals['compress_le_2x_train'])}.**",
+            "## |cos| vs closure evaluations",
+            "`cap m`: max-evals m, min-improvement 0 (only the cap stops the search; the cap is exact). "
+            "`default`: the shipped early stop.",
+            sweep,
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_script("compressors.py", parser(), measure, render, argv)
 
 
 if __name__ == "__main__":

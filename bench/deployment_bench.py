@@ -12,8 +12,10 @@
 
 Per-round wall time is taken from the streamed ``round N |`` lines (time between
 consecutive lines; round 1 from the ``initial model`` line). Our payload bytes come from
-``metrics.csv`` (uplink_bytes, downlink_bytes). Results: ``<out>/results.json`` and a
-Markdown table on stdout. Same config for both runs; nothing but loopback is used.
+``metrics.csv`` (uplink_bytes, downlink_bytes). Results: ``<out>/results.json`` (with
+``--save NAME`` also ``bench/results/deployment_NAME.json``) and a table on stdout. Same
+config for both runs; nothing but loopback is used. ``--compare A,B,...`` measures nothing:
+it renders saved runs side by side as ``bench/results/deployment_compare.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import RESULTS, Report, Table, env_info, env_markdown, save_json
 from e3sfc_launch.deploy import app_dir, deployment
 from e3sfc_launch.overrides import collect, to_flwr_run_config
 
@@ -162,74 +165,7 @@ def overheads(dep: dict[str, Any], fab: int, nodes: int) -> dict[str, float]:
     }
 
 
-def compare(names: list[str], argv: list[str] | None) -> str:
-    """Markdown comparing saved runs (``bench/results/deployment_<name>.json``): framing
-    and wire bytes per message, time per round, and end-to-end wire bytes."""
-    from _common import RESULTS, env_markdown, md_table  # type: ignore[import-not-found]
-
-    runs = {n: json.loads((RESULTS / f"deployment_{n}.json").read_text()) for n in names}
-    rows = []
-    for name, r in runs.items():
-        dep, sim, over = r["deployed"], r["simulated"], r["overhead"]
-        wire = dep["wire_up_bytes"] + dep["wire_down_bytes"]
-        rows.append(
-            [
-                name,
-                " ".join(r["config"]),
-                f"{dep['uplink_bytes'] / dep['uplink_messages']:,.0f} / "
-                f"{dep['downlink_bytes'] / dep['downlink_messages']:,.0f}",
-                f"{over['protobuf_up_per_msg']:,.0f} / {over['protobuf_down_per_msg']:,.0f}",
-                f"{over['wire_up_per_msg_excl_idle']:,.0f} / {over['wire_down_per_msg_excl_idle_fab']:,.0f}",
-                f"{r['fab_bytes']:,}",
-                f"{wire:,}",
-                f"{sim['strategy_wall_s'] / sim['rounds']:.2f}",
-                f"{dep['strategy_wall_s'] / dep['rounds']:.2f}",
-                f"{(dep['strategy_wall_s'] / dep['rounds']) / (sim['strategy_wall_s'] / sim['rounds']):.1f}x",
-                f"{dep['final_accuracy']:.4f}",
-            ]
-        )
-    lines = [
-        "# Deployed E-3SFC and FedAvg: bytes per message and time per round",
-        "",
-        f"Command: `.venv/bin/python bench/deployment_bench.py {' '.join(argv or [])}`",
-        "",
-        "Each row is one `bench/deployment_bench.py` run (its JSON: "
-        "`bench/results/deployment_<row>.json`, with the machine's load when it ran): 3 "
-        "SuperNodes with TLS and node authentication on 127.0.0.1, dialling the SuperLink through "
-        "a byte-counting relay, and the same config simulated. 'counted' is what our outputs "
-        "counted per message when the row ran (uplink / downlink; rows measured before commit "
-        "4b81295, `before-*` and `after-*`, count payload bytes only, later rows the whole "
-        "encoded message, its own fields included); 'Flower framing' is Flower's own per-run accounting "
-        "minus the counted bytes, per message; 'wire' is the relay's count minus the counted "
-        "bytes, idle polling and the FAB downloads, per message. Seconds per round are the "
-        "strategy's wall time over its rounds.",
-        "",
-    ]
-    for name, r in runs.items():
-        lines += [f"- `{name}`: {env_markdown(r['env']) if 'env' in r else 'environment not recorded'}"]
-    lines += [
-        "",
-        md_table(
-            [
-                "run",
-                "config",
-                "counted B per message (up / down)",
-                "Flower framing B per message",
-                "wire B per message (excl. idle, FAB)",
-                "FAB bytes",
-                "wire bytes, whole run",
-                "simulated s per round",
-                "deployed s per round",
-                "deployed / simulated",
-                "deployed final acc",
-            ],
-            rows,
-        ),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--save", help="also write bench/results/deployment_<SAVE>.json")
     p.add_argument(
@@ -241,54 +177,107 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/e3sfc-bench"))
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("pairs", nargs="*", help="extra run-config overrides for both runs")
-    args = p.parse_args(argv)
-    if args.compare:
-        from _common import RESULTS  # type: ignore[import-not-found]
+    return p
 
-        text = compare(args.compare.split(","), argv if argv is not None else sys.argv[1:])
-        (RESULTS / "deployment_compare.md").write_text(text)
-        print(text)
-        return 0
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One simulated and one deployed run of the same config (``<out>/results.json``)."""
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     pairs = [f"num-rounds={args.rounds}", *args.pairs]
     results: dict[str, Any] = {"config": pairs, "nodes": args.nodes, "cpus": os.cpu_count()}
-    try:  # bench/_common.py: versions, CPU model, load average
-        from _common import env_info  # type: ignore[import-not-found]
-
-        results["env"] = env_info("cpu")
-    except ImportError:
-        pass
-    results["fab_bytes"] = fab_size(out)
+    results.update(env=env_info("cpu"), fab_bytes=fab_size(out))
     results["simulated"] = run_simulation(out, pairs, args.nodes, args.timeout)
     results["deployed"] = run_deployment(out, pairs, args.nodes, args.timeout)
     results["overhead"] = overheads(results["deployed"], results["fab_bytes"], args.nodes)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    if args.save:
-        from _common import RESULTS  # type: ignore[import-not-found]
+    return results
 
-        (RESULTS / f"deployment_{args.save}.json").write_text(json.dumps(results, indent=2))
-    sim, dep = results["simulated"], results["deployed"]
-    print(json.dumps(results, indent=2))
-    print()
-    print("| | simulated | deployed (TLS + auth) |")
-    print("| --- | ---: | ---: |")
-    print(f"| wall time of the run command (s) | {sim['wall_total_s']:.1f} | {dep['wall_total_s']:.1f} |")
-    print(f"| deployment start-up before it (s) | - | {dep['startup_s']:.1f} |")
-    print(
-        f"| strategy time, initial eval + all rounds (s) | {sim['strategy_wall_s']:.1f} | "
-        f"{dep['strategy_wall_s']:.1f} |"
+
+def render(data: dict[str, Any]) -> Report:
+    """One run: simulated against deployed."""
+    sim, dep = data["simulated"], data["deployed"]
+
+    def both(fmt: str, key: str, per_round: bool = False) -> list[str]:
+        return [fmt.format(r[key] / (r["rounds"] if per_round else 1)) for r in (sim, dep)]
+
+    rows = [
+        ["wall time of the run command (s)", *both("{:.1f}", "wall_total_s")],
+        ["deployment start-up before it (s)", "-", f"{dep['startup_s']:.1f}"],
+        ["strategy time, initial eval + all rounds (s)", *both("{:.1f}", "strategy_wall_s")],
+        ["per round (strategy time / rounds, s)", *both("{:.2f}", "strategy_wall_s", per_round=True)],
+        ["deployed per round, streamed lines (s)", "-", ", ".join(f"{x:.1f}" for x in dep["per_round_s"])],
+        ["final accuracy", *both("{:.4f}", "final_accuracy")],
+    ]
+    return Report(
+        "Deployed vs simulated: " + " ".join(data["config"]),
+        body=[Table(["", "simulated", "deployed (TLS + auth)"], rows)],
     )
-    print(
-        f"| per round (strategy time / rounds, s) | {sim['strategy_wall_s'] / sim['rounds']:.2f} | "
-        f"{dep['strategy_wall_s'] / dep['rounds']:.2f} |"
+
+
+def render_compare(runs: dict[str, dict[str, Any]]) -> Report:
+    """Saved runs (``bench/results/deployment_<name>.json``) side by side: framing and wire
+    bytes per message, time per round, and end-to-end wire bytes."""
+    rows = []
+    for name, r in runs.items():
+        dep, sim, over = r["deployed"], r["simulated"], r["overhead"]
+        sim_round, dep_round = sim["strategy_wall_s"] / sim["rounds"], dep["strategy_wall_s"] / dep["rounds"]
+        rows.append([
+            name,
+            " ".join(r["config"]),
+            f"{dep['uplink_bytes'] / dep['uplink_messages']:,.0f} / "
+            f"{dep['downlink_bytes'] / dep['downlink_messages']:,.0f}",
+            f"{over['protobuf_up_per_msg']:,.0f} / {over['protobuf_down_per_msg']:,.0f}",
+            f"{over['wire_up_per_msg_excl_idle']:,.0f} / {over['wire_down_per_msg_excl_idle_fab']:,.0f}",
+            f"{r['fab_bytes']:,}",
+            f"{dep['wire_up_bytes'] + dep['wire_down_bytes']:,}",
+            f"{sim_round:.2f}", f"{dep_round:.2f}", f"{dep_round / sim_round:.1f}x",
+            f"{dep['final_accuracy']:.4f}",
+        ])  # fmt: skip
+    headers = [
+        "run", "config", "counted B per message (up / down)", "Flower framing B per message",
+        "wire B per message (excl. idle, FAB)", "FAB bytes", "wire bytes, whole run",
+        "simulated s per round", "deployed s per round", "deployed / simulated", "deployed final acc",
+    ]  # fmt: skip
+    envs = [
+        f"- `{name}`: {env_markdown(r['env']) if 'env' in r else 'environment not recorded'}"
+        for name, r in runs.items()
+    ]
+    return Report(
+        "Deployed E-3SFC and FedAvg: bytes per message and time per round",
+        env=False,
+        body=[
+            "Each row is one `bench/deployment_bench.py` run (its JSON: "
+            "`bench/results/deployment_<row>.json`, with the machine's load when it ran): 3 "
+            "SuperNodes with TLS and node authentication on 127.0.0.1, dialling the SuperLink through "
+            "a byte-counting relay, and the same config simulated. 'counted' is what our outputs "
+            "counted per message when the row ran (uplink / downlink; rows measured before commit "
+            "4b81295, `before-*` and `after-*`, count payload bytes only, later rows the whole "
+            "encoded message, its own fields included); 'Flower framing' is Flower's own per-run "
+            "accounting minus the counted bytes, per message; 'wire' is the relay's count minus the "
+            "counted bytes, idle polling and the FAB downloads, per message. Seconds per round are the "
+            "strategy's wall time over its rounds.",
+            "\n".join(envs),
+            Table(headers, rows),
+        ],
     )
-    print(
-        "| deployed per round from streamed lines (s) | - | "
-        + ", ".join(f"{x:.1f}" for x in dep["per_round_s"])
-        + " |"
-    )
-    print(f"| final accuracy | {sim['final_accuracy']:.4f} | {dep['final_accuracy']:.4f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.compare:
+        names = args.compare.split(",")
+        runs = {n: json.loads((RESULTS / f"deployment_{n}.json").read_text()) for n in names}
+        path = RESULTS / "deployment_compare.md"
+        path.write_text(render_compare(runs).markdown("deployment_bench.py", {"argv": argv}))
+        print(path.read_text())
+        return 0
+    data = {**measure(args), "argv": argv}
+    save_json(args.out.resolve() / "results.json", data)
+    if args.save:
+        save_json(RESULTS / f"deployment_{args.save}.json", data)
+    print(render(data).console())
+    sim, dep = data["simulated"], data["deployed"]
     return 0 if sim["rc"] == 0 and dep["status"] == "finished:completed" else 1
 
 

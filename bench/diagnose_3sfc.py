@@ -18,24 +18,23 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from typing import Any
 
-from _common import (
+from bench.common import (
     add_run_options,
     add_setting_args,
-    env_info,
     federated_setup,
-    md_table,
-    mean_std,
     parse_ints,
     parse_overrides,
-    report_head,
+    results_name,
     run_federated,
-    write_results,
 )
+from bench.report import Report, Table, env_info, mean_std, run_script
 
-SCRIPT = "diagnose_3sfc.py"
 LAST = 5
+# the setting's keys in federated_setup's order (then the --set overrides, sorted)
+SETTING_KEYS = "dataset model data-root num-rounds num-partitions dirichlet-alpha local-epochs device".split()
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -75,14 +74,17 @@ def _one(job: tuple[str, int, dict[str, Any]]) -> tuple[str, int, dict[str, floa
     return label, seed, summarize_run(run_federated(raw))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_args(p)
     add_run_options(p)
     p.add_argument("--variant", action="append", required=True, help="label:key=value,key=value")
     p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args(argv)
-    out_name, common = federated_setup(args, SCRIPT.removesuffix(".py"))
+    return p
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    _, common = federated_setup(args, "diagnose_3sfc")
     variants = [parse_variant(v) for v in args.variant]
     jobs = [
         (
@@ -95,28 +97,31 @@ def main(argv: list[str] | None = None) -> None:
     ]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         results = list(pool.map(_one, jobs))
-    rows, data = [], {"setting": {k: v for k, v in common.items() if k != "output-dir"}, "runs": []}
-    for label, ov in variants:
-        mine = [r for lab, _, r in results if lab == label]
-        data["runs"] += [
-            {"variant": label, "overrides": ov, "seed": s, **r} for lab, s, r in results if lab == label
-        ]
+    return {
+        "env": env_info(args.device),
+        "args": vars(args),
+        "setting": {k: v for k, v in common.items() if k != "output-dir"},
+        "runs": [
+            {"variant": label, "overrides": ov, "seed": s, **r}
+            for label, ov in variants
+            for lab, s, r in results
+            if lab == label
+        ],
+    }
 
-        def stat(key: str, mine: list[dict[str, float]] = mine) -> str:
-            m, s = mean_std([r[key] for r in mine])
-            return f"{m:.3f} ± {s:.3f}"
 
-        acc_m, acc_s = mean_std([100 * r["acc_last5"] for r in mine])
+def render(data: dict[str, Any]) -> Report:
+    runs = data["runs"]
+
+    def stat(mine: list[dict[str, Any]], key: str, scale: float = 1, fmt: str = "{:.3f} ± {:.3f}") -> str:
+        return fmt.format(*mean_std([scale * r[key] for r in mine]))
+
+    rows = []
+    for label in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == label]
         rows.append(
-            [
-                label,
-                f"{acc_m:.1f}% ± {acc_s:.1f}",
-                stat("cos_early"),
-                stat("cos_late"),
-                stat("ratio_early"),
-                stat("ratio_late"),
-                stat("down_cos_late"),
-            ]
+            [label, stat(mine, "acc_last5", 100, "{:.1f}% ± {:.1f}")]
+            + [stat(mine, k) for k in ("cos_early", "cos_late", "ratio_early", "ratio_late", "down_cos_late")]
         )
     headers = [
         "variant",
@@ -127,19 +132,24 @@ def main(argv: list[str] | None = None) -> None:
         "resid. late",
         "downlink cos late",
     ]
-    setting = ", ".join(f"{k} {v}" for k, v in data["setting"].items())
-    lines = report_head(
+    order = {k: i for i, k in enumerate(SETTING_KEYS)}
+    keys = sorted(data["setting"], key=lambda k: (order.get(k, len(order)), k))
+    setting = ", ".join(f"{k} {data['setting'][k]}" for k in keys)
+    seeds = ",".join(dict.fromkeys(str(r["seed"]) for r in runs))
+    return Report(
         "3SFC diagnosis: what compounds across rounds",
-        env_info(args.device),
-        SCRIPT,
-        argv,
-        f"Setting: {setting}; seeds {args.seeds}. 'early'/'late' are means over the first/last {LAST} "
-        "rounds; 'resid.' is the clients' |r_new| / |t| (t = update + bounded old residual); "
-        "± is the standard deviation over seeds.",
+        intro=[
+            f"Setting: {setting}; seeds {seeds}. 'early'/'late' are means over the first/last {LAST} "
+            "rounds; 'resid.' is the clients' |r_new| / |t| (t = update + bounded old residual); "
+            "± is the standard deviation over seeds."
+        ],
+        body=[Table(headers, rows)],
     )
-    lines.append(md_table(headers, rows))
-    write_results(out_name, data, "\n".join(lines))
-    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    name = partial(results_name, "diagnose_3sfc")
+    return run_script("diagnose_3sfc.py", parser(), measure, render, argv, name=name)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ What it does
    5 local epochs) for ``max(--rounds)`` rounds (default 3) and keeps every client's local
    update of ``--rounds`` as a target, as ``bench/compressors.py`` does.
 2. Compresses every target with each baseline (the client's seed, the uplink meta) and
-   counts ``len(encode(payload))`` (format v3), next to what format v2 sent for the same
+   counts ``len(encode(payload))`` (format v5), next to what format v2 sent for the same
    payload (32-bit indices, one byte per QSGD level, one norm for the whole vector).
 3. Compares each body with the information bound of what the method sends:
 
@@ -29,36 +29,33 @@ What it does
 4. Times encode and decode of one payload per method for the real updates (55,210
    weights) and for a 300,000-weight Gaussian vector.
 
-Writes ``bench/results/encoding.{json,md}``.
+Writes ``bench/results/<--out-name>.{json,md}`` (default ``encoding``); ``--report``
+re-renders the markdown from the JSON without measuring.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from dataclasses import replace
+from statistics import fmean, median
 from typing import Any
 
 import numpy as np
 import torch
-from _common import (
+
+from bench.common import (
     REPO,
     add_setting_args,
     client_settings,
     collect_targets,
-    env_info,
     fedavg_targets_config,
-    md_table,
     parse_ints,
-    print_table,
-    report_head,
     set_threads,
     uplink_meta,
-    write_results,
 )
-
+from bench.report import Report, Table, env_info, run_script
 from e3sfc_core.compact import (
     MODE_GAMMA,
     MODE_PACKED,
@@ -157,7 +154,7 @@ def code_part_bytes(data: bytes, p: Payload) -> int:
         return len(data) - fixed
     if isinstance(b, LowRankBody):
         return float_width(p.float_type) * b.values.numel()
-    return len(data) - (sign_size(n) - (n + 7) // 8)
+    return len(data) - sign_size(0)  # the sign bits
 
 
 def nonzero_fraction(p: Payload) -> float:
@@ -208,7 +205,9 @@ def methods(cfg: ExperimentConfig) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
-def measure(comp: Any, target: torch.Tensor, model: torch.nn.Module, meta: PayloadMeta) -> dict[str, Any]:
+def measure_payload(
+    comp: Any, target: torch.Tensor, model: torch.nn.Module, meta: PayloadMeta
+) -> dict[str, Any]:
     """One payload: bytes, bound, v2 bytes, code part, chosen mode, size bound."""
     payload, _ = comp.compress(target, model, meta, Budget())
     data = encode(payload)
@@ -245,7 +244,7 @@ def time_codec(
         t2 = time.perf_counter()
         enc.append(1e3 * (t1 - t0))
         dec.append(1e3 * (t2 - t1))
-    return statistics.median(enc), statistics.median(dec)
+    return median(enc), median(dec)
 
 
 class _Flat(torch.nn.Module):
@@ -256,11 +255,7 @@ class _Flat(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(numel))
 
 
-def mean(values: list[float]) -> float:
-    return statistics.fmean(values)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_args(p, federated=False)
     p.set_defaults(num_partitions=4)
@@ -270,15 +265,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--out-name", default="encoding")
-    args = p.parse_args(argv)
+    return p
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     device = torch.device("cpu")
     cfg = fedavg_targets_config(args, "cpu")
     spec = get_spec(args.dataset)
-    rounds = parse_ints(args.rounds)
     t0 = time.perf_counter()
-    targets, log = collect_targets(cfg, rounds, list(range(args.num_partitions)), device, REPO)
+    clients = list(range(args.num_partitions))
+    targets, log = collect_targets(cfg, parse_ints(args.rounds), clients, device, REPO)
     print(f"collected {len(targets)} targets in {time.perf_counter() - t0:.1f}s")
     model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed)
     numel = num_params(model)
@@ -289,64 +286,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for tgt in targets:
             settings = client_settings(cfg, tgt.partition_id, **overrides)
             comp = build_compressor(name, settings, spec)
-            rows[label].append(measure(comp, tgt.update, model, uplink_meta(tgt)))
+            rows[label].append(measure_payload(comp, tgt.update, model, uplink_meta(tgt)))
 
-    table, summary = [], []
+    summary = []
     for i, ((label, name, _), per) in enumerate(zip(methods(cfg), rows.values(), strict=True)):
         ratios = [r["ratio"] for r in per]
         goal = name in GOAL_METHODS
-        ok = max(ratios) <= GOAL_RATIO
-        modes = sorted({r["mode"] for r in per})
-        s = {
-            "method": label,
-            "name": name,
-            "bytes_mean": mean([r["bytes"] for r in per]),
-            "bound_bytes_mean": mean([r["bound_bytes"] for r in per]),
-            "ratio_mean": mean(ratios),
-            "ratio_max": max(ratios),
-            "code_part_ratio_mean": mean([r["code_part_ratio"] for r in per]),
-            "bits_per_entry_code": 8 * mean([r["code_part_bytes"] for r in per]),
-            "v2_bytes_mean": mean([r["v2_bytes"] for r in per]),
-            "encoded_size": per[0]["encoded_size"],
-            "actual_over_encoded_size_max": max(r["bytes"] / r["encoded_size"] for r in per),
-            "modes": modes,
-            "nonzero_mean": mean([r["nonzero"] for r in per]),
-            "goal_applies": goal,
-            "default_setting": i < N_DEFAULTS,
-            "goal_met": ok if goal else None,
-        }
-        summary.append(s)
-        table.append(
-            [
-                label,
-                f"{s['bytes_mean']:,.0f}",
-                f"{s['bound_bytes_mean']:,.0f}",
-                f"{s['ratio_mean']:.3f} (max {s['ratio_max']:.3f})",
-                f"{s['code_part_ratio_mean']:.3f}",
-                f"{s['v2_bytes_mean']:,.0f}" if math.isfinite(s["v2_bytes_mean"]) else "-",
-                f"{s['encoded_size']:,} ({s['actual_over_encoded_size_max']:.2f})",
-                "/".join(modes),
-                f"{s['nonzero_mean']:.1%}",
-                ("PASS" if ok else "FAIL") if goal else "-",
-            ]
+        summary.append(
+            {
+                "method": label,
+                "name": name,
+                "bytes_mean": fmean([r["bytes"] for r in per]),
+                "bound_bytes_mean": fmean([r["bound_bytes"] for r in per]),
+                "ratio_mean": fmean(ratios),
+                "ratio_max": max(ratios),
+                "code_part_ratio_mean": fmean([r["code_part_ratio"] for r in per]),
+                "bits_per_entry_code": 8 * fmean([r["code_part_bytes"] for r in per]),
+                "v2_bytes_mean": fmean([r["v2_bytes"] for r in per]),
+                "encoded_size": per[0]["encoded_size"],
+                "actual_over_encoded_size_max": max(r["bytes"] / r["encoded_size"] for r in per),
+                "modes": sorted({r["mode"] for r in per}),
+                "nonzero_mean": fmean([r["nonzero"] for r in per]),
+                "goal_applies": goal,
+                "default_setting": i < N_DEFAULTS,
+                "goal_met": max(ratios) <= GOAL_RATIO if goal else None,
+            }
         )
-    headers = [
-        "method",
-        "bytes (v3)",
-        "bound (body)",
-        "body / bound",
-        "code part / its bound",
-        "bytes (v2)",
-        "encoded_size (max actual / it)",
-        "code",
-        "nonzero",
-        f"<= {GOAL_RATIO}",
-    ]
-    print()
-    print_table(headers, table)
 
     # timing: the real updates and a 300k-weight Gaussian vector
-    timing, timing_rows = [], []
+    timing = []
     big = torch.from_numpy(np.random.default_rng(0).standard_normal(300_000).astype(np.float32)) * 1e-3
     cases = [
         (numel, targets[-1].update, model, uplink_meta(targets[-1])),
@@ -358,71 +326,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             comp = build_compressor(name, replace(cfg.compressor_settings(), **overrides), spec)
             enc_ms, dec_ms = time_codec(comp, vec, mdl, meta)
             timing.append({"method": label, "numel": n, "encode_ms": enc_ms, "decode_ms": dec_ms})
-            timing_rows.append([label, f"{n:,}", f"{enc_ms:.2f}", f"{dec_ms:.2f}"])
-    t_headers = ["method", "weights", "encode ms (median)", "decode ms (median)"]
-    print()
-    print_table(t_headers, timing_rows)
 
     goal_ok = all(s["goal_met"] for s in summary if s["goal_applies"] and s["default_setting"])
     all_ok = all(s["goal_met"] for s in summary if s["goal_applies"])
-    missed = [s["method"] for s in summary if s["goal_applies"] and not s["goal_met"]]
-    verdict = "PASS" if goal_ok else "FAIL"
-    variants = "PASS" if all_ok else f"FAIL ({', '.join(missed)})"
-    print(
-        f"\ngoal (body <= {GOAL_RATIO}x bound, Top-k, STC, QSGD at the defaults): {verdict}; "
-        f"variants: {variants}"
-    )
-    env = env_info(device)
-    md = report_head(
-        "Baseline encodings vs their information bound (format v5)",
-        env,
-        "encoding.py",
-        argv,
-        f"Targets: the {len(targets)} local updates of {args.num_partitions} clients in rounds "
-        f"{', '.join(map(str, rounds))} of FedAvg on {args.dataset}/{args.model} ({numel:,} weights, "
-        f"Dirichlet 1.0, {args.local_epochs} local epochs; accuracy after round {log[-1]['round']}: "
-        f"{log[-1]['accuracy']:.3f}), each compressed with the client's seed. Means over targets.",
-        "Bound: Top-k `log2 C(numel, k)` + k float values; STC `log2 C(numel, k)` + k sign bits + "
-        "the float32 magnitude; QSGD numel x the empirical entropy of the signed levels + a float32 "
-        "norm per bucket; signSGD numel bits + the float32 scale; PowerSGD its floats (P, Q and the "
-        "dense tensors: incompressible). `body / bound` is the payload minus "
-        "its 28-byte header over the bound (the bytes that state k, the code and its parameter count "
-        "against the code). `code part / its bound`: the positions section against `log2 C(numel, k)` "
-        "(Top-k, STC) or the levels section against the levels' entropy (QSGD). `bytes (v2)`: the "
-        "same payload in format v2 (32-bit indices, a byte per QSGD level, one norm; PowerSGD: -, "
-        "new in v3). "
-        "`encoded_size`: the upper bound budgets use, and the largest actual/bound over targets.",
-    )
-    md += [
-        md_table(headers, table),
-        "",
-        f"**Goal, body <= {GOAL_RATIO}x its bound for Top-k, STC and QSGD at the default settings "
-        f"(every target): {verdict}.** Every Top-k, STC and QSGD variant row: {variants}.",
-        "",
-        "QSGD's levels section is the smallest of three codes (format v5): Rice-coded zero runs "
-        "and magnitudes, Elias-gamma (format v3's only variable-length code, which spends a bit "
-        "on every magnitude even where s = 1 makes it certain, and prices near-geometric runs at "
-        "about 1.3x their entropy) or packed fields; the `code` column names the one chosen.",
-        "",
-        "## Encode / decode time",
-        "",
-        "One payload (median of 5), the last real target and a 300,000-weight Gaussian vector.",
-        "",
-        md_table(t_headers, timing_rows),
-    ]
-    data = {
-        "env": env,
+    return {
+        "env": env_info(device),
         "args": vars(args),
         "numel": numel,
+        "fedavg_trajectory": log,
         "targets": [{"round": t.server_round, "partition": t.partition_id} for t in targets],
         "summary": summary,
         "per_target": rows,
         "timing": timing,
         "goal": {"ratio": GOAL_RATIO, "met_at_defaults": goal_ok, "met_by_every_variant": all_ok},
     }
-    j, m = write_results(args.out_name, data, "\n".join(md))
-    print(f"wrote {j} and {m}")
-    return data
+
+
+def render(data: dict[str, Any]) -> Report:
+    args, goal, summary = data["args"], data["goal"], data["summary"]
+    missed = [s["method"] for s in summary if s["goal_applies"] and not s["goal_met"]]
+    verdict = "PASS" if goal["met_at_defaults"] else "FAIL"
+    variants = "PASS" if goal["met_by_every_variant"] else f"FAIL ({', '.join(missed)})"
+    log = data.get("fedavg_trajectory")  # not in the JSON of runs before the --report refactor
+    accuracy = f"; accuracy after round {log[-1]['round']}: {log[-1]['accuracy']:.3f}" if log else ""
+    table = Table(
+        ["method", "bytes (v3)", "bound (body)", "body / bound", "code part / its bound", "bytes (v2)",
+         "encoded_size (max actual / it)", "code", "nonzero", f"<= {goal['ratio']}"],
+        [
+            [
+                s["method"],
+                f"{s['bytes_mean']:,.0f}",
+                f"{s['bound_bytes_mean']:,.0f}",
+                f"{s['ratio_mean']:.3f} (max {s['ratio_max']:.3f})",
+                f"{s['code_part_ratio_mean']:.3f}",
+                f"{s['v2_bytes_mean']:,.0f}" if math.isfinite(s["v2_bytes_mean"]) else "-",
+                f"{s['encoded_size']:,} ({s['actual_over_encoded_size_max']:.2f})",
+                "/".join(s["modes"]),
+                f"{s['nonzero_mean']:.1%}",
+                ("PASS" if s["goal_met"] else "FAIL") if s["goal_applies"] else "-",
+            ]
+            for s in summary
+        ],
+    )
+    timing = Table(
+        ["method", "weights", "encode ms (median)", "decode ms (median)"],
+        [
+            [t["method"], f"{t['numel']:,}", f"{t['encode_ms']:.2f}", f"{t['decode_ms']:.2f}"]
+            for t in data["timing"]
+        ],
+    )
+    return Report(
+        "Baseline encodings vs their information bound (format v5)",
+        intro=[
+            f"Targets: the {len(data['targets'])} local updates of {args['num_partitions']} clients in "
+            f"rounds {', '.join(map(str, parse_ints(args['rounds'])))} of FedAvg on {args['dataset']}/"
+            f"{args['model']} ({data['numel']:,} weights, Dirichlet 1.0, {args['local_epochs']} local "
+            f"epochs{accuracy}), each compressed with the client's seed. Means over targets.",
+            "Bound: Top-k `log2 C(numel, k)` + k float values; STC `log2 C(numel, k)` + k sign bits + "
+            "the float32 magnitude; QSGD numel x the empirical entropy of the signed levels + a float32 "
+            "norm per bucket; signSGD numel bits + the float32 scale; PowerSGD its floats (P, Q and the "
+            "dense tensors: incompressible). `body / bound` is the payload minus its 28-byte header over "
+            "the bound (the bytes that state k, the code and its parameter count against the code). "
+            "`code part / its bound`: the positions section against `log2 C(numel, k)` (Top-k, STC) or "
+            "the levels section against the levels' entropy (QSGD). `bytes (v2)`: the same payload in "
+            "format v2 (32-bit indices, a byte per QSGD level, one norm; PowerSGD: -, new in v3). "
+            "`encoded_size`: the upper bound budgets use, and the largest actual/bound over targets.",
+        ],
+        body=[
+            table,
+            f"**Goal, body <= {goal['ratio']}x its bound for Top-k, STC and QSGD at the default settings "
+            f"(every target): {verdict}.** Every Top-k, STC and QSGD variant row: {variants}.",
+            "QSGD's levels section is the smallest of three codes (format v5): Rice-coded zero runs "
+            "and magnitudes, Elias-gamma (format v3's only variable-length code, which spends a bit "
+            "on every magnitude even where s = 1 makes it certain, and prices near-geometric runs at "
+            "about 1.3x their entropy) or packed fields; the `code` column names the one chosen.",
+            "## Encode / decode time",
+            f"One payload (median of {TIMING_REPEATS}), the last real target and a 300,000-weight Gaussian "
+            "vector.",
+            timing,
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_script("encoding.py", parser(), measure, render, argv)
 
 
 if __name__ == "__main__":

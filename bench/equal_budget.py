@@ -43,26 +43,21 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from functools import partial
 from typing import Any
 
-from _common import (
+from bench.common import (
     REPO,
     add_run_options,
     add_setting_args,
-    env_info,
     federated_setup,
-    fmt_bytes,
-    md_table,
-    mean_std,
     mean_uplink_cosine,
     parse_ints,
-    print_table,
-    report_head,
+    results_name,
     run_federated,
     set_threads,
-    write_results,
 )
-
+from bench.report import Report, Table, env_info, fmt_bytes, mean_std, run_script
 from e3sfc_core.baselines import topk_count
 from e3sfc_core.budget import largest_fitting
 from e3sfc_core.compressor import Budget, build_compressor
@@ -163,7 +158,7 @@ def cut_at_budget(label: str, knob: str, res: list[dict[str, Any]], budget: int)
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_args(p)
     p.add_argument("--budget-total-bytes", type=int, default=0, help="0: E-3SFC's default run's total")
@@ -173,11 +168,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--skip-fixed", action="store_true", help="skip the fixed-size methods (fedavg, signsgd, qsgd, 3sfc)"
     )
     add_run_options(p)
-    args = p.parse_args(argv)
+    return p
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     set_threads(args.threads)
-    out_name, common = federated_setup(args, "equal_budget")
+    _, common = federated_setup(args, "equal_budget")
     seeds = parse_ints(args.seeds)
     base_cfg = ExperimentConfig.from_run_config({**common, "method": "e3sfc"})
     spec = get_spec(args.dataset)
@@ -298,6 +295,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label, knob, raw in cut:
         rows.append(cut_at_budget(label, knob, run_all(label, raw), budget))
 
+    setting = (
+        f"{args.dataset}/{args.model} ({numel:,} weights), {C} clients (all train every round), Dirichlet "
+        f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, up to {R} rounds, seeds {seeds}"
+    )
+    return {
+        "env": env_info(args.device),
+        "args": vars(args),
+        "setting": setting,
+        "budget_total_bytes": budget,
+        "max_bytes_per_payload": per_payload,
+        "results": rows,
+    }
+
+
+def render(data: dict[str, Any]) -> Report:
+    args, rows, budget = data["args"], data["results"], data["budget_total_bytes"]
     headers = [
         "method",
         "knob",
@@ -310,49 +323,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "spent / budget",
         "mean uplink |cos|",
     ]
-    table = []
-    for r in rows:
-        rounds = sorted(set(r["rounds_completed"]))
-        acc = (
-            "- (no round fits)"
-            if not math.isfinite(r["final_accuracy_mean"])
-            else (f"{r['final_accuracy_mean']:.2%} ± {r['final_accuracy_std']:.2%}")
-        )
-        table.append(
-            [
-                r["method"],
-                r["knob"],
-                acc,
-                "/".join(map(str, rounds)) + (" (stopped)" if any(r["stopped_early"]) else ""),
-                fmt_bytes(r["budget_spent"]),
-                fmt_bytes(r["uplink_bytes"]),
-                fmt_bytes(r["downlink_bytes"]),
-                fmt_bytes(r["budget_planned_sum"]) if r["budget_total"] else "-",
-                f"{r['budget_spent'] / budget:.1%}",
-                f"{r['mean_uplink_cosine']:.3f}" if math.isfinite(r["mean_uplink_cosine"]) else "-",
-            ]
-        )
-    print()
-    print_table(headers, table)
+    table = [
+        [
+            r["method"],
+            r["knob"],
+            f"{r['final_accuracy_mean']:.2%} ± {r['final_accuracy_std']:.2%}"
+            if math.isfinite(r["final_accuracy_mean"])
+            else "- (no round fits)",
+            "/".join(map(str, sorted(set(r["rounds_completed"]))))
+            + (" (stopped)" if any(r["stopped_early"]) else ""),
+            fmt_bytes(r["budget_spent"]),
+            fmt_bytes(r["uplink_bytes"]),
+            fmt_bytes(r["downlink_bytes"]),
+            fmt_bytes(r["budget_planned_sum"]) if r["budget_total"] else "-",
+            f"{r['budget_spent'] / budget:.1%}",
+            f"{r['mean_uplink_cosine']:.3f}" if math.isfinite(r["mean_uplink_cosine"]) else "-",
+        ]
+        for r in rows
+    ]
 
-    sched_rows, sched_table = [], []
-    for r in rows:
-        if not r["method"].startswith("e3sfc"):
-            continue
-        up, down = r["n_uplink_per_round"], r["n_downlink_per_round"]
-        sched_rows.append(r)
-        sched_table.append(
-            [
-                r["method"],
-                " ".join(map(str, up)),
-                " ".join(map(str, down)),
-                " ".join(f"{x / 1e3:.1f}" if x is not None else "-" for x in r["planned_per_round"][:12])
-                + (" ..." if len(r["planned_per_round"]) > 12 else ""),
-                " ".join(f"{x / 1e3:.1f}" for x in r["spent_per_round"][:12])
-                + (" ..." if len(r["spent_per_round"]) > 12 else ""),
-                r["overspent"],
-            ]
-        )
+    def first_kb(values: list[Any]) -> str:
+        text = " ".join(f"{x / 1e3:.1f}" if x is not None else "-" for x in values[:12])
+        return text + (" ..." if len(values) > 12 else "")
+
     sched_headers = [
         "run (seed 0)",
         "n uplink per round",
@@ -361,53 +354,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "spent kB (first rounds)",
         "overspent B",
     ]
-
-    env = env_info(args.device)
-    setting = (
-        f"{args.dataset}/{args.model} ({numel:,} weights), {C} clients (all train every round), Dirichlet "
-        f"{args.dirichlet_alpha}, {args.local_epochs} local epochs, up to {R} rounds, seeds {seeds}"
-    )
-    md = "\n".join(
-        report_head(
-            f"Equal total byte budget ({args.dataset}/{args.model})",
-            env,
-            "equal_budget.py",
-            argv,
-            f"Setting: {setting}. Budget B = {budget:,} bytes (= E-3SFC's default run x "
-            f"{args.budget_multiplier:g}); "
-            f"knobs sized for at most {per_payload:,} bytes per payload "
-            "((B - the messages' own fields) / (C (2R - 1))). Every "
-            "budgeted run uses "
-            "`budget-total-bytes = B` and `downlink = compressed` (its own compressor both ways) "
-            "except the uplink-only "
-            "3SFC row. signSGD and "
-            "FedAvg run at their fixed size until the budget is spent. QSGD's payload size depends "
-            "on the data (entropy-coded levels, far below the bound a hard budget must reserve "
-            "before sending), so its rows ran without a budget and are read at their last round "
-            "within B ('cut at the budget'; its paper setting s = 16 and its fewest levels, s = 1). "
-            "'planned (sum)' is the sum "
-            "of the scheduler's "
-            "per-round allowances from summary.json['budget'].",
-        )
-        + [
-            md_table(headers, table),
-            "",
-            "## Scheduler: samples per round, planned vs spent (seed 0)",
-            "",
-            md_table(sched_headers, sched_table),
+    sched_table = [
+        [
+            r["method"],
+            " ".join(map(str, r["n_uplink_per_round"])),
+            " ".join(map(str, r["n_downlink_per_round"])),
+            first_kb(r["planned_per_round"]),
+            first_kb(r["spent_per_round"]),
+            r["overspent"],
         ]
+        for r in rows
+        if r["method"].startswith("e3sfc")
+    ]
+    return Report(
+        f"Equal total byte budget ({args['dataset']}/{args['model']})",
+        intro=[
+            f"Setting: {data['setting']}. Budget B = {budget:,} bytes (= E-3SFC's default run x "
+            f"{args['budget_multiplier']:g}); knobs sized for at most {data['max_bytes_per_payload']:,} "
+            "bytes per payload ((B - the messages' own fields) / (C (2R - 1))). Every budgeted run uses "
+            "`budget-total-bytes = B` and `downlink = compressed` (its own compressor both ways) except "
+            "the uplink-only 3SFC row. signSGD and FedAvg run at their fixed size until the budget is "
+            "spent. QSGD's payload size depends on the data (entropy-coded levels, far below the bound "
+            "a hard budget must reserve before sending), so its rows ran without a budget and are read "
+            "at their last round within B ('cut at the budget'; its paper setting s = 16 and its fewest "
+            "levels, s = 1). 'planned (sum)' is the sum of the scheduler's per-round allowances from "
+            "summary.json['budget']."
+        ],
+        body=[
+            Table(headers, table),
+            "## Scheduler: samples per round, planned vs spent (seed 0)",
+            Table(sched_headers, sched_table),
+        ],
     )
-    data = {
-        "env": env,
-        "args": vars(args),
-        "setting": setting,
-        "budget_total_bytes": budget,
-        "max_bytes_per_payload": per_payload,
-        "results": rows,
-    }
-    j, m = write_results(out_name, data, md)
-    print(f"wrote {j}, {m}")
-    return data
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    name = partial(results_name, "equal_budget")
+    return run_script("equal_budget.py", parser(), measure, render, argv, name=name)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ included).
 Every run appends one JSON line to ``bench/results/model_matrix.jsonl`` as soon as it
 ends, and runs already there are skipped, so a long matrix can be stopped and resumed,
 and committed as it fills. ``--report`` renders ``bench/results/model_matrix.md`` from
-the lines present::
+the lines present (with the environment of the last measuring run, kept in
+``model_matrix.json``)::
 
     .venv/bin/python bench/model_matrix.py --cells digits-mlp-a1,digits-convnet-a1 --workers 2
     .venv/bin/python bench/model_matrix.py --report
@@ -32,20 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    RESULTS,
-    env_info,
-    fmt_bytes,
-    md_table,
-    mean_std,
-    parse_ints,
-    report_head,
-    run_federated,
-    write_results,
-)
+from bench.common import parse_ints, run_federated
+from bench.report import RESULTS, Report, Table, fmt_bytes, mean_std, read_jsonl, run_resumable
 
-SCRIPT = "model_matrix.py"
-JSONL = RESULTS / "model_matrix.jsonl"
 # the matrix as it stood at commit 3d966e3 (bytes of payloads only, many exploratory columns)
 ARCHIVE = RESULTS / "archive" / "model_matrix_payload_bytes.jsonl"
 LAST = 5
@@ -226,7 +216,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "seed": job["seed"],
         "num-threads": 1,
         "device": "cpu",
-        "output-dir": str(RESULTS / "runs" / "model_matrix" / job["cell"]),
+        "output-dir": str(Path(job["runs"]) / job["cell"]),
         "run-name": f"{job['method']}-s{job['seed']}",
     }
     raw.update(method_overrides(job["method"], raw))
@@ -253,26 +243,27 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
-
-
-def run_matrix(cells: list[str], methods: list[str] | None, seeds: list[int], workers: int) -> None:
-    """Run what is missing; ``methods`` None means each cell's own list."""
-    have = {(r["cell"], r["method"], int(r["seed"])) for r in read_rows(JSONL)}
+def measure(args: argparse.Namespace, jsonl: Path) -> None:
+    """Run what is missing, appending each run to the JSONL file as it ends; no
+    ``--methods`` means each cell's own list."""
+    cells = [c for c in args.cells.split(",") if c]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        raise SystemExit(f"unknown cells {unknown}; known: {list(CELLS)}")
+    methods = [m for m in args.methods.split(",") if m] or None
+    have = {(r["cell"], r["method"], int(r["seed"])) for r in read_jsonl(jsonl)}
+    runs = str(RESULTS / "runs" / args.out_name)
     jobs = [
-        {"cell": c, "method": m, "seed": s, "config": CELLS[c].config()}
+        {"cell": c, "method": m, "seed": s, "config": CELLS[c].config(), "runs": runs}
         for c in cells
-        for s in seeds
+        for s in parse_ints(args.seeds)
         for m in (methods or CELLS[c].methods)
         if (c, m, s) not in have
     ]
-    print(f"{len(jobs)} runs to do ({len(have)} already in {JSONL.name})", flush=True)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    print(f"{len(jobs)} runs to do ({len(have)} already in {jsonl.name})", flush=True)
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for row in pool.map(run_one, jobs):
-            with JSONL.open("a") as f:
+            with jsonl.open("a") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
             total = fmt_bytes(row["uplink_bytes"] + row["downlink_bytes"])
             print(
@@ -370,95 +361,6 @@ def cell_rows(
     return by_method, f"messages; payloads (archive): {', '.join(from_archive)}"
 
 
-def report(argv: list[str] | None) -> str:
-    current, archived = read_rows(JSONL), read_rows(ARCHIVE)
-    acc_table, goal_table = [], []
-    for name, cell in CELLS.items():
-        by_method, counted = cell_rows(name, current, archived)
-        if not any(by_method.values()):
-            continue
-        acc_table.append(
-            [name, federation_text(cell), counted, default_downlink(cell)]
-            + [_acc(by_method[m]) for m in METHODS]
-            + [fmt_bytes(_bytes(by_method["fedavg"])), _swing(by_method["fedavg"])]
-        )
-        for method in CANDIDATES:
-            if by_method[method]:
-                row = [name, method, _acc(by_method[method])]
-                goal_table.append(
-                    row + verdict(by_method, method, byte_goal(cell)) + [_swing(by_method[method])]
-                )
-    lines = report_head(
-        "Model matrix: FedAvg, Top-k + EF and E-3SFC on every model",
-        env_info("cpu"),
-        SCRIPT,
-        argv,
-        "In-process loop (`e3sfc_core.simulate.run_reference`), CPU, one torch thread per run, "
-        "no norm clipping. "
-        f"Accuracy: mean over the last {LAST} rounds, then mean ± standard deviation over seeds "
-        "(number of seeds in brackets). Bytes: total uplink + downlink of a run, mean over seeds, "
-        "`len()` of every encoded message (instruction fields 34 B + 4 B per payload, reply "
-        "fields 41 B, plus the payloads; catch-up included). `e3sfc` is E-3SFC as shipped: "
-        "2 float16 samples and a sparse correction (the largest entries of what they miss) in "
-        "3/4 of a payload of at least 1/160 of the dense float32 update, 3SFC on the downlink "
-        'where `downlink = "auto"` picks it; the correction\'s code chosen per payload '
-        '(`correction-code = "auto"`: ternary, i.e. positions, a sign each and one magnitude '
-        "as STC sends them, or float16 values, whichever leaves the smaller residual); "
-        "`-ternary` pins the ternary code; `-float` the correction's values in float16 instead "
-        '(`correction-code = "float"`, the default before the ternary code; those rows ran '
-        "before the key existed, with that behaviour); "
-        "`-n1` one sample, `-c7` with `batch-min-cosine = 0.7` (the conv presets), "
-        "`-r110-c7` the same with a payload of at least 1/110. `topk-eq` is Top-k with error "
-        "feedback on both sides, compressed both ways, keeping as many float16 values (Rice- or "
-        "bitmap-coded positions) as fit in `e3sfc`'s payload bound, so its bytes equal that "
-        "column's (the ternary and the float code have the same bound within 8 bytes; rows "
-        "measured before the ternary code were sized to the float one); `topk-eq-r110` likewise "
-        "for `e3sfc-float-r110-c7`. 'bytes counted': `messages` "
-        "rows ran on this code; `payloads (archive)` rows are the same settings' runs from "
-        "`archive/model_matrix_payload_bytes.jsonl` (commit 3d966e3 and before: payload bytes "
-        "only; the messages' fields add 34-41 B per message, for every method alike; a short "
-        "ConvNet run ends on the same weights then and now), for cells too slow to re-run here. "
-        "Training defaults unless the federation column says otherwise: 5 local epochs, lr "
-        "0.05, batch 32. Heavy cells (RegNetX, VGG-11, ResNet-18; 2 CPU cores): 1 seed (the "
-        "seeds column says where more ran), all sampled with 5 clients and 8 rounds (`-r16`: "
-        "RegNetX and VGG-11 over 16), skewed with "
-        "10 clients (5 per round) and 10 rounds. `-r40`, `-r60`: the skewed ConvNet and LeNet-5 "
-        "cells over 40 and 60 rounds (issue 10 measured the ConvNet over 40). The byte goal "
-        "is 100x, or a quarter of the n = 1 ratio where one synthetic sample is a large share "
-        "of the model. 'swing': the largest round-to-round change of accuracy over the last 10 "
-        "rounds, in points, worst seed.",
-    )
-    lines += [
-        "## Accuracy",
-        "",
-        md_table(
-            ["cell", "federation", "bytes counted", "auto downlink"]
-            + [f"{m} acc" for m in METHODS]
-            + ["FedAvg bytes", "FedAvg swing"],
-            acc_table,
-        ),
-        "",
-        "## E-3SFC against the goal (>= 95% of FedAvg, >= 100x fewer bytes, beats Top-k at equal bytes)",
-        "",
-        md_table(
-            [
-                "cell",
-                "E-3SFC column",
-                "acc",
-                "total bytes",
-                "fewer bytes than FedAvg",
-                "of FedAvg's acc",
-                "Top-k at equal bytes",
-                "STC at equal bytes",
-                "verdict",
-                "swing",
-            ],
-            goal_table,
-        ),
-    ]
-    return "\n".join(lines)
-
-
 def federation_text(cell: Cell) -> str:
     f = cell.federation
     sampled = "all" if f["fraction-train"] == 1.0 else f"{f['fraction-train']:g} of them"
@@ -468,24 +370,96 @@ def federation_text(cell: Cell) -> str:
     return text + (f", {extra}" if extra else "")
 
 
-def main(argv: list[str] | None = None) -> None:
+def load(current: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the report is made from: each cell with runs, its runs per column and what it
+    states about the cell (federation, bytes counted, auto downlink, byte goal)."""
+    archived = read_jsonl(ARCHIVE)
+    cells = []
+    for name, cell in CELLS.items():
+        runs, counted = cell_rows(name, current, archived)
+        if any(runs.values()):
+            facts = {"federation": federation_text(cell), "counted": counted, "byte_goal": byte_goal(cell)}
+            cells.append({"name": name, **facts, "downlink": default_downlink(cell), "runs": runs})
+    return {"cells": cells}
+
+
+def render(data: dict[str, Any]) -> Report:
+    acc_table, goal_table = [], []
+    for c in data["cells"]:
+        runs = c["runs"]
+        acc_table.append(
+            [c["name"], c["federation"], c["counted"], c["downlink"]]
+            + [_acc(runs[m]) for m in METHODS]
+            + [fmt_bytes(_bytes(runs["fedavg"])), _swing(runs["fedavg"])]
+        )
+        goal_table += [
+            [c["name"], m, _acc(runs[m]), *verdict(runs, m, c["byte_goal"]), _swing(runs[m])]
+            for m in CANDIDATES
+            if runs[m]
+        ]
+    acc_headers = ["cell", "federation", "bytes counted", "auto downlink", *(f"{m} acc" for m in METHODS)]
+    acc_headers += ["FedAvg bytes", "FedAvg swing"]
+    goal_headers = ["cell", "E-3SFC column", "acc", "total bytes", "fewer bytes than FedAvg"]
+    goal_headers += ["of FedAvg's acc", "Top-k at equal bytes", "STC at equal bytes", "verdict", "swing"]
+    return Report(
+        "Model matrix: FedAvg, Top-k + EF and E-3SFC on every model",
+        intro=[
+            "In-process loop (`e3sfc_core.simulate.run_reference`), CPU, one torch thread per run, "
+            "no norm clipping. "
+            f"Accuracy: mean over the last {LAST} rounds, then mean ± standard deviation over seeds "
+            "(number of seeds in brackets). Bytes: total uplink + downlink of a run, mean over seeds, "
+            "`len()` of every encoded message (instruction fields 34 B + 4 B per payload, reply "
+            "fields 41 B, plus the payloads; catch-up included). `e3sfc` is E-3SFC as shipped: "
+            "2 float16 samples and a sparse correction (the largest entries of what they miss) in "
+            "3/4 of a payload of at least 1/160 of the dense float32 update, 3SFC on the downlink "
+            'where `downlink = "auto"` picks it; the correction\'s code chosen per payload '
+            '(`correction-code = "auto"`: ternary, i.e. positions, a sign each and one magnitude '
+            "as STC sends them, or float16 values, whichever leaves the smaller residual); "
+            "`-ternary` pins the ternary code; `-float` the correction's values in float16 instead "
+            '(`correction-code = "float"`, the default before the ternary code; those rows ran '
+            "before the key existed, with that behaviour); "
+            "`-n1` one sample, `-c7` with `batch-min-cosine = 0.7` (the conv presets), "
+            "`-r110-c7` the same with a payload of at least 1/110. `topk-eq` is Top-k with error "
+            "feedback on both sides, compressed both ways, keeping as many float16 values (Rice- or "
+            "bitmap-coded positions) as fit in `e3sfc`'s payload bound, so its bytes equal that "
+            "column's (the ternary and the float code have the same bound within 8 bytes; rows "
+            "measured before the ternary code were sized to the float one); `topk-eq-r110` likewise "
+            "for `e3sfc-float-r110-c7`. 'bytes counted': `messages` "
+            "rows ran on this code; `payloads (archive)` rows are the same settings' runs from "
+            "`archive/model_matrix_payload_bytes.jsonl` (commit 3d966e3 and before: payload bytes "
+            "only; the messages' fields add 34-41 B per message, for every method alike; a short "
+            "ConvNet run ends on the same weights then and now), for cells too slow to re-run here. "
+            "Training defaults unless the federation column says otherwise: 5 local epochs, lr "
+            "0.05, batch 32. Heavy cells (RegNetX, VGG-11, ResNet-18; 2 CPU cores): 1 seed (the "
+            "seeds column says where more ran), all sampled with 5 clients and 8 rounds (`-r16`: "
+            "RegNetX and VGG-11 over 16), skewed with "
+            "10 clients (5 per round) and 10 rounds. `-r40`, `-r60`: the skewed ConvNet and LeNet-5 "
+            "cells over 40 and 60 rounds (issue 10 measured the ConvNet over 40). The byte goal "
+            "is 100x, or a quarter of the n = 1 ratio where one synthetic sample is a large share "
+            "of the model. 'swing': the largest round-to-round change of accuracy over the last 10 "
+            "rounds, in points, worst seed."
+        ],
+        body=[
+            "## Accuracy",
+            Table(acc_headers, acc_table),
+            "## E-3SFC against the goal (>= 95% of FedAvg, >= 100x fewer bytes, beats Top-k at equal bytes)",
+            Table(goal_headers, goal_table),
+        ],
+    )
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, from: {', '.join(CELLS)}")
     p.add_argument("--methods", default="", help=f"subset of {', '.join(METHODS)} (default: each cell's)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--report", action="store_true", help="only render the markdown from the JSON lines")
-    args = p.parse_args(argv)
-    if not args.report:
-        cells = [c for c in args.cells.split(",") if c]
-        unknown = [c for c in cells if c not in CELLS]
-        if unknown:
-            raise SystemExit(f"unknown cells {unknown}; known: {list(CELLS)}")
-        methods = [m for m in args.methods.split(",") if m] or None
-        run_matrix(cells, methods, parse_ints(args.seeds), args.workers)
-    markdown = report(argv)
-    write_results("model_matrix", {"jsonl": str(JSONL.relative_to(RESULTS.parent.parent))}, markdown)
-    print(markdown)
+    p.add_argument("--out-name", default="model_matrix", help="results/NAME.{jsonl,json,md}, runs/NAME/")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_resumable("model_matrix.py", parser(), measure, load, render, argv)
 
 
 if __name__ == "__main__":

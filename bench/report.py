@@ -185,6 +185,24 @@ def save_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def result_path(name: str, ext: str) -> Path:
+    """``results/<name>.<ext>`` (an absolute ``name`` puts the file there)."""
+    return Path(f"{RESULTS / name}.{ext}")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (none if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _publish(script: str, report: Report, data: dict[str, Any], name: str) -> None:
+    path = result_path(name, "md")
+    path.write_text(report.markdown(script, data))
+    print(report.console() or path.read_text())
+
+
 def run_script(
     script: str,
     parser: argparse.ArgumentParser,
@@ -192,25 +210,51 @@ def run_script(
     render: Callable[[dict[str, Any]], Report],
     argv: Sequence[str] | None = None,
     *,
-    name: str | None = None,
+    name: Callable[[argparse.Namespace], str] | None = None,
 ) -> dict[str, Any]:
     """Parse ``argv``, measure (or, with ``--report``, load the saved data), render, and
-    write ``results/<name>.json`` and ``.md`` (``name``: the ``--out-name`` option if the
-    script has one, else the script's stem)."""
+    write ``results/<name>.json`` and ``.md`` (``name(args)``, else the ``--out-name``
+    option if the script has one, else the script's stem)."""
     parser.add_argument(
         "--report", action="store_true", help="re-render the report from its saved JSON; measure nothing"
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    stem = getattr(args, "out_name", None) or name or Path(script).stem
-    jpath, mpath = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
+    stem = name(args) if name else getattr(args, "out_name", None) or Path(script).stem
     if args.report:
-        data = json.loads(jpath.read_text())
+        data = json.loads(result_path(stem, "json").read_text())
     else:
         data = measure(args)
         data["argv"] = [a for a in argv if a != "--report"]
-        save_json(jpath, data)
-    report = render(data)
-    mpath.write_text(report.markdown(script, data))
-    print(report.console() or mpath.read_text())
+        save_json(result_path(stem, "json"), data)
+    _publish(script, render(data), data, stem)
+    return data
+
+
+def run_resumable(
+    script: str,
+    parser: argparse.ArgumentParser,
+    measure: Callable[[argparse.Namespace, Path], None],
+    load: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    render: Callable[[dict[str, Any]], Report],
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_script` for scripts that append one JSON line per run to
+    ``results/<out-name>.jsonl`` and skip the runs already there: measure what is missing
+    (``measure(args, jsonl)``) unless ``--report``, then render every line (``load`` turns
+    them into the report's data). A stopped run leaves more lines than one saved JSON
+    would hold, so ``<out-name>.json`` keeps only the environment of the last measuring call."""
+    parser.add_argument("--report", action="store_true", help="only render the markdown from the JSON lines")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    saved, jsonl = result_path(args.out_name, "json"), result_path(args.out_name, "jsonl")
+    if args.report and saved.exists():
+        env = json.loads(saved.read_text())["env"]
+    else:
+        if not args.report:
+            measure(args, jsonl)
+        env = env_info("cpu")
+        save_json(saved, {"env": env, "jsonl": jsonl.name})
+    data = {"env": env, "argv": argv, **load(read_jsonl(jsonl))}
+    _publish(script, render(data), data, args.out_name)
     return data

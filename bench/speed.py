@@ -31,7 +31,8 @@ Three parts, each setting in its own subprocess so that peak memory is per setti
 
 Peak memory: the process's peak RSS (``VmHWM``, reset per phase through
 ``/proc/self/clear_refs`` where the kernel allows, else ``ru_maxrss``) and, on CUDA,
-``torch.cuda.max_memory_allocated``. Writes ``bench/results/<out-name>.{json,md}``.
+``torch.cuda.max_memory_allocated``. Writes ``bench/results/<out-name>.{json,md}``
+(default ``speed``, ``speed_<device>`` off the CPU).
 """
 
 from __future__ import annotations
@@ -43,23 +44,12 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    REPO,
-    RESULTS,
-    env_info,
-    fmt_bytes,
-    md_table,
-    median,
-    parse_ints,
-    print_table,
-    report_head,
-    set_threads,
-    timed_roundtrip,
-    write_results,
-)
+from bench.common import parse_ints, set_threads, timed_roundtrip
+from bench.report import REPO, RESULTS, Report, Table, env_info, fmt_bytes, median, run_script
 
 BIG_MODEL = 5_000_000
 
@@ -93,11 +83,6 @@ def rss_mb() -> tuple[float, float]:
     return cur, peak
 
 
-def rss_cell(peak_mb: float, before_mb: float) -> str:
-    """``"<peak> (+<growth over before>)"`` in MiB, for the tables' peak-RSS columns."""
-    return f"{peak_mb:.0f} (+{peak_mb - before_mb:.0f})"
-
-
 class Phase:
     """Peak RSS (and CUDA peak) of a block of code."""
 
@@ -128,7 +113,8 @@ class Phase:
 def worker_rounds(job: dict[str, Any]) -> dict[str, Any]:
     """Part 1 and part 3: one federated run, time split per round."""
     import torch
-    from _common import run_federated
+
+    from bench.common import run_federated
 
     device = torch.device("cuda" if job["device"] == "cuda" else "cpu")
     with Phase(device) as ph:
@@ -227,16 +213,39 @@ def worker_model(job: dict[str, Any]) -> dict[str, Any]:
 
     settings = CompressorSettings(seed=1)
     repeats = job["big_repeats"] if out["numel"] > BIG_MODEL else job["repeats"]
-    sfc = [roundtrip("3sfc", settings, 1) for _ in range(repeats)]
-    topk = [roundtrip("topk", settings, 1) for _ in range(3)]
-    dense = roundtrip("fedavg", settings, 1)
-    out["3sfc"] = sfc
-    out["topk"] = topk
-    out["fedavg"] = dense
+    out["3sfc"] = [roundtrip("3sfc", settings, 1) for _ in range(repeats)]
+    out["topk"] = [roundtrip("topk", settings, 1) for _ in range(3)]
+    out["fedavg"] = roundtrip("fedavg", settings, 1)
     return out
 
 
-# -------------------------------------------------------------------------- driver
+def spawn(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one job in a fresh interpreter (clean peak memory), return its JSON."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {job} failed:\n{proc.stderr[-4000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """The ``--worker`` entry point: run ``job``, print its result as a ``RESULT`` line."""
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    set_threads(job.get("threads", 1))
+    result = worker_model(job) if job["kind"] == "model" else worker_rounds(job)
+    print("RESULT " + json.dumps(result))
+    return result
+
+
+# -------------------------------------------------------------------------- measure
 
 
 def rounds_row(method: str, r: dict[str, Any], clients: int) -> dict[str, Any]:
@@ -263,23 +272,45 @@ def rounds_row(method: str, r: dict[str, Any], clients: int) -> dict[str, Any]:
     return row
 
 
-def spawn(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one job in a fresh interpreter (clean peak memory), return its JSON."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+def model_row(model: str, r: dict[str, Any]) -> dict[str, Any]:
+    """Part 2's row of one ``worker_model`` result: medians over the repeats."""
+    s, tk, d = r["3sfc"], r["topk"], r["fedavg"]
+    row = {
+        "model": model,
+        "numel": r["numel"],
+        "train_s_per_step": r["train_s_per_step"],
+        "sfc_compress_s": median([x["compress_s"] for x in s]),
+        "sfc_evals": median([x["evals"] for x in s]),
+        "sfc_decompress_s": median([x["decompress_s"] for x in s]),
+        "sfc_bytes": s[0]["bytes"],
+        "sfc_encode_s": median([x["encode_s"] for x in s]),
+        "sfc_decode_s": median([x["decode_s"] for x in s]),
+        "sfc_cosine": median([x["cosine"] for x in s]),
+        "topk_compress_s": median([x["compress_s"] for x in tk]),
+        "topk_encode_s": median([x["encode_s"] for x in tk]),
+        "topk_decode_s": median([x["decode_s"] for x in tk]),
+        "dense_encode_s": d["encode_s"],
+        "dense_decode_s": d["decode_s"],
+        "peak_rss_compress_mb": max(x["compress_peak_rss_mb"] for x in s),
+        "rss_before_compress_mb": s[0]["compress_rss_before_mb"],
+        "import_rss_mb": r["import_rss_mb"],
+        "peak_rss_train_mb": r["train_peak_rss_mb"],
+        "setup_peak_rss_mb": r["setup_peak_rss_mb"],
+        "cuda_peak_compress_mb": s[0]["compress_cuda_peak_mb"],
+        "raw": r,
+    }
+    row["sfc_s_per_eval"] = row["sfc_compress_s"] / max(1, row["sfc_evals"])
+    return row
+
+
+def out_name(args: argparse.Namespace) -> str:
+    return args.out_name or ("speed" if args.device == "cpu" else f"speed_{args.device}")
+
+
+def parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {job} failed:\n{proc.stderr[-4000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=5, help="rounds of part 1")
     p.add_argument("--methods", default="fedavg,topk,stc,signsgd,qsgd,3sfc,e3sfc")
@@ -295,108 +326,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-name", default="")
-    args = p.parse_args(argv)
+    return p
 
-    if args.worker:
-        import logging
 
-        logging.basicConfig(level=logging.ERROR)
-        job = json.loads(args.worker)
-        set_threads(job.get("threads", 1))
-        result = worker_model(job) if job["kind"] == "model" else worker_rounds(job)
-        print("RESULT " + json.dumps(result))
-        return result
-
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)  # the workers set it too; this makes env_info report it
-    out_name = args.out_name or ("speed" if args.device == "cpu" else f"speed_{args.device}")
     skip = set(args.skip.split(","))
-    runs_dir = RESULTS / "runs" / out_name
-    base_cfg = {"dataset": "digits", "model": "mlp", "device": args.device, "output-dir": str(runs_dir)}
+    base_cfg = {
+        "dataset": "digits",
+        "model": "mlp",
+        "device": args.device,
+        "output-dir": str(RESULTS / "runs" / out_name(args)),
+    }
     data: dict[str, Any] = {"args": vars(args)}
-    md: list[str] = []
 
-    # ---- part 1
+    def run_rounds(cfg: dict[str, Any]) -> dict[str, Any]:
+        return spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
+
     if "rounds" not in skip:
-        headers = [
-            "method",
-            "wall s/round",
-            "train s/client",
-            "compress s/client",
-            "server aggregate s",
-            "downlink compress s",
-            "other s/round",
-            "compress / train",
-            "uplink B/round",
-            "peak RSS MiB (+ over start)",
-        ]
-        rows, table = [], []
+        data["rounds"] = []
         for method in [m for m in args.methods.split(",") if m]:
             cfg = {**base_cfg, "method": method, "num-rounds": args.rounds, "run-name": f"rounds-{method}"}
-            r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
+            r = run_rounds(cfg)
             row = rounds_row(method, r, r["clients"])
             row["downlink_compress_s"] = median([x["downlink_compress_s"] for x in r["per_round"]])
             row["cuda_peak_mb"] = r["cuda_peak_mb"]
             row["compress_over_train"] = row["compress_s_client"] / row["train_s_client"]
-            rows.append(row)
-            table.append(
-                [
-                    method,
-                    f"{row['wall_s_per_round']:.3f}",
-                    f"{row['train_s_client'] * 1e3:.1f} ms",
-                    f"{row['compress_s_client'] * 1e3:.1f} ms",
-                    f"{row['aggregate_s'] * 1e3:.1f} ms",
-                    f"{row['downlink_compress_s'] * 1e3:.1f} ms" if method == "e3sfc" else "-",
-                    f"{row['other_s_per_round']:.3f}",
-                    f"{row['compress_over_train']:.2f}",
-                    fmt_bytes(row["uplink_bytes_per_round"]),
-                    rss_cell(row["peak_rss_mb"], row["rss_before_mb"]),
-                ]
-            )
+            data["rounds"].append(row)
             print(f"rounds: {method} done")
-        print_table(headers, table)
-        data["rounds"] = rows
-        md += [
-            "## 1. Seconds per round (digits/MLP, 10 clients)",
-            "",
-            f"{args.rounds} rounds per method, medians over rounds; per-client columns are means over the "
-            "round's clients (clients run one after another in one process, so a round's client time is "
-            "10x these). Server aggregate = validation + decompressing every uplink + clip/average + (e3sfc) "
-            "downlink compression. 'other' = wall - clients x (train + compress) - aggregate: "
-            "per-client model "
-            "construction, partition slicing, downlink replay and digests, the server's test evaluation and "
-            "metrics.csv. Peak RSS is the whole process (torch alone is most of it); '+' is the "
-            "growth over the "
-            "RSS when the run started. Wall time excludes finalisation (summary.json, plots).",
-            "",
-            md_table(headers, table),
-            "",
-        ]
 
-    # ---- part 2
     if "models" not in skip:
-        shape = parse_ints(args.input_shape)
-        headers = [
-            "model",
-            "weights",
-            "train s/step (b=32)",
-            "3SFC compress s",
-            "evals",
-            "s/eval",
-            "3SFC decompress s",
-            "3SFC bytes",
-            "3SFC enc/dec ms",
-            "Top-k 1% compress ms",
-            "Top-k enc/dec ms",
-            "dense enc/dec ms",
-            "peak RSS MiB in 3SFC compress (+ over start)",
-            "GPU peak MiB",
-        ]
-        rows, table = [], []
+        data["models"] = []
         for model in [m for m in args.models.split(",") if m]:
             job = {
                 "kind": "model",
                 "model": model,
-                "input_shape": shape,
+                "input_shape": parse_ints(args.input_shape),
                 "n_classes": 10,
                 "device": args.device,
                 "threads": args.threads,
@@ -405,87 +370,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "big_repeats": args.big_repeats,
             }
             t0 = time.perf_counter()
-            r = spawn(job)
-            s, tk, d = r["3sfc"], r["topk"], r["fedavg"]
-            row = {
-                "model": model,
-                "numel": r["numel"],
-                "train_s_per_step": r["train_s_per_step"],
-                "sfc_compress_s": median([x["compress_s"] for x in s]),
-                "sfc_evals": median([x["evals"] for x in s]),
-                "sfc_decompress_s": median([x["decompress_s"] for x in s]),
-                "sfc_bytes": s[0]["bytes"],
-                "sfc_encode_s": median([x["encode_s"] for x in s]),
-                "sfc_decode_s": median([x["decode_s"] for x in s]),
-                "sfc_cosine": median([x["cosine"] for x in s]),
-                "topk_compress_s": median([x["compress_s"] for x in tk]),
-                "topk_encode_s": median([x["encode_s"] for x in tk]),
-                "topk_decode_s": median([x["decode_s"] for x in tk]),
-                "dense_encode_s": d["encode_s"],
-                "dense_decode_s": d["decode_s"],
-                "peak_rss_compress_mb": max(x["compress_peak_rss_mb"] for x in s),
-                "rss_before_compress_mb": s[0]["compress_rss_before_mb"],
-                "import_rss_mb": r["import_rss_mb"],
-                "peak_rss_train_mb": r["train_peak_rss_mb"],
-                "setup_peak_rss_mb": r["setup_peak_rss_mb"],
-                "cuda_peak_compress_mb": s[0]["compress_cuda_peak_mb"],
-                "raw": r,
-            }
-            row["sfc_s_per_eval"] = row["sfc_compress_s"] / max(1, row["sfc_evals"])
-            rows.append(row)
-            table.append(
-                [
-                    model,
-                    f"{row['numel']:,}",
-                    f"{row['train_s_per_step'] * 1e3:.1f} ms",
-                    f"{row['sfc_compress_s']:.3f}",
-                    f"{row['sfc_evals']:.0f}",
-                    f"{row['sfc_s_per_eval'] * 1e3:.1f} ms",
-                    f"{row['sfc_decompress_s'] * 1e3:.1f} ms",
-                    row["sfc_bytes"],
-                    f"{row['sfc_encode_s'] * 1e3:.2f}/{row['sfc_decode_s'] * 1e3:.2f}",
-                    f"{row['topk_compress_s'] * 1e3:.1f}",
-                    f"{row['topk_encode_s'] * 1e3:.2f}/{row['topk_decode_s'] * 1e3:.2f}",
-                    f"{row['dense_encode_s'] * 1e3:.1f}/{row['dense_decode_s'] * 1e3:.1f}",
-                    rss_cell(row["peak_rss_compress_mb"], row["rss_before_compress_mb"]),
-                    f"{row['cuda_peak_compress_mb']:.0f}"
-                    if row["cuda_peak_compress_mb"] is not None
-                    else "-",
-                ]
-            )
+            data["models"].append(model_row(model, spawn(job)))
             print(f"models: {model} done in {time.perf_counter() - t0:.1f}s")
-        print_table(headers, table)
-        data["models"] = rows
-        md += [
-            f"## 2. Growth with model size (random data {tuple(shape)}, 10 classes)",
-            "",
-            f"Target: the local update of one epoch over {args.train_samples} random examples. 3SFC "
-            "n = 1 with the "
-            "shipped search settings (at most 20 evaluations, stall rule); its cosine on these "
-            "random-data targets is "
-            "not meaningful, its time per evaluation is. 'enc/dec' = encode / decode of one "
-            "payload. Peak RSS is "
-            "the whole process (Python + torch + model) during compression.",
-            "",
-            md_table(headers, table),
-            "",
-        ]
 
-    # ---- part 3
     if "clients" not in skip:
-        headers = [
-            "method",
-            "clients",
-            "wall s/round",
-            "train s/client",
-            "compress s/client",
-            "server aggregate s",
-            "other s/round",
-            "uplink B/round",
-            "downlink B/round",
-            "peak RSS MiB (+ over start)",
-        ]
-        rows, table = [], []
+        data["clients"] = []
         for method in [m for m in args.client_methods.split(",") if m]:
             for n in parse_ints(args.clients):
                 cfg = {
@@ -495,46 +384,123 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "num-partitions": n,
                     "run-name": f"clients-{method}-{n}",
                 }
-                r = spawn({"kind": "rounds", "config": cfg, "device": args.device, "threads": args.threads})
+                r = run_rounds(cfg)
                 row = rounds_row(method, r, n)
                 row["clients"] = n
                 row["downlink_bytes_per_round"] = r["per_round"][-1]["downlink_bytes"]
-                rows.append(row)
-                table.append(
-                    [
-                        method,
-                        n,
-                        f"{row['wall_s_per_round']:.2f}",
-                        f"{row['train_s_client'] * 1e3:.1f} ms",
-                        f"{row['compress_s_client'] * 1e3:.1f} ms",
-                        f"{row['aggregate_s'] * 1e3:.0f} ms",
-                        f"{row['other_s_per_round']:.2f}",
-                        fmt_bytes(row["uplink_bytes_per_round"]),
-                        fmt_bytes(row["downlink_bytes_per_round"]),
-                        rss_cell(row["peak_rss_mb"], row["rss_before_mb"]),
-                    ]
-                )
+                data["clients"].append(row)
                 print(f"clients: {method} {n} done")
-        print_table(headers, table)
-        data["clients"] = rows
-        md += [
-            f"## 3. Growth with the number of clients (digits/MLP, {args.client_rounds} rounds)",
-            "",
-            "All clients train every round (fraction-train 1), one after another in one process; digits has "
-            "1,437 training images, so 100 clients hold ~14 each (training time per client shrinks, "
-            "compression "
-            "time does not).",
-            "",
-            md_table(headers, table),
-            "",
-        ]
 
-    env = env_info(args.device)
-    data["env"] = env
-    header = report_head("Speed and memory (issue #5, item 3)", env, "speed.py", argv)
-    j, m = write_results(out_name, data, "\n".join(header + md))
-    print(f"wrote {j}, {m}")
+    data["env"] = env_info(args.device)
     return data
+
+
+# --------------------------------------------------------------------------- render
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]  # header, cell of a row
+
+
+def _ms(key: str, digits: int = 1) -> Callable[[dict[str, Any]], str]:
+    return lambda r: f"{r[key] * 1e3:.{digits}f} ms"
+
+
+def _rss(peak: str = "peak_rss_mb", before: str = "rss_before_mb") -> Callable[[dict[str, Any]], str]:
+    """``"<peak> (+<growth over before>)"`` in MiB, for the tables' peak-RSS columns."""
+    return lambda r: f"{r[peak]:.0f} (+{r[peak] - r[before]:.0f})"
+
+
+def _table(columns: list[Column], rows: list[dict[str, Any]]) -> Table:
+    return Table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows])
+
+
+_CLIENT_COLUMNS: list[Column] = [
+    ("train s/client", _ms("train_s_client")),
+    ("compress s/client", _ms("compress_s_client")),
+]
+_RSS_COLUMN: Column = ("peak RSS MiB (+ over start)", _rss())
+ROUNDS_COLUMNS: list[Column] = [
+    ("method", lambda r: r["method"]),
+    ("wall s/round", lambda r: f"{r['wall_s_per_round']:.3f}"),
+    *_CLIENT_COLUMNS,
+    ("server aggregate s", _ms("aggregate_s")),
+    ("downlink compress s", lambda r: _ms("downlink_compress_s")(r) if r["method"] == "e3sfc" else "-"),
+    ("other s/round", lambda r: f"{r['other_s_per_round']:.3f}"),
+    ("compress / train", lambda r: f"{r['compress_over_train']:.2f}"),
+    ("uplink B/round", lambda r: fmt_bytes(r["uplink_bytes_per_round"])),
+    _RSS_COLUMN,
+]
+MODELS_COLUMNS: list[Column] = [
+    ("model", lambda r: r["model"]),
+    ("weights", lambda r: f"{r['numel']:,}"),
+    ("train s/step (b=32)", _ms("train_s_per_step")),
+    ("3SFC compress s", lambda r: f"{r['sfc_compress_s']:.3f}"),
+    ("evals", lambda r: f"{r['sfc_evals']:.0f}"),
+    ("s/eval", _ms("sfc_s_per_eval")),
+    ("3SFC decompress s", _ms("sfc_decompress_s")),
+    ("3SFC bytes", lambda r: r["sfc_bytes"]),
+    ("3SFC enc/dec ms", lambda r: f"{r['sfc_encode_s'] * 1e3:.2f}/{r['sfc_decode_s'] * 1e3:.2f}"),
+    ("Top-k 1% compress ms", lambda r: f"{r['topk_compress_s'] * 1e3:.1f}"),
+    ("Top-k enc/dec ms", lambda r: f"{r['topk_encode_s'] * 1e3:.2f}/{r['topk_decode_s'] * 1e3:.2f}"),
+    ("dense enc/dec ms", lambda r: f"{r['dense_encode_s'] * 1e3:.1f}/{r['dense_decode_s'] * 1e3:.1f}"),
+    ("peak RSS MiB in 3SFC compress (+ over start)", _rss("peak_rss_compress_mb", "rss_before_compress_mb")),
+    ("GPU peak MiB", lambda r: "-" if (v := r["cuda_peak_compress_mb"]) is None else f"{v:.0f}"),
+]
+CLIENTS_COLUMNS: list[Column] = [
+    ("method", lambda r: r["method"]),
+    ("clients", lambda r: r["clients"]),
+    ("wall s/round", lambda r: f"{r['wall_s_per_round']:.2f}"),
+    *_CLIENT_COLUMNS,
+    ("server aggregate s", _ms("aggregate_s", 0)),
+    ("other s/round", lambda r: f"{r['other_s_per_round']:.2f}"),
+    ("uplink B/round", lambda r: fmt_bytes(r["uplink_bytes_per_round"])),
+    ("downlink B/round", lambda r: fmt_bytes(r["downlink_bytes_per_round"])),
+    _RSS_COLUMN,
+]
+
+
+def render(data: dict[str, Any]) -> Report:
+    args = data["args"]
+    body: list[Any] = []
+    if "rounds" in data:
+        body += [
+            "## 1. Seconds per round (digits/MLP, 10 clients)",
+            f"{args['rounds']} rounds per method, medians over rounds; per-client columns are means over "
+            "the round's clients (clients run one after another in one process, so a round's client time "
+            "is 10x these). Server aggregate = validation + decompressing every uplink + clip/average + "
+            "(e3sfc) downlink compression. 'other' = wall - clients x (train + compress) - aggregate: "
+            "per-client model construction, partition slicing, downlink replay and digests, the server's "
+            "test evaluation and metrics.csv. Peak RSS is the whole process (torch alone is most of it); "
+            "'+' is the growth over the RSS when the run started. Wall time excludes finalisation "
+            "(summary.json, plots).",
+            _table(ROUNDS_COLUMNS, data["rounds"]),
+        ]
+    if "models" in data:
+        body += [
+            f"## 2. Growth with model size (random data {tuple(parse_ints(args['input_shape']))}, "
+            "10 classes)",
+            f"Target: the local update of one epoch over {args['train_samples']} random examples. 3SFC "
+            "n = 1 with the shipped search settings (at most 20 evaluations, stall rule); its cosine on "
+            "these random-data targets is not meaningful, its time per evaluation is. 'enc/dec' = encode "
+            "/ decode of one payload. Peak RSS is the whole process (Python + torch + model) during "
+            "compression.",
+            _table(MODELS_COLUMNS, data["models"]),
+        ]
+    if "clients" in data:
+        body += [
+            f"## 3. Growth with the number of clients (digits/MLP, {args['client_rounds']} rounds)",
+            "All clients train every round (fraction-train 1), one after another in one process; digits "
+            "has 1,437 training images, so 100 clients hold ~14 each (training time per client shrinks, "
+            "compression time does not).",
+            _table(CLIENTS_COLUMNS, data["clients"]),
+        ]
+    return Report("Speed and memory (issue #5, item 3)", body=body)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    known = parser(add_help=False).parse_known_args(argv)[0]  # a worker process writes no report
+    if known.worker:
+        return worker(json.loads(known.worker))
+    return run_script("speed.py", parser(), measure, render, argv, name=out_name)
 
 
 if __name__ == "__main__":
