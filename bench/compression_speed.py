@@ -12,23 +12,19 @@ Quick smoke run::
 Measured on real targets (client updates along a digits/MLP FedAvg run, as in
 ``bench/compressors.py``), every speed-up as before/after on the same targets:
 
-A. **Search: before/after**. The authors' budget (``torch.optim.LBFGS``, up to 200
-   closure evaluations, 20 per step, no early stop); our previous default
-   (``torch.optim.LBFGS``, 40 evaluations, 10 per step, stop when |cos| improves < 1e-3
-   per step, N(0, 1) start); the shipped search (SciPy's L-BFGS-B, at most 20
-   evaluations, stall rule 1e-3 over 5 evaluations, inputs start at N(0, 0.25^2)); and
-   variants of each (cap, start scale). Reports seconds, evaluations, |cos| and
-   compression seconds over the local-training seconds of the same round (goal <= 2).
-   The ``torch.optim.LBFGS`` rows run the previous search, kept here as
-   :class:`TorchLBFGSCompressor`; everything else (scale, payload) is the shipped code.
+A. **Search: early stop**. The shipped search (SciPy's L-BFGS-B, at most 20 evaluations,
+   stall rule 1e-3 over 5 evaluations, inputs start at N(0, 0.25^2)) against the authors'
+   budget (200 evaluations, no early stop, N(0, 1) start) on the same search, and variants
+   (cap, start scale). Reports seconds, evaluations, |cos| and compression seconds over the
+   local-training seconds of the same round (goal <= 2). The previous ``torch.optim.LBFGS``
+   search these replaced was measured against them until commit 35d2403
+   (``results/archive/compression_speed_torch_lbfgs.md``).
 C. **Threads**: ``torch.set_num_threads(1)`` vs 2 for local training and for 3SFC
    compression, interleaved, on an idle machine and with ``--contention`` busy-looping
    processes started by this script (a shared machine; they are stopped afterwards).
 D. **Per-evaluation cost**: the shipped objective (gradient w.r.t. the search variables
-   only, cosine from two dot products, cached parameter list), the previous closure
-   (``g.norm()``, ``loss.backward()``, which also fills the weights' ``.grad``),
-   the same objective written with ``torch.func``, and the search's own overhead
-   (compression seconds / evaluations minus closure seconds).
+   only, cosine from two dot products, cached parameter list) and the search's own
+   overhead (compression seconds / evaluations minus objective seconds).
 E. **Goal 2 at paper scale**: local training of an MNIST-sized client (``--paper-examples``
    random 1x28x28 examples, 5 epochs, batch 32, MLP 784-200-200-10) vs 3SFC compression
    of that update: the training side grows with the client's data, compression does not.
@@ -49,7 +45,6 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import (
     client_data,
@@ -61,155 +56,53 @@ from bench.common import (
     uplink_meta,
 )
 from bench.report import REPO, Report, Table, env_info, mean_std, median, run_script
-from e3sfc_core.compressor import Budget, CompressorSettings, PayloadMeta
+from e3sfc_core.compressor import Budget, CompressorSettings
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec
 from e3sfc_core.experiment import resolve_path
 from e3sfc_core.models import build_model
 from e3sfc_core.rounds import compress_update
-from e3sfc_core.synthetic import CosineObjective, SyntheticFeatureCompressor, init_seed
-from e3sfc_core.synthetic_gradient import synthetic_gradient
+from e3sfc_core.synthetic import CosineObjective, SyntheticFeatureCompressor
 from e3sfc_core.tensors import get_flat, set_flat
 from e3sfc_core.training import train_local
 
-
-def previous_cosine(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, t_norm: torch.Tensor
-) -> torch.Tensor:
-    """cos(g(X, Y), t) as the previous search computed it (``g.norm()``, epsilon)."""
-    g = synthetic_gradient(model, x, y, create_graph=True)
-    return torch.dot(g, target) / (g.norm() * t_norm + 1e-12)
-
-
-class TorchLBFGSCompressor(SyntheticFeatureCompressor):
-    """The previous 3SFC search (``torch.optim.LBFGS``, lr 1, history 10, no line search,
-    ``evals_per_step`` evaluations per step, stop when a step improves |cos| by less than
-    ``min_improvement``), for before/after comparisons only."""
-
-    def __init__(self, settings: CompressorSettings, spec: Any, evals_per_step: int) -> None:
-        super().__init__(settings, tuple(spec.input_shape), spec.n_classes)
-        self.evals_per_step = evals_per_step
-
-    def _search(
-        self, target: torch.Tensor, model: torch.nn.Module, n: int, meta: PayloadMeta
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        s = self.settings
-        gen = torch.Generator().manual_seed(init_seed(s.seed, meta))
-        x = (torch.randn((n, *self.input_shape), generator=gen) * s.init_scale).requires_grad_(True)
-        y = torch.randn((n, self.n_classes), generator=gen).requires_grad_(True)
-        t_norm = target.norm()
-        best = {"cos": -1.0, "x": x.detach().clone(), "y": y.detach().clone()}
-        evals = 0
-
-        def closure() -> torch.Tensor:
-            nonlocal evals
-            evals += 1
-            opt.zero_grad()
-            cos = previous_cosine(model, x, y, target, t_norm)
-            loss = 1.0 - cos.abs()
-            value = float(cos.detach().abs())
-            if math.isfinite(value) and value > best["cos"]:
-                best.update(cos=value, x=x.detach().clone(), y=y.detach().clone())
-            loss.backward()
-            return loss
-
-        opt = torch.optim.LBFGS([x, y], lr=1.0, max_iter=self.evals_per_step, history_size=10)
-        previous = -1.0
-        while evals < s.max_evals:
-            opt.step(closure)  # type: ignore[no-untyped-call]
-            if best["cos"] - previous < s.min_improvement:
-                break
-            previous = float(best["cos"])
-        return best["x"], best["y"], evals  # type: ignore[return-value]
-
-
-AUTHORS = "torch LBFGS, authors: 200 evals, 20/step, no early stop"
-BEFORE = "torch LBFGS, before: 40 evals, 10/step, min-imp 1e-3, N(0,1) start"
-SHIPPED = "SciPy L-BFGS-B, shipped: cap 20, stall 5/1e-3, init 0.25"
-_TORCH_BEFORE = {"max_evals": 40, "per_step": 10, "init_scale": 1.0}
-# (label, search, settings overrides); 'per_step' selects the torch.optim.LBFGS search
+AUTHORS = "authors' budget: up to 200 evals, no stall rule, N(0,1) start"
+SHIPPED = "shipped: cap 20, stall 5/1e-3, init 0.25"
+# (label, settings overrides), all on the shipped SciPy L-BFGS-B search; the first is the reference
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
-    (AUTHORS, {"max_evals": 200, "per_step": 20, "min_improvement": 0.0, "init_scale": 1.0}),
-    (BEFORE, _TORCH_BEFORE),
-    ("torch LBFGS, cap 20, 10/step, N(0,1) start", {**_TORCH_BEFORE, "max_evals": 20}),
-    ("torch LBFGS, before + init 0.25", {**_TORCH_BEFORE, "init_scale": 0.25}),
+    (AUTHORS, {"max_evals": 200, "min_improvement": 0.0, "init_scale": 1.0}),
     (SHIPPED, {}),
-    ("SciPy L-BFGS-B, shipped but N(0,1) start", {"init_scale": 1.0}),
-    ("SciPy L-BFGS-B, cap 15", {"max_evals": 15}),
-    ("SciPy L-BFGS-B, cap 40, no stall rule", {"max_evals": 40, "min_improvement": 0.0}),
+    ("shipped but N(0,1) start", {"init_scale": 1.0}),
+    ("cap 15", {"max_evals": 15}),
+    ("cap 40, no stall rule", {"max_evals": 40, "min_improvement": 0.0}),
 ]
-
-
-def make_compressor(settings: CompressorSettings, spec: Any, over: dict[str, Any]) -> Any:
-    """The shipped compressor, or the previous search when ``over`` has ``per_step``."""
-    fields = {k: v for k, v in over.items() if k != "per_step"}
-    settings = replace(settings, **fields)
-    if "per_step" in over:
-        return TorchLBFGSCompressor(settings, spec, over["per_step"])
-    return SyntheticFeatureCompressor(settings, tuple(spec.input_shape), spec.n_classes)
 
 
 def compress_once(
     settings: CompressorSettings, spec: Any, model: torch.nn.Module, tgt: Any, n: int, over: dict[str, Any]
 ) -> dict[str, Any]:
-    comp = make_compressor(settings, spec, over)
+    comp = SyntheticFeatureCompressor(replace(settings, **over), tuple(spec.input_shape), spec.n_classes)
     enc = compress_update(comp, tgt.update, model, uplink_meta(tgt), Budget(n))
     return {"seconds": enc.stats.seconds, "evals": enc.stats.evaluations, "cosine": enc.cosine}
 
 
-def closure_costs(
-    model: torch.nn.Module, target: torch.Tensor, n: int, spec: Any, k: int
-) -> dict[str, float]:
-    """Seconds per evaluation of the shipped closure, the previous one and a torch.func one."""
-    from torch.func import functional_call, grad, grad_and_value
-
+def objective_seconds(model: torch.nn.Module, target: torch.Tensor, n: int, spec: Any, k: int) -> float:
+    """Seconds per evaluation of the shipped objective (NumPy conversions included), best of 3 x k."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((n, *spec.input_shape), generator=gen).requires_grad_(True)
-    y = torch.randn((n, spec.n_classes), generator=gen).requires_grad_(True)
-    tn = target.norm()
-
+    x = torch.randn((n, *spec.input_shape), generator=gen)
+    y = torch.randn((n, spec.n_classes), generator=gen)
     unlimited = CompressorSettings(max_evals=10**9, min_improvement=0.0)
-    z0 = torch.cat([x.detach().reshape(-1), y.detach().reshape(-1)]).double().numpy()
-    objective_fn = CosineObjective(model, target, x.shape, y.shape, unlimited, z0)
-
-    def shipped() -> None:  # the shipped objective itself, NumPy conversions included
-        objective_fn(z0)
-
-    def previous() -> None:  # the previous closure: g.norm(), loss.backward() into the weights too
-        x.grad = y.grad = None
-        cos = previous_cosine(model, x, y, target, tn)
-        float(cos.detach().abs())
-        (1.0 - cos.abs()).backward()
-
-    params = {k_: v.detach() for k_, v in model.named_parameters()}
-    gfn = grad(lambda p, a, b: F.cross_entropy(functional_call(model, p, (a,)), b))
-
-    def objective(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        g = torch.cat([v.reshape(-1) for v in gfn(params, a, b).values()])
-        cos = torch.dot(g, target) / (g.norm() * tn + 1e-12)
-        return 1.0 - cos.abs()
-
-    gv = grad_and_value(objective, argnums=(0, 1))
-    xd, yd = x.detach(), y.detach()
-
-    def func() -> None:
-        _, v = gv(xd, yd)
-        float(v)
-
-    out = {}
-    for name, f in (("shipped", shipped), ("previous", previous), ("torch.func", func)):
-        for _ in range(5):
-            f()
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(k):
-                f()
-            ts.append((time.perf_counter() - t0) / k)
-        out[name] = min(ts)
-    for p in model.parameters():
-        p.grad = None
-    return out
+    z0 = torch.cat([x.reshape(-1), y.reshape(-1)]).double().numpy()
+    objective = CosineObjective(model, target, x.shape, y.shape, unlimited, z0)
+    for _ in range(5):
+        objective(z0)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            objective(z0)
+        best = min(best, (time.perf_counter() - t0) / k)
+    return best
 
 
 def parser() -> argparse.ArgumentParser:
@@ -243,7 +136,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(targets)} targets")
     data: dict[str, Any] = {"args": vars(args)}
 
-    # ---- A: the search, before/after
+    # ---- A: the search: authors' budget, shipped early stop, variants
     rows = []
     set_flat(model, targets[0].base)
     model.eval()
@@ -341,17 +234,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     set_flat(model, tgt0.base)
     model.eval()
     for n in samples:
-        costs = closure_costs(model, tgt0.update, n, spec, 100)
+        shipped = objective_seconds(model, tgt0.update, n, spec, 100)
         a = [r for r in rows if r["n"] == n and r["setting"] == SHIPPED][0]
         per_eval = a["seconds_median"] / max(1.0, a["evals_mean"])
         data["per_eval"].append(
             {
                 "n": n,
-                "shipped_closure_s": costs["shipped"],
-                "previous_closure_s": costs["previous"],
-                "torch_func_s": costs["torch.func"],
+                "shipped_closure_s": shipped,
                 "compress_s_per_eval": per_eval,
-                "search_and_other_overhead_s": per_eval - costs["shipped"],
+                "search_and_other_overhead_s": per_eval - shipped,
             }
         )
 
@@ -376,7 +267,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         _T.base = base  # type: ignore[attr-defined]
         data["paper_scale"] = []
-        for label, over in [c for c in CANDIDATES if c[0] in (AUTHORS, BEFORE, SHIPPED)]:
+        for label, over in [c for c in CANDIDATES if c[0] in (AUTHORS, SHIPPED)]:
             for n in samples:
                 c = compress_once(cfg.compressor_settings(), pspec, pm, _T, n, over)
                 data["paper_scale"].append(
@@ -421,9 +312,7 @@ SEARCH_COLUMNS: list[Column] = [
 ]
 EVAL_COLUMNS: list[Column] = [
     ("n", lambda r: r["n"]),
-    ("shipped closure ms/eval", _ms("shipped_closure_s")),
-    ("previous closure (backward into weights too) ms/eval", _ms("previous_closure_s")),
-    ("torch.func closure ms/eval", _ms("torch_func_s")),
+    ("shipped objective ms/eval", _ms("shipped_closure_s")),
     ("compress ms / eval (shipped)", _ms("compress_s_per_eval")),
     (
         "search + other overhead",
@@ -450,8 +339,8 @@ def render(data: dict[str, Any]) -> Report:
         (f"3SFC n={tc['n']} compress ms (median)", _median_max("compress")),
     ]
     body: list[Any] = [
-        "## A. The search, before/after",
-        "'before' is the previous default, 'shipped' the current one; the other rows vary one setting. "
+        "## A. The search: the authors' budget against the shipped early stop",
+        "SciPy's L-BFGS-B in every row; 'shipped' is the default, the other rows vary one setting. "
         "'compress / train' is compression seconds over the local-training seconds of the same client and "
         "round, re-timed next to its compressions (median over targets; goal: <= 2).",
         _table(SEARCH_COLUMNS, data["early_stop"]),
@@ -461,7 +350,7 @@ def render(data: dict[str, Any]) -> Report:
         "per setting.",
         _table(threads_columns, data["threads"]),
         "## D. Cost of one closure evaluation (digits MLP)",
-        "Best of 3 x 100 evaluations; 'overhead' = (shipped compression seconds / evaluations - closure "
+        "Best of 3 x 100 evaluations; 'overhead' = (shipped compression seconds / evaluations - objective "
         "seconds) / per-evaluation seconds (L-BFGS-B bookkeeping, NumPy/torch conversion, keeping the best "
         "iterate, final scale and payload).",
         _table(EVAL_COLUMNS, data["per_eval"]),

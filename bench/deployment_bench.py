@@ -35,6 +35,7 @@ from bench.report import RESULTS, Report, Table, env_info, env_markdown, save_js
 from e3sfc_launch.deploy import app_dir, deployment
 from e3sfc_launch.overrides import collect, to_flwr_run_config
 
+FLOOR_APP = Path(__file__).resolve().parent / "floor-app"  # empty messages, flwr only
 ROUND_LINE = re.compile(r"^round\s+(\d+) \|")
 IDLE_SECONDS = 15.0
 
@@ -96,9 +97,27 @@ def run_simulation(out: Path, pairs: list[str], nodes: int, timeout: float) -> d
     return res
 
 
-def run_deployment(out: Path, pairs: list[str], nodes: int, timeout: float) -> dict[str, Any]:
+def our_run_config(out: Path, pairs: list[str], nodes: int) -> str:
     overrides = collect(None, [*pairs, f'output-dir="{out}"', 'run-name="deployed"'], out)
     overrides["num-partitions"] = nodes
+    return to_flwr_run_config(overrides)
+
+
+def floor_metrics(rounds: int, nodes: int, payload: int, per_round: list[float]) -> dict[str, Any]:
+    """What the floor app sent: one message of ``payload`` bytes each way per node and round."""
+    messages = rounds * nodes
+    return {
+        "rounds": rounds,
+        "uplink_bytes": payload * messages,
+        "downlink_bytes": payload * messages,
+        "uplink_messages": messages,
+        "downlink_messages": messages,
+        "final_accuracy": None,
+        "strategy_wall_s": sum(per_round),
+    }
+
+
+def run_deployment(out: Path, app: Path, run_config: str, nodes: int, timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
     with deployment(out / "deploy", nodes, base_dir=out, measure_wire=True) as dep:
         relay = dep.wire
@@ -107,11 +126,10 @@ def run_deployment(out: Path, pairs: list[str], nodes: int, timeout: float) -> d
         relay.reset()
         time.sleep(IDLE_SECONDS)  # what idle, connected SuperNodes exchange
         idle_up, idle_down = relay.reset()
-        cmd = ["flwr", "run", str(app_dir()), dep.connection, "--stream", "--run-config"]
-        res = stream_rounds([*cmd, to_flwr_run_config(overrides)], dep.env, out / "deployed.log", timeout)
+        cmd = ["flwr", "run", str(app), dep.connection, "--stream", "--run-config", run_config]
+        res = stream_rounds(cmd, dep.env, out / "deployed.log", timeout)
         wire_up, wire_down = relay.reset()
         info = dep.run_info()
-    res.update(metrics(out / "deployed"))
     res.update(
         startup_s=startup,
         status=info.get("status"),
@@ -125,13 +143,13 @@ def run_deployment(out: Path, pairs: list[str], nodes: int, timeout: float) -> d
     return res
 
 
-def fab_size(out: Path) -> int:
+def fab_size(out: Path, app: Path) -> int:
     """Bytes of the FAB that ``flwr run`` uploads and every SuperNode downloads once."""
-    build = out / "fab"
+    build = out / f"fab-{app.name}"
     build.mkdir(exist_ok=True)
     env = {**os.environ, "FLWR_HOME": str(out / "fab-flwr-home")}
     subprocess.run(
-        [str(Path(sys.executable).parent / "flwr"), "build", "--app", str(app_dir())],
+        [str(Path(sys.executable).parent / "flwr"), "build", "--app", str(app)],
         cwd=build,
         env=env,
         check=True,
@@ -173,6 +191,12 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated saved names: write bench/results/deployment_compare.md and stop",
     )
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--app",
+        choices=("e3sfc", "floor"),
+        default="e3sfc",
+        help="floor: bench/floor-app (messages of payload-bytes=N bytes, no model), deployed only",
+    )
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("/tmp/e3sfc-bench"))
     p.add_argument("--timeout", type=float, default=1800)
@@ -185,11 +209,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     pairs = [f"num-rounds={args.rounds}", *args.pairs]
-    results: dict[str, Any] = {"config": pairs, "nodes": args.nodes, "cpus": os.cpu_count()}
-    results.update(env=env_info("cpu"), fab_bytes=fab_size(out))
-    results["simulated"] = run_simulation(out, pairs, args.nodes, args.timeout)
-    results["deployed"] = run_deployment(out, pairs, args.nodes, args.timeout)
-    results["overhead"] = overheads(results["deployed"], results["fab_bytes"], args.nodes)
+    app = FLOOR_APP if args.app == "floor" else app_dir()
+    results: dict[str, Any] = {"config": pairs, "nodes": args.nodes, "cpus": os.cpu_count(), "app": args.app}
+    results.update(env=env_info("cpu"), fab_bytes=fab_size(out, app))
+    if args.app == "floor":  # no simulated twin: the app has no model, only Flower's costs
+        payload = int(dict(p.split("=", 1) for p in pairs).get("payload-bytes", 0))
+        run_config = f"num-rounds={args.rounds} payload-bytes={payload} min-nodes={args.nodes}"
+        dep = run_deployment(out, app, run_config, args.nodes, args.timeout)
+        dep.update(floor_metrics(args.rounds, args.nodes, payload, dep["per_round_s"]))
+        results["simulated"] = None
+    else:
+        results["simulated"] = run_simulation(out, pairs, args.nodes, args.timeout)
+        dep = run_deployment(out, app, our_run_config(out, pairs, args.nodes), args.nodes, args.timeout)
+        dep.update(metrics(out / "deployed"))
+    results["deployed"] = dep
+    results["overhead"] = overheads(dep, results["fab_bytes"], args.nodes)
     return results
 
 
@@ -198,7 +232,10 @@ def render(data: dict[str, Any]) -> Report:
     sim, dep = data["simulated"], data["deployed"]
 
     def both(fmt: str, key: str, per_round: bool = False) -> list[str]:
-        return [fmt.format(r[key] / (r["rounds"] if per_round else 1)) for r in (sim, dep)]
+        return [
+            fmt.format(r[key] / (r["rounds"] if per_round else 1)) if r and r[key] is not None else "-"
+            for r in (sim, dep)
+        ]
 
     rows = [
         ["wall time of the run command (s)", *both("{:.1f}", "wall_total_s")],
@@ -220,7 +257,9 @@ def render_compare(runs: dict[str, dict[str, Any]]) -> Report:
     rows = []
     for name, r in runs.items():
         dep, sim, over = r["deployed"], r["simulated"], r["overhead"]
-        sim_round, dep_round = sim["strategy_wall_s"] / sim["rounds"], dep["strategy_wall_s"] / dep["rounds"]
+        dep_round = dep["strategy_wall_s"] / dep["rounds"]
+        sim_round = sim["strategy_wall_s"] / sim["rounds"] if sim else None
+        acc = dep["final_accuracy"]
         rows.append([
             name,
             " ".join(r["config"]),
@@ -230,8 +269,8 @@ def render_compare(runs: dict[str, dict[str, Any]]) -> Report:
             f"{over['wire_up_per_msg_excl_idle']:,.0f} / {over['wire_down_per_msg_excl_idle_fab']:,.0f}",
             f"{r['fab_bytes']:,}",
             f"{dep['wire_up_bytes'] + dep['wire_down_bytes']:,}",
-            f"{sim_round:.2f}", f"{dep_round:.2f}", f"{dep_round / sim_round:.1f}x",
-            f"{dep['final_accuracy']:.4f}",
+            f"{sim_round:.2f}" if sim_round else "-", f"{dep_round:.2f}",
+            f"{dep_round / sim_round:.1f}x" if sim_round else "-", f"{acc:.4f}" if acc is not None else "-",
         ])  # fmt: skip
     headers = [
         "run", "config", "counted B per message (up / down)", "Flower framing B per message",
@@ -243,7 +282,7 @@ def render_compare(runs: dict[str, dict[str, Any]]) -> Report:
         for name, r in runs.items()
     ]
     return Report(
-        "Deployed E-3SFC and FedAvg: bytes per message and time per round",
+        "Deployed E-3SFC, FedAvg and Flower alone: bytes per message and time per round",
         env=False,
         body=[
             "Each row is one `bench/deployment_bench.py` run (its JSON: "
@@ -255,7 +294,10 @@ def render_compare(runs: dict[str, dict[str, Any]]) -> Report:
             "encoded message, its own fields included); 'Flower framing' is Flower's own per-run "
             "accounting minus the counted bytes, per message; 'wire' is the relay's count minus the "
             "counted bytes, idle polling and the FAB downloads, per message. Seconds per round are the "
-            "strategy's wall time over its rounds.",
+            "strategy's wall time over its rounds. `floor-*` rows deploy `bench/floor-app` instead "
+            "(`--app floor`: each round one message of `payload-bytes` random bytes to every node "
+            "and one back, no model, no torch, nothing simulated): what a deployed round costs in "
+            "Flower itself on this machine.",
             "\n".join(envs),
             Table(headers, rows),
         ],
@@ -278,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         save_json(RESULTS / f"deployment_{args.save}.json", data)
     print(render(data).console())
     sim, dep = data["simulated"], data["deployed"]
-    return 0 if sim["rc"] == 0 and dep["status"] == "finished:completed" else 1
+    return 0 if (sim is None or sim["rc"] == 0) and dep["status"] == "finished:completed" else 1
 
 
 if __name__ == "__main__":
