@@ -195,7 +195,8 @@ def parser() -> argparse.ArgumentParser:
         "--app",
         choices=("e3sfc", "floor"),
         default="e3sfc",
-        help="floor: bench/floor-app (messages of payload-bytes=N bytes, no model), deployed only",
+        help="floor: bench/floor-app (messages of payload-bytes=N bytes, client-seconds=S of client "
+        "work, no model), deployed only",
     )
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("/tmp/e3sfc-bench"))
@@ -213,8 +214,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"config": pairs, "nodes": args.nodes, "cpus": os.cpu_count(), "app": args.app}
     results.update(env=env_info("cpu"), fab_bytes=fab_size(out, app))
     if args.app == "floor":  # no simulated twin: the app has no model, only Flower's costs
-        payload = int(dict(p.split("=", 1) for p in pairs).get("payload-bytes", 0))
-        run_config = f"num-rounds={args.rounds} payload-bytes={payload} min-nodes={args.nodes}"
+        floor = {"payload-bytes": "0", "client-seconds": "0.0", **dict(p.split("=", 1) for p in pairs)}
+        payload = int(floor["payload-bytes"])
+        run_config = f"num-rounds={args.rounds} min-nodes={args.nodes} payload-bytes={payload} "
+        run_config += f"client-seconds={float(floor['client-seconds'])}"
         dep = run_deployment(out, app, run_config, args.nodes, args.timeout)
         dep.update(floor_metrics(args.rounds, args.nodes, payload, dep["per_round_s"]))
         results["simulated"] = None
@@ -269,12 +272,13 @@ def render_compare(runs: dict[str, dict[str, Any]]) -> Report:
             f"{over['wire_up_per_msg_excl_idle']:,.0f} / {over['wire_down_per_msg_excl_idle_fab']:,.0f}",
             f"{r['fab_bytes']:,}",
             f"{dep['wire_up_bytes'] + dep['wire_down_bytes']:,}",
+            dep.get("relay_connections", "-"),
             f"{sim_round:.2f}" if sim_round else "-", f"{dep_round:.2f}",
             f"{dep_round / sim_round:.1f}x" if sim_round else "-", f"{acc:.4f}" if acc is not None else "-",
         ])  # fmt: skip
     headers = [
         "run", "config", "counted B per message (up / down)", "Flower framing B per message",
-        "wire B per message (excl. idle, FAB)", "FAB bytes", "wire bytes, whole run",
+        "wire B per message (excl. idle, FAB)", "FAB bytes", "wire bytes, whole run", "TLS connections",
         "simulated s per round", "deployed s per round", "deployed / simulated", "deployed final acc",
     ]  # fmt: skip
     envs = [
@@ -293,7 +297,10 @@ def render_compare(runs: dict[str, dict[str, Any]]) -> Report:
             "4b81295, `before-*` and `after-*`, count payload bytes only, later rows the whole "
             "encoded message, its own fields included); 'Flower framing' is Flower's own per-run "
             "accounting minus the counted bytes, per message; 'wire' is the relay's count minus the "
-            "counted bytes, idle polling and the FAB downloads, per message. Seconds per round are the "
+            "counted bytes, idle polling and the FAB downloads, per message; 'TLS connections': how "
+            "many TCP (and so TLS) connections the SuperNodes opened through the relay during the run "
+            "(Flower's HTTP client, httpx, closes one that sat idle for 5 s, so a ClientApp that "
+            "works longer than that costs its node a fresh TLS handshake). Seconds per round are the "
             "strategy's wall time over its rounds. `floor-*` rows deploy `bench/floor-app` instead "
             "(`--app floor`: each round one message of `payload-bytes` random bytes to every node "
             "and one back, no model, no torch, nothing simulated): what a deployed round costs in "
