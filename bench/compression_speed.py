@@ -55,7 +55,7 @@ from bench.common import (
     set_threads,
     uplink_meta,
 )
-from bench.report import REPO, Report, Table, env_info, mean_std, median, run_script
+from bench.report import REPO, Column, Report, column_table, env_info, mean_std, median, run_script
 from e3sfc_core.compressor import Budget, CompressorSettings
 from e3sfc_core.config import ExperimentConfig
 from e3sfc_core.datasets import DatasetSpec, TensorData, get_spec
@@ -285,19 +285,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-Column = tuple[str, Callable[[dict[str, Any]], Any]]  # header, cell of a row
-
-
 def _ms(key: str, digits: int = 3) -> Callable[[dict[str, Any]], str]:
     return lambda r: f"{r[key] * 1e3:.{digits}f}"
 
 
 def _median_max(part: str) -> Callable[[dict[str, Any]], str]:
     return lambda r: f"{r[part + '_s_median'] * 1e3:.1f} (max {r[part + '_s_max'] * 1e3:.0f})"
-
-
-def _table(columns: list[Column], rows: list[dict[str, Any]]) -> Table:
-    return Table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows])
 
 
 SEARCH_COLUMNS: list[Column] = [
@@ -343,17 +336,17 @@ def render(data: dict[str, Any]) -> Report:
         "SciPy's L-BFGS-B in every row; 'shipped' is the default, the other rows vary one setting. "
         "'compress / train' is compression seconds over the local-training seconds of the same client and "
         "round, re-timed next to its compressions (median over targets; goal: <= 2).",
-        _table(SEARCH_COLUMNS, data["early_stop"]),
+        column_table(SEARCH_COLUMNS, data["early_stop"]),
         "## C. torch threads",
         f"One digits client (partition {tc['partition_id']}, {tc['examples']} examples, 5 epochs) and the "
         f"3SFC compression of its round-{tc['server_round']} update, {args['repeats']} interleaved repeats "
         "per setting.",
-        _table(threads_columns, data["threads"]),
+        column_table(threads_columns, data["threads"]),
         "## D. Cost of one closure evaluation (digits MLP)",
         "Best of 3 x 100 evaluations; 'overhead' = (shipped compression seconds / evaluations - objective "
         "seconds) / per-evaluation seconds (L-BFGS-B bookkeeping, NumPy/torch conversion, keeping the best "
         "iterate, final scale and payload).",
-        _table(EVAL_COLUMNS, data["per_eval"]),
+        column_table(EVAL_COLUMNS, data["per_eval"]),
     ]
     if "paper_scale" in data:
         body += [
@@ -361,7 +354,7 @@ def render(data: dict[str, Any]) -> Report:
             f"MLP 784-200-200-10, {args['paper_examples']} random 1x28x28 examples (MNIST's 60,000 over 10 "
             "clients), 5 local epochs, batch 32, vs 3SFC compression of that update. Random data: the "
             "timing is representative, the cosine is not.",
-            _table(PAPER_COLUMNS, data["paper_scale"]),
+            column_table(PAPER_COLUMNS, data["paper_scale"]),
         ]
     targets = len(data["early_stop"][0]["per_target"])
     return Report(

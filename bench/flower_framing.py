@@ -37,25 +37,10 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 
 from bench.report import Report, Table, env_info, run_script
 from e3sfc_core.config import ExperimentConfig
-from e3sfc_core.datasets import get_spec
-from e3sfc_core.protocol import Instruction, Reply
-from e3sfc_core.server import FederatedServer
-from e3sfc_core.training import resolve_device
+from e3sfc_core.typical_messages import typical_messages
 from e3sfc_flower.records import message_content
 
 SUPERLINK_NODE = 1  # Flower's node id for the SuperLink side of a message
-
-
-def default_messages() -> tuple[bytes, bytes]:
-    """Our encoded round-2 train instruction (with the compressed downlink) and a reply,
-    both at the default settings (digits, MLP, n = 4)."""
-    cfg = ExperimentConfig.from_run_config({"device": "cpu"})
-    server = FederatedServer(cfg, get_spec("digits"), resolve_device("cpu"))
-    first = server.plan_round(1, [0])[0]
-    payload = bytes(server.payload_size(cfg.synthetic_samples))
-    instruction = Instruction(2, 2, first.target_digest, len(payload), 1, (payload,))
-    reply = Reply(0, payload=payload, num_examples=143, metrics={"cosine": 0.5}, partition_id=0)
-    return instruction.encode(), reply.encode()
 
 
 def flower_pair(content: RecordDict, reply_content: RecordDict, seed: int) -> tuple[Message, Message]:
@@ -104,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    ours = default_messages()
+    ours = typical_messages(ExperimentConfig.from_run_config({"device": "cpu"}))
     rows = []
     for label, contents in (
         ("empty content", (RecordDict(), RecordDict())),

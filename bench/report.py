@@ -145,6 +145,12 @@ class Table:
 
 
 Block = str | Table  # a paragraph (or a ``## heading``) or a table
+Column = tuple[str, Callable[[dict[str, Any]], Any]]  # a header, and its cell from one data row
+
+
+def column_table(columns: Sequence[Column], rows: Sequence[dict[str, Any]]) -> Table:
+    """A table with one line per data row, filled column by column."""
+    return Table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows])
 
 
 @dataclass

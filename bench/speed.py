@@ -49,7 +49,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import parse_ints, set_threads, timed_roundtrip
-from bench.report import REPO, RESULTS, Report, Table, env_info, fmt_bytes, median, run_script
+from bench.report import (
+    REPO,
+    RESULTS,
+    Column,
+    Report,
+    column_table,
+    env_info,
+    fmt_bytes,
+    median,
+    run_script,
+)
 
 BIG_MODEL = 5_000_000
 
@@ -397,9 +407,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- render
 
-Column = tuple[str, Callable[[dict[str, Any]], Any]]  # header, cell of a row
-
-
 def _ms(key: str, digits: int = 1) -> Callable[[dict[str, Any]], str]:
     return lambda r: f"{r[key] * 1e3:.{digits}f} ms"
 
@@ -407,10 +414,6 @@ def _ms(key: str, digits: int = 1) -> Callable[[dict[str, Any]], str]:
 def _rss(peak: str = "peak_rss_mb", before: str = "rss_before_mb") -> Callable[[dict[str, Any]], str]:
     """``"<peak> (+<growth over before>)"`` in MiB, for the tables' peak-RSS columns."""
     return lambda r: f"{r[peak]:.0f} (+{r[peak] - r[before]:.0f})"
-
-
-def _table(columns: list[Column], rows: list[dict[str, Any]]) -> Table:
-    return Table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in rows])
 
 
 _CLIENT_COLUMNS: list[Column] = [
@@ -472,7 +475,7 @@ def render(data: dict[str, Any]) -> Report:
             "test evaluation and metrics.csv. Peak RSS is the whole process (torch alone is most of it); "
             "'+' is the growth over the RSS when the run started. Wall time excludes finalisation "
             "(summary.json, plots).",
-            _table(ROUNDS_COLUMNS, data["rounds"]),
+            column_table(ROUNDS_COLUMNS, data["rounds"]),
         ]
     if "models" in data:
         body += [
@@ -483,7 +486,7 @@ def render(data: dict[str, Any]) -> Report:
             "these random-data targets is not meaningful, its time per evaluation is. 'enc/dec' = encode "
             "/ decode of one payload. Peak RSS is the whole process (Python + torch + model) during "
             "compression.",
-            _table(MODELS_COLUMNS, data["models"]),
+            column_table(MODELS_COLUMNS, data["models"]),
         ]
     if "clients" in data:
         body += [
@@ -491,7 +494,7 @@ def render(data: dict[str, Any]) -> Report:
             "All clients train every round (fraction-train 1), one after another in one process; digits "
             "has 1,437 training images, so 100 clients hold ~14 each (training time per client shrinks, "
             "compression time does not).",
-            _table(CLIENTS_COLUMNS, data["clients"]),
+            column_table(CLIENTS_COLUMNS, data["clients"]),
         ]
     return Report("Speed and memory (issue #5, item 3)", body=body)
 

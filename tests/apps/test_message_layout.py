@@ -8,10 +8,8 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from e3sfc_core.config import ExperimentConfig
-from e3sfc_core.datasets import get_spec
-from e3sfc_core.protocol import Instruction, Reply, instruction_size, reply_size
-from e3sfc_core.server import FederatedServer
-from e3sfc_core.training import resolve_device
+from e3sfc_core.protocol import Reply, instruction_size, reply_size
+from e3sfc_core.typical_messages import typical_messages
 from e3sfc_flower.records import INLINE_LIMIT, content_bytes, message_content
 
 FRAMING_GOAL = 600  # bytes of Flower objects per message beyond our own (issue 13)
@@ -25,13 +23,7 @@ def _deflated(content) -> tuple[int, int]:  # type: ignore[no-untyped-def]
 
 def _real_messages() -> tuple[bytes, bytes]:
     """Round-2 instruction (with a compressed downlink) and a default-sized reply."""
-    cfg = ExperimentConfig.from_run_config({"device": "cpu"})
-    server = FederatedServer(cfg, get_spec("digits"), resolve_device("cpu"))
-    instruction = server.plan_round(1, [0])[0]
-    payload = bytes(server.payload_size(cfg.synthetic_samples))
-    with_downlink = Instruction(2, 2, instruction.target_digest, len(payload), 1, (payload,))
-    reply = Reply(0, payload=payload, num_examples=143, metrics={"cosine": 0.5}, partition_id=0)
-    return with_downlink.encode(), reply.encode()
+    return typical_messages(ExperimentConfig.from_run_config({"device": "cpu"}))
 
 
 def test_a_message_is_two_flower_objects_and_little_framing() -> None:
