@@ -2,8 +2,7 @@
 report side lives in :mod:`bench.report`).
 
 * :func:`collect_targets` produces *real* compression targets: the local updates of
-  clients along a FedAvg trajectory, trained exactly as ``e3sfc_core.client.client_round``
-  trains them (same model seed, same per-round shuffling seed, same partitions), with
+  clients along a FedAvg trajectory run by the core's own loop (``run_reference``), with
   the local-training seconds of each update.
 * :func:`run_federated` runs one configuration through the core's in-process loop.
 """
@@ -13,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -137,54 +137,46 @@ def collect_targets(
     device: torch.device,
     base_dir: Path = REPO,
 ) -> tuple[list[Target], list[dict[str, float]]]:
-    """Run FedAvg for ``max(rounds)`` rounds with every partition training, exactly as
-    ``client_round`` trains (model seed, shuffling seed, partitions, example-weighted
-    mean with the run's norm clipping), and keep the updates of ``clients`` in ``rounds``.
+    """Run ``cfg`` as FedAvg with every partition training through the core's own loop
+    (``run_reference``) for ``max(rounds)`` rounds, and keep the local updates of
+    ``clients`` in ``rounds``: each reply's payload decompressed, relative to the global
+    weights the client started from (rebuilt from the instructions' downlink by
+    ``rounds.apply_downlink``, which checks them against the instruction's digest).
 
     Returns the targets and a per-round log (global test accuracy after the round).
     """
-    from e3sfc_core.datasets import load_dataset
-    from e3sfc_core.experiment import resolve_path
+    from e3sfc_core.compressor import build_compressor
+    from e3sfc_core.datasets import get_spec
     from e3sfc_core.models import build_model
-    from e3sfc_core.rounds import clip_and_average
-    from e3sfc_core.tensors import add_flat_, get_flat, set_flat
-    from e3sfc_core.training import evaluate
+    from e3sfc_core.payload import decode
+    from e3sfc_core.rounds import apply_downlink
+    from e3sfc_core.simulate import run_reference
+    from e3sfc_core.tensors import get_flat
 
-    root = resolve_path(cfg.data_root, base_dir)
-    _, test, spec = load_dataset(cfg.dataset, root, cfg.download)
-    model = build_model(cfg.model, tuple(spec.input_shape), spec.n_classes, cfg.seed).to(device)
-    global_w = get_flat(model)
     keep_rounds, keep_clients = set(rounds), set(clients)
     targets: list[Target] = []
-    log: list[dict[str, float]] = []
-    for r in range(1, max(rounds) + 1):
-        updates, weights = [], []
-        for pid in range(cfg.num_partitions):
-            data = client_data(cfg, pid, root)
-            set_flat(model, global_w)
-            sync(device)
-            stats = train_as_client(model, data, cfg, r, pid, device)
-            update = get_flat(model) - global_w
-            updates.append(update)
-            weights.append(float(stats.num_examples))
-            if r in keep_rounds and pid in keep_clients:
-                targets.append(
-                    Target(
-                        r,
-                        pid,
-                        global_w.cpu().clone(),
-                        update.cpu().clone(),
-                        stats.seconds,
-                        stats.num_examples,
-                    )
-                )
-        mean, _ = clip_and_average(updates, weights, cfg.clip_norm_factor)
-        set_flat(model, global_w)
-        add_flat_(model, mean)
-        global_w = get_flat(model)
-        _, acc = evaluate(model, test, device=device)
-        log.append({"round": r, "accuracy": acc})
-    return targets, log
+    with tempfile.TemporaryDirectory() as tmp:
+        fields = {"method": "fedavg", "fraction_train": 1.0, "num_rounds": max(rounds), "device": str(device)}
+        run = cfg.model_copy(update={**fields, "output_dir": str(Path(tmp) / "out")})
+        spec = get_spec(run.dataset)
+        model = build_model(run.model, tuple(spec.input_shape), spec.n_classes, run.seed)
+        comp = build_compressor(run.compressor_name, run.compressor_settings(), spec)
+        at_round = [0]
+
+        def keep(server_round: int, instruction: Any, reply: Any) -> Any:
+            if at_round[0] != server_round:  # the round's global weights, as every client rebuilds them
+                apply_downlink(model, instruction.downlink, comp, instruction.target_digest)
+                at_round[0] = server_round
+            if server_round in keep_rounds and reply.partition_id in keep_clients:
+                pid, seconds = reply.partition_id, float(reply.metrics["train-seconds"])
+                update = comp.decompress(decode(reply.payload), model).cpu().clone()
+                base = get_flat(model).cpu().clone()
+                targets.append(Target(server_round, pid, base, update, seconds, reply.num_examples))
+            return reply
+
+        exp, _ = run_reference(run, base_dir, reply_hook=keep, stop_after=run.num_rounds)
+    targets.sort(key=lambda t: (t.server_round, t.partition_id))
+    return targets, [{"round": r.round, "accuracy": r.accuracy} for r in exp.server.records]
 
 
 def train_as_client(
