@@ -233,8 +233,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def load(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the report is made from: every run of the JSON lines."""
+    return {"rows": rows}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run_resumable("budget.py", parser(), measure, lambda rows: {"rows": rows}, render, argv)
+    return run_resumable("budget.py", parser(), measure, load, render, argv)
 
 
 if __name__ == "__main__":
