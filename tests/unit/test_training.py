@@ -8,7 +8,7 @@ import torch
 from e3sfc_core.datasets import TensorData, load_dataset
 from e3sfc_core.errors import ConfigError, DatasetError
 from e3sfc_core.models import build_model
-from e3sfc_core.training import TrainStats, evaluate, resolve_device, train_local
+from e3sfc_core.training import TrainStats, evaluate, resolve_device, sgd_step, train_local
 
 CPU = torch.device("cpu")
 SETTINGS = {"epochs": 5, "lr": 0.05, "batch_size": 32, "device": CPU}
@@ -104,3 +104,29 @@ def test_resolve_device_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_resolve_device_rejects_unknown_names() -> None:
     with pytest.raises(ConfigError, match="auto"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.0, 1e-3), (0.9, 1e-3)])
+def test_our_sgd_step_is_torch_sgd_bit_for_bit(momentum: float, weight_decay: float) -> None:
+    # Prepare: two copies of a model and the same batches
+    ours, theirs = (build_model("lenet5", (1, 28, 28), 10, seed=3) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+
+    batches = [batch() for _ in range(4)]
+    optimiser = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    params, velocity = list(ours.parameters()), {}
+
+    # Execute: four steps each way
+    for x, y in batches:
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        sgd_step(params, velocity, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+        optimiser.step()
+
+    # Assert
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
