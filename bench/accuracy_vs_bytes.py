@@ -223,8 +223,7 @@ def render(data: dict[str, Any]) -> Report:
         "mean uplink |cos|",
         "wall s/run",
     ]
-    # results saved before the defaults were stored: the config's defaults (unchanged since)
-    defaults = data.get("defaults") or defaults_text()
+    defaults = data["defaults"]
     return Report(
         f"Accuracy vs bytes ({args['dataset']}/{args['model']})"
         + ("" if name.startswith("accuracy_vs_bytes") else f": {name}"),
