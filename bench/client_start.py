@@ -165,9 +165,7 @@ def render(data: dict[str, Any]) -> Report:
 
 
 def first_training(data: dict[str, Any]) -> list[Any]:
-    """The section on a fresh process's first training (absent from older data)."""
-    if "first_step_seconds" not in data:
-        return []
+    """The section on a fresh process's first training."""
     seconds = data["first_step_seconds"]
     rows = [
         [k, f"{median(seconds[k]):.3f}", ", ".join(f"{x:.3f}" for x in seconds[k])]

@@ -347,10 +347,10 @@ def render(data: dict[str, Any]) -> Report:
     missed = [s["method"] for s in summary if s["goal_applies"] and not s["goal_met"]]
     verdict = "PASS" if goal["met_at_defaults"] else "FAIL"
     variants = "PASS" if goal["met_by_every_variant"] else f"FAIL ({', '.join(missed)})"
-    log = data.get("fedavg_trajectory")  # not in the JSON of runs before the --report refactor
-    accuracy = f"; accuracy after round {log[-1]['round']}: {log[-1]['accuracy']:.3f}" if log else ""
+    log = data["fedavg_trajectory"]
+    accuracy = f"; accuracy after round {log[-1]['round']}: {log[-1]['accuracy']:.3f}"
     table = Table(
-        ["method", "bytes (v3)", "bound (body)", "body / bound", "code part / its bound", "bytes (v2)",
+        ["method", "bytes (v5)", "bound (body)", "body / bound", "code part / its bound", "bytes (v2)",
          "encoded_size (max actual / it)", "code", "nonzero", f"<= {goal['ratio']}"],
         [
             [
