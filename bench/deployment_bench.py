@@ -16,6 +16,11 @@ consecutive lines; round 1 from the ``initial model`` line). Our payload bytes c
 ``--save NAME`` also ``bench/results/deployment_NAME.json``) and a table on stdout. Same
 config for both runs; nothing but loopback is used. ``--compare A,B,...`` measures nothing:
 it renders saved runs side by side as ``bench/results/deployment_compare.md``.
+
+``--app floor`` deploys ``bench/floor-app`` instead (the same topology, relay, TLS and node
+authentication; nothing simulated): a Flower app without a model whose rounds send
+``payload-bytes=N`` random bytes each way after ``client-seconds=S`` of client work, so
+its rows are what a deployed round costs in Flower itself.
 """
 
 from __future__ import annotations
