@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +67,7 @@ def _check_positive(**values: float) -> None:
 
 @torch.no_grad()
 def sgd_step(
-    params: list[torch.Tensor],
+    params: Sequence[torch.Tensor],
     velocity: dict[int, torch.Tensor],
     *,
     lr: float,
