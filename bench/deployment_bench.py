@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import parse_overrides
 from bench.report import RESULTS, Report, Table, env_info, env_markdown, save_json
 from e3sfc_launch.deploy import app_dir, deployment
 from e3sfc_launch.overrides import collect, to_flwr_run_config
@@ -219,10 +220,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"config": pairs, "nodes": args.nodes, "cpus": os.cpu_count(), "app": args.app}
     results.update(env=env_info("cpu"), fab_bytes=fab_size(out, app))
     if args.app == "floor":  # no simulated twin: the app has no model, only Flower's costs
-        floor = {"payload-bytes": "0", "client-seconds": "0.0", **dict(p.split("=", 1) for p in pairs)}
+        floor = {"payload-bytes": 0, "client-seconds": 0.0, **parse_overrides(args.pairs)}
         payload = int(floor["payload-bytes"])
-        run_config = f"num-rounds={args.rounds} min-nodes={args.nodes} payload-bytes={payload} "
-        run_config += f"client-seconds={float(floor['client-seconds'])}"
+        run_config = to_flwr_run_config(
+            {
+                "num-rounds": args.rounds,
+                "min-nodes": args.nodes,
+                "payload-bytes": payload,
+                "client-seconds": float(floor["client-seconds"]),
+            }
+        )
         dep = run_deployment(out, app, run_config, args.nodes, args.timeout)
         dep.update(floor_metrics(args.rounds, args.nodes, payload, dep["per_round_s"]))
         results["simulated"] = None
