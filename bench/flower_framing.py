@@ -91,15 +91,11 @@ def parser() -> argparse.ArgumentParser:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     ours = typical_messages(ExperimentConfig.from_run_config({"device": "cpu"}))
     rows = []
-    for label, contents in (
-        ("empty content", (RecordDict(), RecordDict())),
-        ("E-3SFC default", (message_content(ours[0]), message_content(ours[1]))),
-    ):
-        msg, reply = flower_pair(*contents, args.seed)
-        for direction, one, data in (("down", msg, ours[0]), ("up", reply, ours[1])):
-            counted = len(data) if label != "empty content" else 0
+    for label, down, up in (("empty content", b"", b""), ("E-3SFC default", *ours)):
+        msg, reply = flower_pair(*(message_content(d) if d else RecordDict() for d in (down, up)), args.seed)
+        for direction, one, data in (("down", msg, down), ("up", reply, up)):
             parts = accounting(one, direction)
-            rows.append({"content": label, "direction": direction, "ours": counted, **parts})
+            rows.append({"content": label, "direction": direction, "ours": len(data), **parts})
     return {"env": env_info("cpu"), "args": vars(args), "rows": rows}
 
 
